@@ -1,0 +1,64 @@
+"""`python -m agent` and the zipapp's entry point: parse arguments, then run the agent until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from .protocol import AgentInfo, CorralError
+from .runner import Agent, default_name, install_signal_handlers, python_version
+from .statedir import authkey_path, default_home, parse_address, read_authkey, read_master_address
+
+
+def build_parser(prog: str = "python -m agent", add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, add_help=add_help,
+                                     description="Run a corral agent: take jobs from a master and run them.")
+    parser.add_argument("--connect", metavar="HOST:PORT", help="the master's address (default: the one in the state directory)")
+    parser.add_argument("--authkey-file", metavar="PATH", help="file holding the cluster's authkey (or $CORRAL_AUTHKEY_FILE)")
+    parser.add_argument("--slots", type=int, default=os.cpu_count() or 1, help="jobs run at once (default: CPU count)")
+    parser.add_argument("--name", default=None, help="this agent's name (default: the host name)")
+    parser.add_argument("--tags", default="", help="comma-separated tags; a tagged job runs only on agents with all its tags")
+    parser.add_argument("--started-by", default="manual", help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", help="print a line per job started and finished")
+    return parser
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    """Resolve the master and the authkey, then run; CorralError becomes one line and exit 2."""
+    try:
+        if args.slots < 1:
+            raise CorralError(f"--slots must be at least 1, not {args.slots}")
+        home = default_home()
+        address = parse_address(args.connect) if args.connect else read_master_address(home)
+        authkey = read_authkey(authkey_path(home, args.authkey_file))
+    except CorralError as exc:
+        print(f"corral agent: {exc}", file=sys.stderr)
+        return 2
+    tags = tuple(t.strip() for t in args.tags.split(",") if t.strip())
+    info = AgentInfo(
+        name=args.name or default_name(),
+        host=default_name(),
+        pid=os.getpid(),
+        slots=args.slots,
+        tags=tags,
+        python=python_version(),
+        started_by=args.started_by,
+    )
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s agent %(levelname)s %(message)s")
+    agent = Agent(address, authkey, info, verbose=args.verbose)
+    install_signal_handlers(agent)
+    if args.verbose:
+        print(f"Connect to server {address[0]}:{address[1]}...", flush=True)
+    return agent.run()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_agent(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Run jobs inside a pool worker: shell commands in their own process group, callables by name; never raises."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import pickle
+import selectors
+import signal
+import subprocess
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .protocol import OUTPUT_TAIL_BYTES, JobResult, JobState, Task, tail_text
+
+# Set by init_worker() in each pool worker process.
+_events: Any = None  # multiprocessing queue of ("chunk", pid, ids) / ("pgid", job_id, pgid) to the agent
+_cancelled: Any = None  # shared int64 array: [0] is a version counter, [1:] a ring of job ids to cancel
+_cancel_seen = -1
+_cancel_ids: frozenset = frozenset()
+_current_job: Optional[int] = None  # the callable job running now, the only one a signal may interrupt
+_functions: Dict[str, Callable[..., Any]] = {}
+
+
+class JobInterrupted(BaseException):
+    """Raised inside a running callable by a signal (BaseException so user code's `except Exception` can't eat it)."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
+
+
+def init_worker(events: Any, cancelled: Any) -> None:
+    """Pool initializer: keep the agent's channels and arm the interrupting signals."""
+    global _events, _cancelled
+    _events = events
+    _cancelled = cancelled
+    # The agent handles ctrl-c and SIGTERM for the whole group; workers stop when it tells them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, _on_cancel_signal)
+    signal.signal(signal.SIGALRM, _on_timeout_signal)
+
+
+def _on_cancel_signal(signum: int, frame: Any) -> None:
+    if _current_job is not None and _is_cancelled(_current_job):
+        raise JobInterrupted(JobState.CANCELLED.value)
+
+
+def _on_timeout_signal(signum: int, frame: Any) -> None:
+    if _current_job is not None:
+        raise JobInterrupted(JobState.TIMEOUT.value)
+
+
+def _is_cancelled(job_id: int) -> bool:
+    """Whether the agent asked to cancel `job_id`; re-reads the shared ring only when it changed."""
+    global _cancel_seen, _cancel_ids
+    if _cancelled is None:
+        return False
+    version = _cancelled[0]
+    if version != _cancel_seen:
+        _cancel_seen = version
+        _cancel_ids = frozenset(_cancelled[1:])
+    return job_id in _cancel_ids
+
+
+def run_chunk(rows: List[tuple]) -> List[tuple]:
+    """Pool task: run a chunk of tasks one after another, return their results as wire tuples."""
+    if _events is not None:
+        _events.put(("chunk", os.getpid(), [row[0] for row in rows], time.time()))
+    return [execute(Task.from_wire(row)).to_wire() for row in rows]
+
+
+def execute(task: Task) -> JobResult:
+    """Run one task to its end; every failure becomes a JobResult, never an exception."""
+    started = time.time()
+    if _is_cancelled(task.job_id):
+        return JobResult(task.job_id, task.attempt, JobState.CANCELLED.value, started=started, ended=started)
+    try:
+        if task.command is not None:
+            return _run_shell(task, started)
+        return _run_callable(task, started)
+    except BaseException as exc:  # noqa: BLE001 - the contract is "never raises"
+        return JobResult(
+            task.job_id,
+            task.attempt,
+            JobState.FAILED.value,
+            error=f"agent could not run the job: {type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(),
+            started=started,
+            ended=time.time(),
+        )
+
+
+class _Tail:
+    """Keeps the last OUTPUT_TAIL_BYTES of a stream, whatever its length."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > 2 * OUTPUT_TAIL_BYTES:
+            del self.data[:-OUTPUT_TAIL_BYTES]
+
+    def text(self) -> str:
+        return tail_text(bytes(self.data))
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _run_shell(task: Task, started: float) -> JobResult:
+    env = dict(os.environ)
+    env.update(task.env)
+    env["CORRAL_JOB_ID"] = str(task.job_id)
+    env["CORRAL_ATTEMPT"] = str(task.attempt)
+    try:
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", task.command or ""],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=task.cwd or None,
+            start_new_session=True,  # its own process group: timeout and cancel kill all of it
+        )
+    except OSError as exc:
+        return JobResult(
+            task.job_id,
+            task.attempt,
+            JobState.FAILED.value,
+            error=f"cannot start /bin/sh: {exc}",
+            started=started,
+            ended=time.time(),
+        )
+    if _events is not None:
+        _events.put(("pgid", task.job_id, proc.pid, time.time()))
+    deadline = started + task.timeout if task.timeout else None
+    timed_out, stdout, stderr = _pump(proc, deadline)
+    returncode = proc.wait()
+    ended = time.time()
+    if timed_out:
+        state, error = JobState.TIMEOUT.value, f"timed out after {task.timeout:g}s; process group killed"
+    elif _is_cancelled(task.job_id):
+        state, error = JobState.CANCELLED.value, "cancelled; process group killed"
+    elif returncode == 0:
+        state, error = JobState.DONE.value, ""
+    elif returncode < 0:
+        state, error = JobState.FAILED.value, f"killed by signal {-returncode}"
+    else:
+        state, error = JobState.FAILED.value, f"exit code {returncode}"
+    return JobResult(
+        task.job_id,
+        task.attempt,
+        state,
+        exit_code=returncode,
+        stdout=stdout.text(),
+        stderr=stderr.text(),
+        error=error,
+        started=started,
+        ended=ended,
+    )
+
+
+def _pump(proc: subprocess.Popen, deadline: Optional[float]) -> Tuple[bool, _Tail, _Tail]:
+    """Read the process's output until it ends or the deadline passes: (timed out, stdout, stderr).
+
+    When the shell itself exits, whatever it left running in its group (a daemon, `cmd &`) is
+    killed: those children would otherwise hold the pipes open and outlive the job.
+    """
+    tails = {proc.stdout: _Tail(), proc.stderr: _Tail()}
+    selector = selectors.DefaultSelector()
+    for stream in tails:
+        selector.register(stream, selectors.EVENT_READ)
+    timed_out = False
+    drain_until: Optional[float] = None
+    try:
+        while selector.get_map():
+            now = time.time()
+            if drain_until is not None and now >= drain_until:
+                break
+            if deadline is not None and now >= deadline and not timed_out:
+                timed_out = True
+                _kill_group(proc.pid)
+                drain_until = now + 0.5
+            wait = 0.1
+            if deadline is not None and not timed_out:
+                wait = min(wait, max(0.0, deadline - now))
+            for key, _ in selector.select(wait):
+                chunk = os.read(key.fd, 65536)
+                if chunk:
+                    tails[key.fileobj].add(chunk)
+                else:
+                    selector.unregister(key.fileobj)
+            if drain_until is None and proc.poll() is not None:
+                # The shell is gone; its group must go too, then read what is left.
+                _kill_group(proc.pid)
+                drain_until = time.time() + 0.5
+        if proc.poll() is None:
+            # Pipes closed but the shell still runs (it closed its own stdout): wait for it.
+            remaining = None if deadline is None else max(0.0, deadline - time.time())
+            try:
+                proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+        _kill_group(proc.pid)
+    finally:
+        selector.close()
+        for stream in tails:
+            stream.close()
+    return timed_out, tails[proc.stdout], tails[proc.stderr]
+
+
+def _resolve(name: str) -> Callable[..., Any]:
+    func = _functions.get(name)
+    if func is None:
+        module_name, _, attr = name.partition(":")
+        module = importlib.import_module(module_name)
+        func = module
+        for part in attr.split("."):
+            func = getattr(func, part)
+        if not callable(func):
+            raise TypeError(f"{name} is not callable")
+        _functions[name] = func
+    return func
+
+
+class _CappedBuffer(io.StringIO):
+    """Captures a callable's prints, keeping only the tail."""
+
+    def write(self, s: str) -> int:
+        n = super().write(s)
+        if self.tell() > 2 * OUTPUT_TAIL_BYTES:
+            keep = self.getvalue()[-OUTPUT_TAIL_BYTES:]
+            self.seek(0)
+            self.truncate()
+            super().write(keep)
+        return n
+
+
+def _run_callable(task: Task, started: float) -> JobResult:
+    global _current_job
+    name = task.func or ""
+    try:
+        func = _resolve(name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the job's failure
+        return JobResult(
+            task.job_id,
+            task.attempt,
+            JobState.FAILED.value,
+            error=f"cannot import {name} on this agent: {type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(),
+            started=started,
+            ended=time.time(),
+        )
+    out, err = _CappedBuffer(), _CappedBuffer()
+    state, value, error, tb = JobState.DONE.value, None, "", ""
+    saved_env = _apply_env(task.env) if task.env else None
+    saved_cwd = os.getcwd() if task.cwd else None
+    try:
+        args, kwargs = pickle.loads(task.payload) if task.payload else ((), {})
+        if task.cwd:
+            os.chdir(task.cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                _current_job = task.job_id
+                if task.timeout:
+                    signal.setitimer(signal.ITIMER_REAL, task.timeout)
+                result = func(*args, **kwargs)
+            finally:
+                _current_job = None
+                if task.timeout:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+        value = pickle.dumps(result)
+    except JobInterrupted as stop:
+        state = stop.state
+        error = f"timed out after {task.timeout:g}s" if state == JobState.TIMEOUT.value else "cancelled"
+    except Exception as exc:  # noqa: BLE001 - the job's own failure, reported as data
+        state, error, tb = JobState.FAILED.value, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+    finally:
+        if saved_cwd is not None:
+            os.chdir(saved_cwd)
+        if saved_env is not None:
+            _restore_env(saved_env)
+    return JobResult(
+        task.job_id,
+        task.attempt,
+        state,
+        exit_code=0 if state == JobState.DONE.value else None,
+        value=value,
+        stdout=out.getvalue()[-OUTPUT_TAIL_BYTES:],
+        stderr=err.getvalue()[-OUTPUT_TAIL_BYTES:],
+        error=error,
+        traceback=tb,
+        started=started,
+        ended=time.time(),
+    )
+
+
+def _apply_env(env: Dict[str, str]) -> Dict[str, Optional[str]]:
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    return saved
+
+
+def _restore_env(saved: Dict[str, Optional[str]]) -> None:
+    for key, old in saved.items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old

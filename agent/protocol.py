@@ -1,0 +1,196 @@
+"""What crosses the wire between master, agents and clients: plain-data records and the manager's names."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+# Bump when a wire record changes shape; master and agent compare it at register().
+PROTOCOL_VERSION = 1
+
+# The one name registered on the master's BaseManager; its methods are the API.
+SCHEDULER_TYPEID = "get_scheduler"
+
+# Output kept per stream per attempt (the tail), and the cap on one job's pickled payload.
+OUTPUT_TAIL_BYTES = 64 * 1024
+MAX_PAYLOAD_BYTES = 1024 * 1024
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    HELD = "held"
+    LOST = "lost"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset(
+    {JobState.DONE, JobState.FAILED, JobState.TIMEOUT, JobState.CANCELLED, JobState.LOST}
+)
+
+
+class CorralError(Exception):
+    """An error an operator can act on: a message and a hint of what to do."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message, hint)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class BadJobSpec(CorralError):
+    """A submission the master refuses: nothing of it was queued."""
+
+
+class UnknownJob(CorralError):
+    """A job id the master has never issued."""
+
+
+class UnknownAgent(CorralError):
+    """An agent session the master does not know (it restarted, or the lease ran out): register again."""
+
+
+class ProtocolMismatch(CorralError):
+    """An agent or client speaking another version of this protocol."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a submitter asks for. Exactly one of `command` (shell) or `func` (module:function)."""
+
+    command: Optional[str] = None
+    func: Optional[str] = None
+    # pickle of (args, kwargs) for `func`: opaque to the master, only agents unpickle it.
+    payload: Optional[bytes] = None
+    name: str = ""
+    env: Dict[str, str] = field(default_factory=dict)
+    cwd: Optional[str] = None
+    priority: int = 0
+    timeout: Optional[float] = None
+    retries: int = 0
+    tags: Tuple[str, ...] = ()
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {
+            "command": self.command,
+            "func": self.func,
+            "payload": self.payload,
+            "name": self.name,
+            "env": dict(self.env),
+            "cwd": self.cwd,
+            "priority": self.priority,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "tags": list(self.tags),
+        }
+
+
+@dataclass(frozen=True)
+class Task:
+    """One attempt of one job, as the master hands it to an agent."""
+
+    job_id: int
+    attempt: int
+    command: Optional[str]
+    func: Optional[str]
+    payload: Optional[bytes]
+    env: Dict[str, str]
+    cwd: Optional[str]
+    timeout: Optional[float]
+
+    def to_wire(self) -> tuple:
+        return (
+            self.job_id,
+            self.attempt,
+            self.command,
+            self.func,
+            self.payload,
+            self.env,
+            self.cwd,
+            self.timeout,
+        )
+
+    @classmethod
+    def from_wire(cls, row: tuple) -> "Task":
+        return cls(*row)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """How one attempt ended. Errors travel as text, never as exception objects."""
+
+    job_id: int
+    attempt: int
+    state: str
+    exit_code: Optional[int] = None
+    # pickle of a callable's return value: opaque to the master.
+    value: Optional[bytes] = None
+    stdout: str = ""
+    stderr: str = ""
+    error: str = ""
+    traceback: str = ""
+    started: float = 0.0
+    ended: float = 0.0
+
+    def to_wire(self) -> tuple:
+        return (
+            self.job_id,
+            self.attempt,
+            self.state,
+            self.exit_code,
+            self.value,
+            self.stdout,
+            self.stderr,
+            self.error,
+            self.traceback,
+            self.started,
+            self.ended,
+        )
+
+    @classmethod
+    def from_wire(cls, row: tuple) -> "JobResult":
+        return cls(*row)
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """Who an agent is, sent once at register()."""
+
+    name: str
+    host: str
+    pid: int
+    slots: int
+    tags: Tuple[str, ...] = ()
+    python: str = ""
+    started_by: str = "manual"
+    protocol: int = PROTOCOL_VERSION
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "host": self.host,
+            "pid": self.pid,
+            "slots": self.slots,
+            "tags": list(self.tags),
+            "python": self.python,
+            "started_by": self.started_by,
+            "protocol": self.protocol,
+        }
+
+
+def tail_text(data: bytes, limit: int = OUTPUT_TAIL_BYTES) -> str:
+    """The last `limit` bytes of an output stream, decoded leniently."""
+    if len(data) > limit:
+        data = data[-limit:]
+    return data.decode("utf-8", errors="replace")

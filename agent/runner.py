@@ -1,0 +1,462 @@
+"""The agent: register with the master, take jobs in batches, run them in a pool, report, heartbeat, stop gracefully."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from multiprocessing.managers import BaseManager
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from . import execute
+from .protocol import SCHEDULER_TYPEID, AgentInfo, CorralError, JobResult, JobState, Task
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0
+TAKE_WAIT_SECONDS = 1.0  # the master holds a take() this long when it has no work (long poll)
+BATCH_HORIZON_SECONDS = 0.1  # take enough work to keep the slots busy this long
+CHUNK_SECONDS = 0.01  # tiny jobs travel to a pool worker in chunks of about this much work
+MAX_TAKE = 4000
+BACKOFF_CAP_SECONDS = 10.0
+HARD_KILL_GRACE_SECONDS = 5.0  # a callable ignoring its timeout signal this long gets its worker killed
+CANCEL_RING = 256
+
+
+class SchedulerManager(BaseManager):
+    """Client side of the master's manager: only the scheduler is registered."""
+
+
+SchedulerManager.register(SCHEDULER_TYPEID)
+
+
+class Disconnected(Exception):
+    """The connection to the master broke; the supervisor reconnects."""
+
+
+def connect(address: Tuple[str, int], authkey: bytes) -> Any:
+    """A fresh scheduler proxy on its own connection (proxies are per thread)."""
+    manager = SchedulerManager(address=address, authkey=authkey)
+    manager.connect()
+    return getattr(manager, SCHEDULER_TYPEID)()
+
+
+class _Running:
+    """What the agent knows of one job it holds."""
+
+    __slots__ = ("task", "worker", "pgid", "started")
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.worker = 0  # pool worker pid once its chunk started
+        self.pgid = 0  # the shell's process group, for shell jobs
+        self.started = 0.0
+
+
+class Agent:
+    """One agent process: a supervisor around a multiprocessing pool."""
+
+    def __init__(
+        self,
+        address: Tuple[str, int],
+        authkey: bytes,
+        info: AgentInfo,
+        verbose: bool = False,
+    ) -> None:
+        self.address = address
+        self.authkey = authkey
+        self.info = info
+        self.verbose = verbose
+        self.session = ""
+        self.held: Dict[int, _Running] = {}  # job id -> taken and not yet reported
+        self.lock = threading.Lock()
+        self.capacity = threading.Condition(self.lock)
+        self.results: List[tuple] = []  # wire results waiting to be reported
+        self.results_ready = threading.Condition(threading.Lock())
+        self.mean_seconds: Optional[float] = None  # moving average of job durations
+        self.draining = threading.Event()
+        self.stopping = threading.Event()  # second signal: kill everything and leave
+        self.disconnected = threading.Event()
+        self.released: Set[int] = set()  # jobs handed back unstarted while draining
+        self.cancel_requested: Set[int] = set()
+        self.stop_signals = 0
+        # forkserver: the agent has threads, and fork() from a threaded process can deadlock;
+        # forkserver workers start from a clean single-threaded server, and cheaply.
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        self.ctx = multiprocessing.get_context(method)
+        self.events: Any = None
+        self.cancel_ring: Any = None
+        self.cancel_next = 1
+        self.pool: Any = None
+
+    # ---- signals: handlers only set flags; the loops act -------------------------------
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_signals += 1
+        if self.stop_signals == 1:
+            self.draining.set()
+        else:
+            self.stopping.set()
+        with self.capacity:
+            self.capacity.notify_all()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until drained (exit 0) or killed by a second signal (exit 1)."""
+        self.events = self.ctx.Queue()
+        self.cancel_ring = self.ctx.Array("q", 1 + CANCEL_RING, lock=False)
+        self.pool = self.ctx.Pool(self.info.slots, execute.init_worker, (self.events, self.cancel_ring))
+        threads = [threading.Thread(target=self._watch_events, name="events", daemon=True)]
+        for thread in threads:
+            thread.start()
+        backoff = 0.5
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self._register()
+                except (OSError, EOFError) as exc:
+                    if self.draining.is_set() and not self.held:
+                        break
+                    log.warning("master %s:%s unreachable (%s); retrying in %.1fs", *self.address, exc, backoff)
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_CAP_SECONDS)
+                    continue
+                backoff = 0.5
+                self.disconnected.clear()
+                session_threads = [
+                    threading.Thread(target=self._take_loop, name="take", daemon=True),
+                    threading.Thread(target=self._report_loop, name="report", daemon=True),
+                ]
+                for thread in session_threads:
+                    thread.start()
+                while not (self.disconnected.is_set() or self.stopping.is_set()):
+                    if self.draining.is_set() and self._drained():
+                        break
+                    time.sleep(0.05)
+                if self.draining.is_set() and self._drained():
+                    self._wake_all()
+                    for thread in session_threads:
+                        thread.join(timeout=3)
+                    break
+                self._wake_all()
+                for thread in session_threads:
+                    thread.join(timeout=3)
+        finally:
+            self._shutdown_pool()
+        return 1 if self.stopping.is_set() else 0
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.time() + seconds
+        while time.time() < deadline and not self.stopping.is_set():
+            if self.draining.is_set() and not self.held:
+                return
+            time.sleep(0.05)
+
+    def _wake_all(self) -> None:
+        with self.capacity:
+            self.capacity.notify_all()
+        with self.results_ready:
+            self.results_ready.notify_all()
+
+    def _drained(self) -> bool:
+        with self.lock:
+            held = bool(self.held)
+        with self.results_ready:
+            pending = bool(self.results)
+        return not held and not pending
+
+    def _register(self) -> None:
+        scheduler = connect(self.address, self.authkey)
+        with self.lock:
+            running = sorted(self.held)
+        reply = scheduler.register(self.info.to_wire(), running)
+        self.session = reply["session"]
+        log.info("registered with master %s:%s as %s (%d slots)", *self.address, self.info.name, self.info.slots)
+        if self.verbose:
+            print(f"Connected to master {self.address[0]}:{self.address[1]} as {self.info.name}", flush=True)
+
+    def _shutdown_pool(self) -> None:
+        if self.pool is None:
+            return
+        if self.stopping.is_set():
+            with self.lock:
+                pgids = [r.pgid for r in self.held.values() if r.pgid]
+            for pgid in pgids:
+                execute._kill_group(pgid)
+            self.pool.terminate()
+        else:
+            # Nothing of ours is left in the pool (drained), so close + terminate is safe even if a
+            # worker was killed and left an orphaned task behind that join() would wait on forever.
+            self.pool.close()
+            self.pool.terminate()
+        self.pool.join()
+        self.pool = None
+
+    # ---- taking work --------------------------------------------------------------------
+
+    def _wanted(self) -> int:
+        """How many more jobs to hold: enough to keep every slot busy ~100 ms (free slots when long)."""
+        per_slot = 1
+        if self.mean_seconds is not None and self.mean_seconds > 0:
+            per_slot = max(1, int(BATCH_HORIZON_SECONDS / self.mean_seconds))
+        target = min(MAX_TAKE, self.info.slots * per_slot)
+        return target - len(self.held)
+
+    def _take_loop(self) -> None:
+        try:
+            scheduler = connect(self.address, self.authkey)
+            while not (self.draining.is_set() or self.stopping.is_set() or self.disconnected.is_set()):
+                with self.lock:
+                    wanted = max(0, self._wanted())
+                # Even when full, the long poll is how cancels reach us at once; freed slots are
+                # refilled by the reporter, whose report() brings new work back with it.
+                rows, cancel = scheduler.take(self.session, wanted, TAKE_WAIT_SECONDS)
+                if cancel:
+                    self._cancel(cancel)
+                if rows:
+                    self._dispatch([Task.from_wire(row) for row in rows])
+        except (OSError, EOFError) as exc:
+            log.warning("lost the master while taking work: %s", exc)
+            self.disconnected.set()
+        except CorralError as exc:
+            log.warning("master refused this agent: %s", exc)
+            self.disconnected.set()
+
+    def _dispatch(self, tasks: List[Task]) -> None:
+        """Hand tasks to the pool, tiny ones chunked so one pool round trip carries many."""
+        with self.lock:
+            for task in tasks:
+                self.held[task.job_id] = _Running(task)
+        size = 1
+        if self.mean_seconds is not None and self.mean_seconds > 0:
+            size = max(1, min(len(tasks) // self.info.slots or 1, int(CHUNK_SECONDS / self.mean_seconds)))
+        chunk: List[tuple] = []
+        for task in tasks:
+            if task.timeout and task.func:
+                # A callable with a timeout runs alone, so a hard kill of its worker hits only it.
+                self._submit_chunk([task.to_wire()])
+                continue
+            chunk.append(task.to_wire())
+            if len(chunk) >= size:
+                self._submit_chunk(chunk)
+                chunk = []
+        if chunk:
+            self._submit_chunk(chunk)
+
+    def _submit_chunk(self, rows: List[tuple]) -> None:
+        ids = [row[0] for row in rows]
+        self.pool.apply_async(
+            execute.run_chunk,
+            (rows,),
+            callback=self._on_results,
+            error_callback=lambda exc, ids=ids: self._on_chunk_error(ids, exc),
+        )
+
+    # ---- results ------------------------------------------------------------------------
+
+    def _on_results(self, rows: List[tuple]) -> None:
+        """Pool callback (its result thread): queue the results for the reporter."""
+        total = 0.0
+        finished = []
+        with self.lock:
+            for row in rows:
+                job_id = row[0]
+                if self.held.pop(job_id, None) is None:
+                    continue  # already settled (e.g. its worker was declared dead)
+                if row[2] == JobState.CANCELLED.value and job_id in self.released:
+                    self.released.discard(job_id)
+                    row = row[:2] + ("released",) + row[3:]
+                self.cancel_requested.discard(job_id)
+                total += row[10] - row[9]
+                finished.append(row)
+            if finished:
+                mean = total / len(finished)
+                self.mean_seconds = mean if self.mean_seconds is None else 0.7 * self.mean_seconds + 0.3 * mean
+            self.capacity.notify_all()
+        if self.verbose:
+            for row in finished:
+                print(f"Finished job: {row[0]} ({row[2]})", flush=True)
+        self._queue_results(finished)
+
+    def _on_chunk_error(self, ids: List[int], exc: BaseException) -> None:
+        now = time.time()
+        results = [
+            JobResult(job_id, self.held[job_id].task.attempt, JobState.FAILED.value,
+                      error=f"the pool could not run it: {type(exc).__name__}: {exc}",
+                      started=now, ended=now).to_wire()
+            for job_id in ids
+            if job_id in self.held
+        ]
+        self._on_results(results)
+
+    def _queue_results(self, rows: List[tuple]) -> None:
+        if not rows:
+            return
+        with self.results_ready:
+            self.results.extend(rows)
+            self.results_ready.notify()
+
+    def _report_loop(self) -> None:
+        """Send results as soon as there are any (what piles up meanwhile goes in the next call), and heartbeat."""
+        try:
+            scheduler = connect(self.address, self.authkey)
+            next_beat = 0.0
+            while not (self.stopping.is_set() or self.disconnected.is_set()):
+                with self.results_ready:
+                    if not self.results:
+                        self.results_ready.wait(max(0.0, next_beat - time.time()))
+                    batch = list(self.results)
+                if not batch and time.time() < next_beat:
+                    if self.draining.is_set() and self._drained():
+                        return
+                    continue
+                with self.lock:
+                    running = list(self.held)
+                    wanted = 0 if self.draining.is_set() else max(0, self._wanted())
+                rows, cancel = scheduler.report(self.session, batch, running, wanted)
+                with self.results_ready:
+                    del self.results[: len(batch)]
+                next_beat = time.time() + HEARTBEAT_SECONDS
+                if cancel:
+                    self._cancel(cancel)
+                if rows:
+                    self._dispatch([Task.from_wire(row) for row in rows])
+        except (OSError, EOFError) as exc:
+            log.warning("lost the master while reporting: %s", exc)
+            self.disconnected.set()
+        except CorralError as exc:
+            log.warning("master refused this agent's report: %s", exc)
+            self.disconnected.set()
+
+    # ---- cancel, release, timeouts, dead workers -----------------------------------------
+
+    def _mark_cancelled(self, job_ids: List[int]) -> None:
+        """Publish ids in the shared ring the workers read before and during each job."""
+        ring = self.cancel_ring
+        for job_id in job_ids:
+            ring[self.cancel_next] = job_id
+            self.cancel_next = self.cancel_next % CANCEL_RING + 1
+        ring[0] += 1
+
+    def _cancel(self, job_ids: List[int]) -> None:
+        with self.lock:
+            targets = [self.held[j] for j in job_ids if j in self.held]
+            self.cancel_requested.update(r.task.job_id for r in targets)
+            self._mark_cancelled([r.task.job_id for r in targets])
+        for running in targets:
+            if running.pgid:
+                execute._kill_group(running.pgid)
+            elif running.worker and running.task.func:
+                try:
+                    os.kill(running.worker, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+            if self.verbose:
+                print(f"Cancel job: {running.task.job_id}", flush=True)
+
+    def _release_unstarted(self) -> None:
+        """While draining, hand back jobs that have not started: they run elsewhere sooner."""
+        with self.lock:
+            unstarted = [j for j, r in self.held.items() if not r.worker and j not in self.released]
+            self.released.update(unstarted)
+            if unstarted:
+                self._mark_cancelled(unstarted)
+
+    def _watch_events(self) -> None:
+        """Learn which worker runs which job (for cancel), enforce hard timeouts, notice dead workers."""
+        last_sweep = 0.0
+        while not self.stopping.is_set():
+            try:
+                event = self.events.get(timeout=0.2)
+            except queue.Empty:
+                event = None
+            except (OSError, EOFError, ValueError):
+                return
+            now = time.time()
+            if event is not None:
+                self._apply_event(event)
+            if now - last_sweep >= 0.5:
+                last_sweep = now
+                if self.draining.is_set():
+                    self._release_unstarted()
+                self._sweep(now)
+
+    def _apply_event(self, event: tuple) -> None:
+        kind = event[0]
+        with self.lock:
+            if kind == "chunk":
+                _, pid, ids, started = event
+                for job_id in ids:
+                    running = self.held.get(job_id)
+                    if running is not None:
+                        running.worker, running.started = pid, started
+                if self.verbose:
+                    for job_id in ids:
+                        print(f"Run job: {job_id}", flush=True)
+            elif kind == "pgid":
+                _, job_id, pgid, _ = event
+                running = self.held.get(job_id)
+                if running is not None:
+                    running.pgid = pgid
+                    if job_id in self.cancel_requested:
+                        execute._kill_group(pgid)
+
+    def _sweep(self, now: float) -> None:
+        """Jobs whose worker died, and callables past timeout + grace: settle them here."""
+        alive = {p.pid for p in getattr(self.pool, "_pool", [])} if self.pool is not None else set()
+        dead: List[tuple] = []
+        with self.lock:
+            for job_id, running in list(self.held.items()):
+                task = running.task
+                if not running.worker:
+                    continue
+                overdue = (
+                    task.func is not None
+                    and task.timeout
+                    and now - running.started > task.timeout + HARD_KILL_GRACE_SECONDS
+                )
+                if overdue:
+                    try:
+                        os.kill(running.worker, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    dead.append(JobResult(job_id, task.attempt, JobState.TIMEOUT.value,
+                                          error=f"timed out after {task.timeout:g}s; its worker was killed",
+                                          started=running.started, ended=now).to_wire())
+                elif running.worker not in alive and _gone(running.worker):
+                    dead.append(JobResult(job_id, task.attempt, JobState.FAILED.value,
+                                          error="the pool worker running it died (killed, or the job exited the process)",
+                                          started=running.started, ended=now).to_wire())
+        if dead:
+            self._on_results(dead)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def default_name() -> str:
+    import socket
+
+    return socket.gethostname().split(".")[0] or "agent"
+
+
+def install_signal_handlers(agent: Agent) -> None:
+    signal.signal(signal.SIGTERM, agent.on_signal)
+    signal.signal(signal.SIGINT, agent.on_signal)
+
+
+def python_version() -> str:
+    return ".".join(str(part) for part in sys.version_info[:3])

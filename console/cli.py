@@ -1,0 +1,410 @@
+"""The `corral` command: argparse subcommands over Client; errors are one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import shlex
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from agent.protocol import CorralError, JobSpec, JobState
+from agent.statedir import parse_address
+
+from .client import Client
+from .state import StateDir
+
+EXIT_ERROR = 1  # an operation failed (no master, unknown job, refused submission)
+EXIT_USAGE = 2  # the command line itself is wrong
+EXIT_TIMEOUT = 124  # like timeout(1): a job or a wait ran out of time
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, with the subcommand's name."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# ---- argument types with messages an operator understands --------------------------------
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+
+
+def _retries(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, not {text!r}")
+    return int(text)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"must be NAME=VALUE, not {text!r}")
+    return key, value
+
+
+def _job_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a job id is a whole number, not {text!r}")
+    return int(text)
+
+
+def _state(text: str) -> str:
+    names = [s.value for s in JobState]
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown state {text!r}; one of {', '.join(names)}")
+    return text
+
+
+# ---- parser -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="corral", description="A cluster operations console: run jobs on the machines you can SSH into.")
+    parser.add_argument("--home", help="state directory (default: $CORRAL_HOME or ~/.local/state/corral)")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("master", help="run the job master (foreground)")
+    p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0", help="address (default: loopback, port chosen by the OS)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --listen")
+    p.add_argument("--lease", type=_seconds, default=10.0, help="seconds an agent may stay silent before it is lost (default 10)")
+    p.add_argument("--fsync", action="store_true", help="fsync every journal commit (survives power loss; slower)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print one line per event")
+
+    from agent.__main__ import build_parser as agent_parser
+
+    p = sub.add_parser("agent", help="run an agent on this machine (foreground)", parents=[agent_parser(add_help=False)])
+
+    def job_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--name", default="", help="a name for the job")
+        p.add_argument("--priority", type=_whole, default=0, help="higher runs first (default 0)")
+        p.add_argument("--timeout", type=_seconds, help="seconds before the job's process group is killed")
+        p.add_argument("--retries", type=_retries, default=0, help="re-run a failed job up to N times")
+        p.add_argument("--tag", action="append", default=[], help="run only on agents with this tag (repeatable)")
+        p.add_argument("--env", action="append", type=_env_pair, default=[], metavar="K=V", help="environment variable (repeatable)")
+        p.add_argument("--cwd", help="working directory on the agent")
+        p.add_argument("--count", type=_count, default=1, help="submit N copies, with CORRAL_INDEX=0..N-1")
+        p.add_argument("--wait", action="store_true", help="wait, print the output, exit with the job's exit code")
+
+    p = sub.add_parser("submit", help="submit a shell command: corral submit [OPTIONS] -- COMMAND...")
+    job_options(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command; one argument is shell text, several are quoted")
+
+    p = sub.add_parser("call", help="submit a Python callable: corral call module:function [JSON ARGS...]")
+    job_options(p)
+    p.add_argument("func", metavar="module:function")
+    p.add_argument("args", nargs="*", metavar="ARG", help="arguments, each as JSON (e.g. 3 '\"text\"' '[1,2]')")
+
+    p = sub.add_parser("jobs", help="list jobs, newest first")
+    p.add_argument("--state", type=_state, action="append", help="only jobs in this state (repeatable)")
+    p.add_argument("--limit", type=_count, default=50, help="at most N jobs (default 50)")
+    p.add_argument("--json", action="store_true", help="JSON output (see README)")
+
+    p = sub.add_parser("show", help="one job, with every attempt's output")
+    p.add_argument("id", type=_job_id)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cancel", help="cancel jobs (running ones are killed within a second)")
+    p.add_argument("ids", type=_job_id, nargs="+", metavar="ID")
+
+    p = sub.add_parser("requeue", help="submit finished jobs again (new ids)")
+    p.add_argument("ids", type=_job_id, nargs="+", metavar="ID")
+
+    p = sub.add_parser("wait", help="wait for jobs to finish; exit code as with submit --wait")
+    p.add_argument("ids", type=_job_id, nargs="+", metavar="ID")
+    p.add_argument("--timeout", type=_seconds, help="give up after this many seconds (exit 124)")
+
+    p = sub.add_parser("status", help="counts by state, agents and slots")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("agents", help="the agents and what they are doing")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(home=args.home_path)
+
+
+def cmd_master(args: argparse.Namespace) -> int:
+    from .master.server import is_loopback, serve
+
+    host, port = parse_address(args.listen, allow_any_port=True)
+    if not is_loopback(host):
+        if not args.allow_remote:
+            raise CorralError(f"refusing to listen on {host}: the master listens on loopback only",
+                              "remote agents reach it through SSH tunnels; add --allow-remote to open the port anyway")
+        print(f"corral master: WARNING: listening on {host}:{port}; anyone who can reach it and holds the authkey can run jobs",
+              file=sys.stderr)
+    state = StateDir(args.home_path)
+    return serve(state, host, port, verbose=args.verbose, lease=args.lease, fsync=args.fsync)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from agent.__main__ import run_agent
+
+    if args.home_path is not None:
+        os.environ["CORRAL_HOME"] = str(args.home_path)
+    return run_agent(args)
+
+
+def _specs(args: argparse.Namespace, base: dict[str, Any]) -> list[JobSpec]:
+    env = dict(args.env)
+    specs = []
+    for index in range(args.count):
+        job_env = dict(env, CORRAL_INDEX=str(index)) if args.count > 1 else env
+        specs.append(JobSpec(name=args.name, env=job_env, cwd=args.cwd, priority=args.priority,
+                             timeout=args.timeout, retries=args.retries, tags=tuple(args.tag), **base))
+    return specs
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    words = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not words or not " ".join(words).strip():
+        raise CorralError("no command given", "put it after --, e.g. corral submit -- echo hello")
+    command = words[0] if len(words) == 1 else shlex.join(words)
+    with _client(args) as client:
+        ids = client.submit(_specs(args, {"command": command}))
+        if not args.wait:
+            print("\n".join(map(str, ids)))
+            return 0
+        return _wait_and_print(client, ids, None)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    values = []
+    for text in args.args:
+        try:
+            values.append(json.loads(text))
+        except ValueError:
+            raise CorralError(f"argument {text!r} is not JSON", "quote strings as JSON: '\"text\"'") from None
+    base = {"func": args.func, "payload": pickle.dumps((tuple(values), {}))}
+    with _client(args) as client:
+        ids = client.submit(_specs(args, base))
+        if not args.wait:
+            print("\n".join(map(str, ids)))
+            return 0
+        return _wait_and_print(client, ids, None)
+
+
+def _exit_code(record: dict) -> int:
+    state, code = record["state"], record["exit_code"]
+    if state == JobState.DONE.value:
+        return 0
+    if state == JobState.TIMEOUT.value:
+        return EXIT_TIMEOUT
+    if isinstance(code, int) and code != 0:
+        return code if code > 0 else 128 - code
+    return 1
+
+
+def _wait_and_print(client: Client, ids: Sequence[int], timeout: float | None) -> int:
+    states = client.wait(ids, timeout)
+    worst = 0
+    for job_id in ids:
+        if job_id not in states:
+            print(f"corral: job {job_id} still not finished after {timeout:g}s", file=sys.stderr)
+            worst = max(worst, EXIT_TIMEOUT)
+            continue
+        record = client.job(job_id)
+        counted = [a for a in record["attempt_list"] if a["counted"]]
+        last = counted[-1] if counted else None
+        if last is not None:
+            sys.stdout.write(last["stdout"])
+            sys.stderr.write(last["stderr"])
+        if record["func"] and record["state"] == JobState.DONE.value and record["value"] is not None:
+            print(repr(pickle.loads(record["value"])))
+        if record["state"] != JobState.DONE.value:
+            print(f"corral: job {job_id} {record['state']}: {record['error']}", file=sys.stderr)
+        worst = max(worst, _exit_code(record))
+    sys.stdout.flush()
+    return worst
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _wait_and_print(client, args.ids, args.timeout)
+
+
+def _ago(ts: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _duration(record: dict) -> str:
+    if record.get("started") and record.get("ended"):
+        return f"{record['ended'] - record['started']:.2f}s"
+    return "-"
+
+
+def _what(record: dict) -> str:
+    text = record["command"] if record["command"] is not None else f"{record['func']}(…)"
+    return text if len(text) <= 48 else text[:47] + "…"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _jsonable(record: dict) -> dict:
+    """A job record as stable JSON: bytes fields become a decoded value (or its repr), payload is dropped."""
+    out = {k: v for k, v in record.items() if k not in ("payload", "value", "attempt_list")}
+    if "value" in record:
+        value = pickle.loads(record["value"]) if record["value"] is not None else None
+        try:
+            json.dumps(value)
+            out["value"] = value
+        except (TypeError, ValueError):
+            out["value"] = repr(value)
+    if "attempt_list" in record:
+        out["attempts_detail"] = [dict(a, counted=bool(a["counted"])) for a in record["attempt_list"]]
+    return out
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        records = client.jobs(args.state, args.limit)
+    if args.json:
+        print(json.dumps([_jsonable(r) for r in records], indent=2))
+        return 0
+    rows = [[str(r["id"]), r["state"], str(r["priority"]), r["agent"] or "-", str(r["attempts"]),
+             "-" if r["exit_code"] is None else str(r["exit_code"]), _duration(r), r["name"] or _what(r)]
+            for r in records]
+    _table(rows, ["ID", "STATE", "PRI", "AGENT", "TRY", "EXIT", "TIME", "NAME/COMMAND"])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = client.job(args.id)
+    if args.json:
+        print(json.dumps(_jsonable(record), indent=2))
+        return 0
+    what = record["command"] if record["command"] is not None else record["func"]
+    print(f"job {record['id']}  {record['name'] or ''}".rstrip())
+    print(f"  state     {record['state']}" + (f"  ({record['error']})" if record["error"] else ""))
+    print(f"  {'command' if record['command'] is not None else 'callable'}   {what}")
+    print(f"  priority  {record['priority']}   timeout {record['timeout'] or '-'}   retries {record['retries']}"
+          f"   tags {','.join(record['tags']) or '-'}")
+    if record["cwd"] or record["env"]:
+        print(f"  cwd       {record['cwd'] or '-'}   env {' '.join(f'{k}={v}' for k, v in record['env'].items()) or '-'}")
+    print(f"  submitted {_ago(record['submitted'])}   exit {record['exit_code'] if record['exit_code'] is not None else '-'}")
+    if record["func"] and record["value"] is not None:
+        print(f"  value     {pickle.loads(record['value'])!r}")
+    for a in record["attempt_list"]:
+        took = f"{a['ended'] - a['started']:.2f}s" if a["started"] and a["ended"] else "-"
+        note = "" if a["counted"] else "  (not counted: superseded)"
+        print(f"\n  attempt {a['attempt']} on {a['agent']}: {a['state']}, exit {a['exit_code']}, {took},"
+              f" {_ago(a['started'])} → {_ago(a['ended'])}{note}")
+        if a["error"]:
+            print(f"    error: {a['error']}")
+        for label in ("stdout", "stderr", "traceback"):
+            if a[label]:
+                print(f"    --- {label} ---")
+                print("    " + a[label].rstrip("\n").replace("\n", "\n    "))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        outcome = client.cancel(args.ids)
+    for job_id in args.ids:
+        print(f"{job_id}: {outcome[job_id]}")
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        new_ids = client.requeue(args.ids)
+    for old, new in zip(args.ids, new_ids):
+        print(f"{old} → {new}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    counts = status["counts"]
+    print("  ".join(f"{state} {counts.get(state, 0)}" for state in [s.value for s in JobState]))
+    up = [a for a in status["agents"] if a["state"] != "lost"]
+    print(f"agents {len(up)} up / {len(status['agents'])}   slots {status['busy']} busy / {status['slots']}"
+          f"   {status['rate']:.1f} jobs/s")
+    for a in status["agents"]:
+        print(f"  {a['name']:<16} {a['state']:<8} {a['busy']}/{a['slots']} busy   done {a['done']}")
+    return 0
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        agents = client.agents()
+    if args.json:
+        print(json.dumps(agents, indent=2))
+        return 0
+    rows = [[a["name"], a["host"], a["state"], f"{a['busy']}/{a['slots']}", str(a["done"]), str(a["failed"]),
+             f"{a['heartbeat_age']:.1f}s", ",".join(a["tags"]) or "-", a["started_by"]] for a in agents]
+    _table(rows, ["NAME", "HOST", "STATE", "BUSY", "DONE", "FAILED", "SEEN", "TAGS", "STARTED BY"])
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "master": cmd_master, "agent": cmd_agent, "submit": cmd_submit, "call": cmd_call, "jobs": cmd_jobs,
+    "show": cmd_show, "cancel": cmd_cancel, "requeue": cmd_requeue, "wait": cmd_wait, "status": cmd_status,
+    "agents": cmd_agents,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.home_path = None
+    if args.home:
+        from pathlib import Path
+
+        args.home_path = Path(args.home).expanduser()
+    if args.cmd is None:
+        from .tui.launch import run_console
+
+        return run_console(args)
+    try:
+        return COMMANDS[args.cmd](args)
+    except CorralError as exc:
+        hint = f" — {exc.hint}" if exc.hint else ""
+        print(f"corral {args.cmd}: {exc.message}{hint}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

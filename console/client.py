@@ -1,0 +1,169 @@
+"""Client: the one way to talk to a master, for the console, the CLI and Python users."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from multiprocessing import AuthenticationError
+from multiprocessing.managers import BaseManager, RemoteError
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from agent.protocol import SCHEDULER_TYPEID, CorralError, JobSpec, JobState
+
+from .state import StateDir
+
+SUBMIT_BATCH = 10_000  # jobs per submit() round trip
+WAIT_POLL_SECONDS = 1.0  # each wait() call on the master is a long poll this long
+
+
+class MasterUnreachable(CorralError):
+    """No master answers at the recorded address, or the connection to it broke."""
+
+
+class AuthFailed(CorralError):
+    """The master refused our authkey."""
+
+
+class JobFailed(CorralError):
+    """A job whose value was asked for did not end `done`."""
+
+
+class _ClientManager(BaseManager):
+    pass
+
+
+_ClientManager.register(SCHEDULER_TYPEID)
+
+
+def _spec_wire(spec: JobSpec | dict) -> dict:
+    return spec.to_wire() if isinstance(spec, JobSpec) else spec
+
+
+class Client:
+    """A connection to one master. Use one Client per thread (a proxy is not shared across threads).
+
+    >>> with Client() as c:
+    ...     ids = c.submit([JobSpec(command="echo hi")])
+    ...     c.wait(ids)
+    """
+
+    def __init__(self, home: Path | None = None, address: tuple[str, int] | None = None,
+                 authkey: bytes | None = None) -> None:
+        self.state = StateDir(home)
+        self.address = address or self.state.master_address()
+        key = authkey or self.state.authkey()
+        manager = _ClientManager(address=self.address, authkey=key)
+        where = f"{self.address[0]}:{self.address[1]}"
+        try:
+            manager.connect()
+            self._scheduler = getattr(manager, SCHEDULER_TYPEID)()
+        except AuthenticationError:
+            raise AuthFailed(f"the master at {where} refused our authkey ({self.state.authkey_path})",
+                             "use the authkey file of that master's state directory") from None
+        except (ConnectionError, OSError, EOFError) as exc:
+            raise MasterUnreachable(f"no master answers at {where} ({exc})",
+                                    "start one with `corral master` (or just `corral`)") from None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        conn = getattr(getattr(self._scheduler, "_tls", None), "connection", None)
+        if conn is not None:
+            conn.close()
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self._scheduler, method)(*args)
+        except CorralError:
+            raise
+        except RemoteError as exc:
+            raise CorralError(f"the master failed on {method}(): {str(exc).strip().splitlines()[-1]}") from None
+        except (ConnectionError, OSError, EOFError) as exc:
+            raise MasterUnreachable(f"lost the master at {self.address[0]}:{self.address[1]} ({exc})",
+                                    "is it still running? `corral status`") from None
+
+    # ---- submitting ---------------------------------------------------------------------
+
+    def submit(self, specs: Iterable[JobSpec | dict]) -> list[int]:
+        """Queue jobs; returns their ids once the master has journaled them."""
+        ids: list[int] = []
+        batch: list[dict] = []
+        for spec in specs:
+            batch.append(_spec_wire(spec))
+            if len(batch) >= SUBMIT_BATCH:
+                ids += self._call("submit", batch)
+                batch = []
+        if batch or not ids:
+            ids += self._call("submit", batch)
+        return ids
+
+    def submit_command(self, command: str, **options: Any) -> int:
+        return self.submit([JobSpec(command=command, **options)])[0]
+
+    def submit_call(self, func: str, args: Sequence[Any] = (), kwargs: dict | None = None, **options: Any) -> int:
+        payload = pickle.dumps((tuple(args), dict(kwargs or {})))
+        return self.submit([JobSpec(func=func, payload=payload, **options)])[0]
+
+    def map(self, func: str, iterable: Iterable[Any], **options: Any) -> list[Any]:
+        """Like Pool.map over the cluster: func(x) for each x, results in order."""
+        ids = self.submit(JobSpec(func=func, payload=pickle.dumps(((x,), {})), **options) for x in iterable)
+        self.wait(ids)
+        return self.values(ids)
+
+    # ---- waiting and results --------------------------------------------------------------
+
+    def wait(self, ids: Sequence[int], timeout: float | None = None) -> dict[int, str]:
+        """Block until every job is final (or `timeout` passes); returns {id: state} of the final ones."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(ids)
+        states: dict[int, str] = {}
+        while pending:
+            poll = WAIT_POLL_SECONDS
+            if deadline is not None:
+                poll = min(poll, deadline - time.monotonic())
+                if poll <= 0:
+                    break
+            states.update(self._call("wait", pending, poll))
+            pending = [j for j in pending if j not in states]
+        return states
+
+    def outcomes(self, ids: Sequence[int]) -> list[tuple]:
+        """(id, state, exit_code, value bytes, error) per job, in order."""
+        return self._call("outcomes", list(ids))
+
+    def values(self, ids: Sequence[int]) -> list[Any]:
+        """The return values of finished callables, in order; JobFailed if one did not end done."""
+        out = []
+        for job_id, state, _exit, value, error in self.outcomes(ids):
+            if state != JobState.DONE.value:
+                raise JobFailed(f"job {job_id} ended {state}: {error}", f"see `corral show {job_id}`")
+            out.append(pickle.loads(value) if value is not None else None)
+        return out
+
+    # ---- looking and acting ---------------------------------------------------------------
+
+    def job(self, job_id: int) -> dict:
+        return self._call("job", job_id)
+
+    def jobs(self, states: Sequence[str] | None = None, limit: int = 1000) -> list[dict]:
+        return self._call("list_jobs", list(states) if states else None, limit)
+
+    def status(self) -> dict:
+        return self._call("status")
+
+    def agents(self) -> list[dict]:
+        return self._call("agent_list")
+
+    def cancel(self, ids: Sequence[int]) -> dict[int, str]:
+        return self._call("cancel", list(ids))
+
+    def requeue(self, ids: Sequence[int]) -> list[int]:
+        return self._call("requeue", list(ids))
+
+    def hello(self) -> dict:
+        return self._call("hello")

@@ -1,0 +1,1 @@
+"""The job master: scheduler, journal and the managers server that exposes them."""

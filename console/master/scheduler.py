@@ -1,0 +1,582 @@
+"""Queues, priorities, tags, leases and retries: the master's state, journaled before any call returns."""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from typing import Any, Callable, Iterable, Sequence
+
+from agent.protocol import (
+    FINAL_STATES,
+    MAX_PAYLOAD_BYTES,
+    PROTOCOL_VERSION,
+    BadJobSpec,
+    CorralError,
+    JobState,
+    ProtocolMismatch,
+    UnknownAgent,
+    UnknownJob,
+)
+
+from .store import Journal, encode_env, encode_tags
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, HELD = JobState.QUEUED.value, JobState.RUNNING.value, JobState.HELD.value
+DONE, FAILED, TIMEOUT = JobState.DONE.value, JobState.FAILED.value, JobState.TIMEOUT.value
+CANCELLED, LOST = JobState.CANCELLED.value, JobState.LOST.value
+RELEASED = "released"  # an agent handing back a job it never started (draining)
+FINAL = {s.value for s in FINAL_STATES}
+MAX_SUBMIT = 100_000  # jobs in one submit() call
+MAX_RETRIES = 100
+RECENT_FINAL = 200_000  # final states kept in memory for wait(); older ones are read from the journal
+
+
+class Job:
+    """A job the master is still responsible for (queued, running or held)."""
+
+    __slots__ = (
+        "id", "name", "command", "func", "payload", "env", "cwd", "priority", "timeout", "retries",
+        "tags", "state", "attempts", "failures", "lost", "agent", "submitted", "started",
+    )
+
+    def __init__(self, **fields: Any) -> None:
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def task(self) -> tuple:
+        """The wire form of this job's current attempt (agent.protocol.Task)."""
+        return (self.id, self.attempts, self.command, self.func, self.payload, self.env, self.cwd, self.timeout)
+
+
+class AgentRecord:
+    """An agent as the master sees it."""
+
+    __slots__ = ("name", "session", "info", "tags", "slots", "running", "cancel", "done", "failed",
+                 "last_seen", "registered", "state")
+
+    def __init__(self, name: str, session: str, info: dict, now: float) -> None:
+        self.name = name
+        self.session = session
+        self.info = info
+        self.tags = frozenset(info.get("tags") or ())
+        self.slots = int(info.get("slots") or 1)
+        self.running: set[int] = set()
+        self.cancel: set[int] = set()
+        self.done = 0
+        self.failed = 0
+        self.last_seen = now
+        self.registered = now
+        self.state = "up"
+
+    def wire(self, now: float) -> dict:
+        return {
+            "name": self.name,
+            "host": self.info.get("host", ""),
+            "pid": self.info.get("pid", 0),
+            "state": self.state,
+            "slots": self.slots,
+            "busy": len(self.running),
+            "done": self.done,
+            "failed": self.failed,
+            "tags": sorted(self.tags),
+            "python": self.info.get("python", ""),
+            "started_by": self.info.get("started_by", "manual"),
+            "last_seen": self.last_seen,
+            "heartbeat_age": max(0.0, now - self.last_seen),
+            "registered": self.registered,
+        }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate(spec: Any, where: str) -> dict:
+    """Check one submitted spec (plain data) and return it normalised, or raise BadJobSpec."""
+    if not isinstance(spec, dict):
+        raise BadJobSpec(f"{where}: a job spec must be a dict, not {type(spec).__name__}")
+    command, func, payload = spec.get("command"), spec.get("func"), spec.get("payload")
+    if (command is None) == (func is None):
+        raise BadJobSpec(f"{where}: give exactly one of a shell command or a module:function")
+    if command is not None and (not isinstance(command, str) or not command.strip()):
+        raise BadJobSpec(f"{where}: the command is empty", "give the command after --, e.g. corral submit -- echo hi")
+    if func is not None:
+        module, _, attr = func.partition(":") if isinstance(func, str) else ("", "", "")
+        if not module or not attr or not all(p.isidentifier() for p in module.split(".") + attr.split(".")):
+            raise BadJobSpec(f"{where}: {func!r} is not a module:function name", "e.g. mypkg.tasks:resize")
+    if payload is not None and not isinstance(payload, bytes):
+        raise BadJobSpec(f"{where}: the arguments must arrive pickled, as bytes")
+    size = len(payload or b"") + len(command or "")
+    if size > MAX_PAYLOAD_BYTES:
+        raise BadJobSpec(f"{where}: the job is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}",
+                         "pass large data by path, not by value")
+    name = spec.get("name") or ""
+    env = spec.get("env") or {}
+    cwd = spec.get("cwd")
+    priority = spec.get("priority", 0)
+    timeout = spec.get("timeout")
+    retries = spec.get("retries", 0)
+    tags = spec.get("tags") or []
+    if not isinstance(name, str) or len(name) > 200:
+        raise BadJobSpec(f"{where}: the name must be text of at most 200 characters")
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise BadJobSpec(f"{where}: env must map names to strings")
+    if cwd is not None and not isinstance(cwd, str):
+        raise BadJobSpec(f"{where}: cwd must be a path")
+    if not _is_int(priority):
+        raise BadJobSpec(f"{where}: priority must be a whole number, not {priority!r}")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+            raise BadJobSpec(f"{where}: timeout must be a positive number of seconds, not {timeout!r}")
+        timeout = float(timeout)
+    if not _is_int(retries) or not 0 <= retries <= MAX_RETRIES:
+        raise BadJobSpec(f"{where}: retries must be a whole number from 0 to {MAX_RETRIES}, not {retries!r}")
+    if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and t for t in tags):
+        raise BadJobSpec(f"{where}: tags must be a list of non-empty strings")
+    return {
+        "name": name, "command": command, "func": func, "payload": payload, "env": env, "cwd": cwd,
+        "priority": priority, "timeout": timeout, "retries": retries, "tags": tuple(sorted(set(tags))),
+    }
+
+
+class Scheduler:
+    """The master's state. Every public method is called from a manager thread, under one lock."""
+
+    def __init__(self, journal: Journal, lease_seconds: float = 10.0, max_lost: int = 3,
+                 on_event: Callable[[str], None] | None = None) -> None:
+        self.journal = journal
+        self.lease_seconds = lease_seconds
+        self.max_lost = max_lost
+        self.on_event = on_event
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)  # takers wait here: new work or a cancel for them
+        self.finished = threading.Condition(self.lock)  # wait() callers wait here
+        self.jobs: dict[int, Job] = {}
+        self.queues: dict[frozenset, list[tuple[int, int]]] = {}  # tag set -> heap of (-priority, id)
+        self.agents: dict[str, AgentRecord] = {}
+        self.sessions: dict[str, AgentRecord] = {}
+        self.recent_final: OrderedDict[int, str] = OrderedDict()
+        self.finished_times: deque[float] = deque(maxlen=100_000)
+        self.seq = 0  # bumped on every change, for incremental snapshots
+        self.changes: deque[tuple[int, int]] = deque(maxlen=200_000)  # (seq, job id)
+        self.started = time.time()
+        self._recover()
+
+    # ---- recovery -----------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Rebuild the queues from the journal: queued stay queued; running wait for their agent."""
+        import json
+
+        self.next_id = self.journal.max_id() + 1
+        for row in self.journal.active_jobs():
+            (job_id, name, command, func, payload, env, cwd, priority, timeout, retries, tags, state,
+             attempts, failures, lost, agent, submitted, started, *_rest) = row
+            job = Job(id=job_id, name=name, command=command, func=func, payload=payload,
+                      env=json.loads(env), cwd=cwd, priority=priority, timeout=timeout, retries=retries,
+                      tags=frozenset(json.loads(tags)), state=state, attempts=attempts, failures=failures,
+                      lost=lost, agent=agent, submitted=submitted, started=started)
+            self.jobs[job_id] = job
+            if state == QUEUED:
+                self._enqueue(job)
+        self.orphans_since = time.time()  # running jobs with no agent yet: reconciled or re-queued after a lease
+
+    # ---- helpers (lock held) ------------------------------------------------------------
+
+    def _emit(self, line: str) -> None:
+        if self.on_event is not None:
+            self.on_event(line)
+
+    def _changed(self, job_id: int) -> None:
+        self.seq += 1
+        self.changes.append((self.seq, job_id))
+
+    def _enqueue(self, job: Job) -> None:
+        heapq.heappush(self.queues.setdefault(job.tags, []), (-job.priority, job.id))
+
+    def _pop(self, agent: AgentRecord, limit: int) -> list[Job]:
+        """Up to `limit` queued jobs this agent may run, highest priority first, then oldest."""
+        heaps = [h for tags, h in self.queues.items() if h and tags <= agent.tags]
+        taken: list[Job] = []
+        jobs = self.jobs
+        while heaps and len(taken) < limit:
+            heap = heaps[0] if len(heaps) == 1 else min(heaps, key=lambda h: h[0])
+            _, job_id = heapq.heappop(heap)
+            if not heap:
+                heaps.remove(heap)
+            job = jobs.get(job_id)
+            if job is not None and job.state == QUEUED:
+                taken.append(job)
+        return taken
+
+    def _dispatch(self, agent: AgentRecord, jobs: list[Job]) -> list[tuple]:
+        now = time.time()
+        rows = []
+        for job in jobs:
+            job.state = RUNNING
+            job.attempts += 1
+            job.agent = agent.name
+            job.started = now
+            agent.running.add(job.id)
+            self._changed(job.id)
+            rows.append((job.attempts, agent.name, now, job.id))
+        self.journal.write([(Journal.DISPATCH, rows)])
+        if self.on_event is not None:
+            for job in jobs:
+                self._emit(f"dispatched {job.id} → {agent.name}")
+        return [job.task() for job in jobs]
+
+    def _final(self, job_id: int, state: str) -> None:
+        self.recent_final[job_id] = state
+        if len(self.recent_final) > RECENT_FINAL:
+            self.recent_final.popitem(last=False)
+
+    def _agent(self, session: str) -> AgentRecord:
+        agent = self.sessions.get(session)
+        if agent is None:
+            raise UnknownAgent(f"unknown agent session {session!r}", "register again")
+        agent.last_seen = time.time()
+        if agent.state == "lost":
+            agent.state = "up"
+        return agent
+
+    def _check_ids(self, ids: Iterable[Any]) -> list[int]:
+        out = []
+        for job_id in ids:
+            if not _is_int(job_id) or not 0 < job_id < self.next_id:
+                raise UnknownJob(f"no job {job_id!r}", "list jobs with `corral jobs`")
+            out.append(job_id)
+        return out
+
+    # ---- clients ------------------------------------------------------------------------
+
+    def hello(self) -> dict:
+        return {"protocol": PROTOCOL_VERSION, "started": self.started, "journal": str(self.journal.path)}
+
+    def submit(self, specs: list) -> list[int]:
+        """Queue jobs; they are in the journal before this returns. All or nothing."""
+        if not isinstance(specs, list) or not specs:
+            raise BadJobSpec("submit() takes a non-empty list of job specs")
+        if len(specs) > MAX_SUBMIT:
+            raise BadJobSpec(f"{len(specs)} jobs in one call; the limit is {MAX_SUBMIT}", "submit in batches")
+        checked = [validate(spec, f"job {i + 1} of {len(specs)}" if len(specs) > 1 else "job")
+                   for i, spec in enumerate(specs)]
+        now = time.time()
+        with self.lock:
+            first = self.next_id
+            rows = []
+            for offset, spec in enumerate(checked):
+                rows.append((first + offset, spec["name"], spec["command"], spec["func"], spec["payload"],
+                             encode_env(spec["env"]), spec["cwd"], spec["priority"], spec["timeout"],
+                             spec["retries"], encode_tags(spec["tags"]), now))
+            self.journal.write([(Journal.INSERT_JOB, rows)])
+            self.next_id = first + len(checked)
+            for offset, spec in enumerate(checked):
+                spec["tags"] = frozenset(spec["tags"])
+                job = Job(id=first + offset, state=QUEUED, attempts=0, failures=0, lost=0, agent=None,
+                          submitted=now, started=None, **spec)
+                self.jobs[job.id] = job
+                self._enqueue(job)
+                self._changed(job.id)
+            self.work.notify_all()
+        if self.on_event is not None:
+            self._emit(f"queued {first}" if len(checked) == 1 else f"queued {first}..{first + len(checked) - 1}")
+        return list(range(first, first + len(checked)))
+
+    def cancel(self, ids: list) -> dict[int, str]:
+        """Cancel jobs: queued ones at once, running ones by their agent (within a second)."""
+        with self.lock:
+            job_ids = self._check_ids(ids)
+            outcome: dict[int, str] = {}
+            rows = []
+            now = time.time()
+            for job_id in job_ids:
+                job = self.jobs.get(job_id)
+                if job is None:
+                    outcome[job_id] = "already final"
+                elif job.state in (QUEUED, HELD):
+                    job.state = CANCELLED
+                    del self.jobs[job_id]
+                    self._final(job_id, CANCELLED)
+                    self._changed(job_id)
+                    rows.append((CANCELLED, job.attempts, job.failures, job.lost, None, now, None, None,
+                                 "cancelled before it ran", job_id))
+                    outcome[job_id] = CANCELLED
+                else:
+                    agent = self.agents.get(job.agent or "")
+                    if agent is not None:
+                        agent.cancel.add(job_id)
+                    outcome[job_id] = "cancelling"
+            if rows:
+                self.journal.write([(Journal.FINISH, rows)])
+                self.finished.notify_all()
+            self.work.notify_all()
+        for job_id, what in outcome.items():
+            if what in (CANCELLED, "cancelling"):
+                self._emit(f"cancel {job_id}: {what}")
+        return outcome
+
+    def requeue(self, ids: list) -> list[int]:
+        """Queue finished jobs again as new jobs with the same spec; returns the new ids."""
+        with self.lock:
+            job_ids = self._check_ids(ids)
+        specs = []
+        for job_id in job_ids:
+            row = self.journal.job(job_id)
+            import json
+
+            specs.append({"name": row[1], "command": row[2], "func": row[3], "payload": row[4],
+                          "env": json.loads(row[5]), "cwd": row[6], "priority": row[7], "timeout": row[8],
+                          "retries": row[9], "tags": json.loads(row[10])})
+        return self.submit(specs)
+
+    def wait(self, ids: list, timeout: float | None = 1.0) -> dict[int, str]:
+        """Long poll: return {id: state} for those of `ids` that are final, waiting up to `timeout`
+        for all of them to be."""
+        deadline = None if timeout is None else time.time() + min(float(timeout), 30.0)
+        with self.lock:
+            pending = set(self._check_ids(ids))
+            while True:
+                pending = {j for j in pending if j in self.jobs}
+                if not pending:
+                    break
+                remaining = None if deadline is None else deadline - time.time()
+                if remaining is not None and remaining <= 0:
+                    break
+                self.finished.wait(remaining if remaining is not None else 30.0)
+            done_ids = [j for j in ids if j not in pending]
+            states = {j: self.recent_final[j] for j in done_ids if j in self.recent_final}
+        missing = [j for j in done_ids if j not in states]
+        if missing:
+            states.update({row[0]: row[1] for row in self.journal.outcomes(missing)})
+        return states
+
+    def outcomes(self, ids: list) -> list[tuple]:
+        """(id, state, exit_code, value, error) of each job, in the order asked."""
+        with self.lock:
+            job_ids = self._check_ids(ids)
+        rows = {row[0]: row for row in self.journal.outcomes(job_ids)}
+        return [rows[j] for j in job_ids]
+
+    def job(self, job_id: Any) -> dict:
+        with self.lock:
+            self._check_ids([job_id])
+        row = self.journal.job(job_id)
+        if row is None:
+            raise UnknownJob(f"no job {job_id!r}")
+        keys = ("id name command func payload env cwd priority timeout retries tags state attempts failures"
+                " lost agent submitted started ended exit_code value error").split()
+        record = dict(zip(keys, row))
+        import json
+
+        record["env"] = json.loads(record["env"])
+        record["tags"] = json.loads(record["tags"])
+        akeys = "attempt agent state started ended exit_code stdout stderr error traceback counted".split()
+        record["attempt_list"] = [dict(zip(akeys, a)) for a in self.journal.attempts(job_id)]
+        with self.lock:
+            live = self.jobs.get(job_id)
+            if live is not None:  # the journal may lag a running job's in-memory state by nothing; be exact
+                record["state"], record["agent"], record["attempts"] = live.state, live.agent, live.attempts
+        return record
+
+    def list_jobs(self, states: list | None = None, limit: int = 1000) -> list[dict]:
+        keys = "id name command func priority tags state attempts agent submitted started ended exit_code error".split()
+        rows = self.journal.summaries(states or None, int(limit), newest_first=True)
+        import json
+
+        out = []
+        for row in rows:
+            record = dict(zip(keys, row))
+            record["tags"] = json.loads(record["tags"])
+            out.append(record)
+        return out
+
+    def status(self) -> dict:
+        now = time.time()
+        with self.lock:
+            agents = [a.wire(now) for a in self.agents.values()]
+            recent = sum(1 for t in self.finished_times if t > now - 10)
+            active = {QUEUED: 0, RUNNING: 0, HELD: 0}
+            for job in self.jobs.values():
+                active[job.state] = active.get(job.state, 0) + 1
+        counts = {state.value: 0 for state in JobState}
+        counts.update(self.journal.counts())
+        counts.update(active)
+        return {
+            "counts": counts,
+            "agents": agents,
+            "slots": sum(a["slots"] for a in agents if a["state"] != "lost"),
+            "busy": sum(a["busy"] for a in agents),
+            "rate": recent / 10.0,
+            "seq": self.seq,
+            "uptime": now - self.started,
+        }
+
+    def agent_list(self) -> list[dict]:
+        now = time.time()
+        with self.lock:
+            return [a.wire(now) for a in self.agents.values()]
+
+    # ---- agents -------------------------------------------------------------------------
+
+    def register(self, info: dict, running: list) -> dict:
+        """An agent (re)joins; it says which job ids it is still running."""
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not info["name"]:
+            raise CorralError("register() needs the agent's info with a name")
+        if info.get("protocol") != PROTOCOL_VERSION:
+            raise ProtocolMismatch(f"agent speaks protocol {info.get('protocol')}, master {PROTOCOL_VERSION}",
+                                   "deploy the agent that matches this master")
+        now = time.time()
+        name = info["name"]
+        with self.lock:
+            old = self.agents.get(name)
+            agent = AgentRecord(name, uuid.uuid4().hex, info, now)
+            still = {j for j in running if _is_int(j)}
+            if old is not None:
+                self.sessions.pop(old.session, None)
+                agent.done, agent.failed = old.done, old.failed
+                self._requeue_lost(old, keep=still, reason=f"agent {name} restarted")
+            for job_id in still:
+                job = self.jobs.get(job_id)
+                if job is not None and job.state == RUNNING and job.agent == name:
+                    agent.running.add(job_id)
+            self.agents[name] = agent
+            self.sessions[agent.session] = agent
+        self._emit(f"agent {name} up: {agent.slots} slots, tags {','.join(sorted(agent.tags)) or '-'}")
+        return {"session": agent.session, "lease": self.lease_seconds}
+
+    def take(self, session: str, limit: int, wait: float = 1.0) -> tuple[list[tuple], list[int]]:
+        """Long poll for work: up to `limit` tasks (and ids to cancel), waiting up to `wait` seconds."""
+        deadline = time.time() + min(max(float(wait), 0.0), 5.0)
+        with self.lock:
+            while True:
+                agent = self._agent(session)
+                jobs = self._pop(agent, int(limit)) if limit > 0 and agent.state != "draining" else []
+                if jobs or agent.cancel:
+                    break
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    break
+                self.work.wait(remaining)
+            cancel = sorted(agent.cancel)
+            agent.cancel.clear()
+            return (self._dispatch(agent, jobs) if jobs else []), cancel
+
+    def report(self, session: str, results: list, running: list, want: int = 0) -> tuple[list[tuple], list[int]]:
+        """Results in, new work out, in one round trip; also the heartbeat. Returns (tasks, ids to cancel)."""
+        with self.lock:
+            agent = self._agent(session)
+            if results:
+                self._apply_results(agent, results)
+            jobs = self._pop(agent, int(want)) if want > 0 and agent.state != "draining" else []
+            cancel = sorted(agent.cancel)
+            agent.cancel.clear()
+            return (self._dispatch(agent, jobs) if jobs else []), cancel
+
+    def _apply_results(self, agent: AgentRecord, results: list) -> None:
+        now = time.time()
+        finish_rows, requeue_rows, attempt_rows = [], [], []
+        events = []
+        for row in results:
+            (job_id, attempt, state, exit_code, value, stdout, stderr, error, tb, started, ended) = row
+            job = self.jobs.get(job_id)
+            agent.running.discard(job_id)
+            counted = job is not None and job.state == RUNNING and job.attempts == attempt and job.agent == agent.name
+            if state != RELEASED:
+                attempt_rows.append((job_id, attempt, agent.name, state, started, ended, exit_code,
+                                     stdout, stderr, error, tb, int(counted)))
+            if not counted:
+                continue  # a stale attempt (re-queued meanwhile, or already final): history only
+            self._changed(job_id)
+            if state == RELEASED:
+                job.state, job.agent = QUEUED, None
+                job.attempts -= 1
+                self._enqueue(job)
+                requeue_rows.append((job.attempts, job.failures, job.lost, job_id))
+                continue
+            if state in (FAILED, TIMEOUT):
+                job.failures += 1
+                agent.failed += 1
+                if job.failures <= job.retries:
+                    job.state, job.agent = QUEUED, None
+                    self._enqueue(job)
+                    requeue_rows.append((job.attempts, job.failures, job.lost, job_id))
+                    events.append(f"{state} {job_id} on {agent.name}: {error or 'exit ' + str(exit_code)}; retry {job.failures}/{job.retries}")
+                    continue
+            else:
+                agent.done += 1
+            if state not in FINAL:
+                state = FAILED
+            del self.jobs[job_id]
+            self._final(job_id, state)
+            self.finished_times.append(now)
+            finish_rows.append((state, attempt, job.failures, job.lost, agent.name, ended, exit_code,
+                                value, error, job_id))
+            if self.on_event is not None:
+                what = f"exit {exit_code}" if exit_code is not None else state
+                events.append(f"finished {job_id} on {agent.name}: {what} in {ended - started:.2f}s"
+                              if state == DONE else f"{state} {job_id} on {agent.name}: {error or what}")
+        self.journal.write([(Journal.ATTEMPT, attempt_rows), (Journal.FINISH, finish_rows),
+                            (Journal.REQUEUE, requeue_rows)])
+        if finish_rows:
+            self.finished.notify_all()
+        if requeue_rows:
+            self.work.notify_all()
+        for line in events:
+            self._emit(line)
+
+    def _requeue_lost(self, agent: AgentRecord, keep: set[int], reason: str) -> None:
+        """Jobs an agent held and no longer runs go back to the queue (or end `lost` past max_lost)."""
+        requeue_rows, finish_rows = [], []
+        now = time.time()
+        for job_id in sorted(agent.running - keep):
+            job = self.jobs.get(job_id)
+            if job is None or job.state != RUNNING or job.agent != agent.name:
+                continue
+            job.lost += 1
+            self._changed(job_id)
+            if job.lost > self.max_lost:
+                del self.jobs[job_id]
+                self._final(job_id, LOST)
+                finish_rows.append((LOST, job.attempts, job.failures, job.lost, agent.name, now, None, None,
+                                    f"its agent was lost {job.lost} times ({reason})", job_id))
+                self._emit(f"lost {job_id}: its agent was lost {job.lost} times")
+            else:
+                job.state, job.agent = QUEUED, None
+                self._enqueue(job)
+                requeue_rows.append((job.attempts, job.failures, job.lost, job_id))
+                self._emit(f"requeued {job_id}: {reason}")
+        agent.running &= keep
+        if requeue_rows or finish_rows:
+            self.journal.write([(Journal.REQUEUE, requeue_rows), (Journal.FINISH, finish_rows)])
+            self.work.notify_all()
+            self.finished.notify_all()
+
+    def expire_leases(self) -> None:
+        """Called every second: agents silent past their lease are lost and their jobs re-queued;
+        jobs left running by a previous master whose agent never came back are re-queued too."""
+        now = time.time()
+        with self.lock:
+            for agent in list(self.agents.values()):
+                if agent.state != "lost" and now - agent.last_seen > self.lease_seconds:
+                    agent.state = "lost"
+                    self._emit(f"agent {agent.name} lost: silent for {now - agent.last_seen:.1f}s")
+                    self._requeue_lost(agent, keep=set(), reason=f"agent {agent.name} lost")
+            if self.orphans_since and now - self.orphans_since > self.lease_seconds:
+                self.orphans_since = 0.0
+                held: dict[str, set[int]] = {}
+                for job in self.jobs.values():
+                    if job.state == RUNNING:
+                        owner = self.agents.get(job.agent or "")
+                        if owner is None or job.id not in owner.running:
+                            held.setdefault(job.agent or "?", set()).add(job.id)
+                for name, ids in held.items():
+                    ghost = AgentRecord(name, "", {}, now)
+                    ghost.running = ids
+                    self._requeue_lost(ghost, keep=set(), reason=f"agent {name} did not come back")

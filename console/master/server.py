@@ -1,0 +1,130 @@
+"""`corral master`: the BaseManager that serves the scheduler on loopback, with a pickle boundary at its door."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from multiprocessing import connection
+from multiprocessing.managers import BaseManager, Server
+from pathlib import Path
+from typing import Any
+
+from agent.protocol import SCHEDULER_TYPEID, CorralError
+from agent.statedir import MASTER_NAME
+
+from ..state import StateDir
+from .scheduler import Scheduler
+from .store import Journal
+
+log = logging.getLogger(__name__)
+
+# The largest message the master reads from any peer; a bigger one closes that connection.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+HANDSHAKE_SECONDS = 10.0
+
+_SAFE_BUILTINS = frozenset()  # plain data needs no global at all: dict/list/tuple/str/bytes/int/float/bool/None
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: any class or function reference is refused, so nothing runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refused: the master accepts plain data only, not {module}.{name}")
+
+
+def plain_loads(data: bytes) -> Any:
+    return PlainDataUnpickler(io.BytesIO(data)).load()
+
+
+class PlainDataConnection:
+    """A server-side connection whose recv() unpickles with PlainDataUnpickler and bounds the size."""
+
+    def __init__(self, conn: connection.Connection) -> None:
+        self._conn = conn
+
+    def recv(self) -> Any:
+        return plain_loads(self._conn.recv_bytes(MAX_MESSAGE_BYTES))
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        if not self._conn.poll(HANDSHAKE_SECONDS):
+            raise EOFError("peer sent nothing in time")
+        return self._conn.recv_bytes(maxlength)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+class CorralServer(Server):
+    """The managers Server with the pickle boundary: every message is read as plain data."""
+
+    def handle_request(self, conn: Any) -> None:
+        super().handle_request(PlainDataConnection(conn))
+
+
+# Module-level (no lambdas): the registered callable must be importable by name.
+_scheduler: Scheduler | None = None
+
+
+def get_scheduler() -> Scheduler:
+    assert _scheduler is not None, "the master has no scheduler yet"
+    return _scheduler
+
+
+class MasterManager(BaseManager):
+    """The master's manager: one registered name, the scheduler."""
+
+
+MasterManager.register(
+    SCHEDULER_TYPEID,
+    callable=get_scheduler,
+    exposed=(
+        "hello", "submit", "cancel", "requeue", "wait", "outcomes", "job", "list_jobs", "status",
+        "agent_list", "register", "take", "report",
+    ),
+)
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
+          lease: float = 10.0, fsync: bool = False) -> int:
+    """Run the master until SIGTERM/SIGINT. Returns the exit code."""
+    global _scheduler
+    authkey = state.ensure_authkey()
+    journal = Journal(state.journal_path, fsync=fsync)
+
+    def on_event(line: str) -> None:
+        print(line, flush=True)
+
+    _scheduler = Scheduler(journal, lease_seconds=lease, on_event=on_event if verbose else None)
+    server = CorralServer(MasterManager._registry, (host, port), authkey, "pickle")
+    bound_host, bound_port = server.address
+    state.write_master({"host": bound_host, "port": bound_port, "pid": os.getpid(), "started": time.time()})
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.stop_event = stop
+    accepter = threading.Thread(target=server.accepter, name="accepter", daemon=True)
+    accepter.start()
+    print(f"corral master listening on {bound_host}:{bound_port} (journal {journal.path})", flush=True)
+    try:
+        while not stop.wait(1.0):
+            _scheduler.expire_leases()
+    finally:
+        state.clear_master(os.getpid())
+        with _scheduler.lock:
+            journal.close()
+    return 0
