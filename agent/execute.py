@@ -70,7 +70,8 @@ def run_chunk(rows: List[tuple]) -> List[tuple]:
     """Pool task: run a chunk of tasks one after another, return their results as wire tuples."""
     if _events is not None:
         _events.put(("chunk", os.getpid(), [row[0] for row in rows], time.time()))
-    return [execute(Task.from_wire(row)).to_wire() for row in rows]
+    # Tuples in, tuples out: a NamedTuple pickles with its class, a plain tuple is cheaper.
+    return [tuple(execute(Task._make(row))) for row in rows]
 
 
 def execute(task: Task) -> JobResult:

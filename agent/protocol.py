@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 # Bump when a wire record changes shape; master and agent compare it at register().
 PROTOCOL_VERSION = 1
@@ -96,9 +96,8 @@ class JobSpec:
         }
 
 
-@dataclass(frozen=True)
-class Task:
-    """One attempt of one job, as the master hands it to an agent."""
+class Task(NamedTuple):
+    """One attempt of one job, as the master hands it to an agent (a plain tuple on the wire)."""
 
     job_id: int
     attempt: int
@@ -109,26 +108,9 @@ class Task:
     cwd: Optional[str]
     timeout: Optional[float]
 
-    def to_wire(self) -> tuple:
-        return (
-            self.job_id,
-            self.attempt,
-            self.command,
-            self.func,
-            self.payload,
-            self.env,
-            self.cwd,
-            self.timeout,
-        )
 
-    @classmethod
-    def from_wire(cls, row: tuple) -> "Task":
-        return cls(*row)
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """How one attempt ended. Errors travel as text, never as exception objects."""
+class JobResult(NamedTuple):
+    """How one attempt ended (a plain tuple on the wire). Errors travel as text, never as exceptions."""
 
     job_id: int
     attempt: int
@@ -142,25 +124,6 @@ class JobResult:
     traceback: str = ""
     started: float = 0.0
     ended: float = 0.0
-
-    def to_wire(self) -> tuple:
-        return (
-            self.job_id,
-            self.attempt,
-            self.state,
-            self.exit_code,
-            self.value,
-            self.stdout,
-            self.stderr,
-            self.error,
-            self.traceback,
-            self.started,
-            self.ended,
-        )
-
-    @classmethod
-    def from_wire(cls, row: tuple) -> "JobResult":
-        return cls(*row)
 
 
 @dataclass(frozen=True)

@@ -214,13 +214,14 @@ class Agent:
             while not (self.draining.is_set() or self.stopping.is_set() or self.disconnected.is_set()):
                 with self.lock:
                     wanted = max(0, self._wanted())
-                # Even when full, the long poll is how cancels reach us at once; freed slots are
-                # refilled by the reporter, whose report() brings new work back with it.
+                # Even when full, the long poll is how cancels reach us at once. `wanted` is our
+                # credit on the master: each report() renews it as slots free up, and this parked
+                # take() then receives new work the moment it is submitted.
                 rows, cancel = scheduler.take(self.session, wanted, TAKE_WAIT_SECONDS)
                 if cancel:
                     self._cancel(cancel)
                 if rows:
-                    self._dispatch([Task.from_wire(row) for row in rows])
+                    self._dispatch(rows)
         except (OSError, EOFError) as exc:
             log.warning("lost the master while taking work: %s", exc)
             self.disconnected.set()
@@ -228,8 +229,9 @@ class Agent:
             log.warning("master refused this agent: %s", exc)
             self.disconnected.set()
 
-    def _dispatch(self, tasks: List[Task]) -> None:
+    def _dispatch(self, rows: List[tuple]) -> None:
         """Hand tasks to the pool, tiny ones chunked so one pool round trip carries many."""
+        tasks = [Task._make(row) for row in rows]
         with self.lock:
             for task in tasks:
                 self.held[task.job_id] = _Running(task)
@@ -240,9 +242,9 @@ class Agent:
         for task in tasks:
             if task.timeout and task.func:
                 # A callable with a timeout runs alone, so a hard kill of its worker hits only it.
-                self._submit_chunk([task.to_wire()])
+                self._submit_chunk([tuple(task)])
                 continue
-            chunk.append(task.to_wire())
+            chunk.append(tuple(task))
             if len(chunk) >= size:
                 self._submit_chunk(chunk)
                 chunk = []
@@ -287,9 +289,9 @@ class Agent:
     def _on_chunk_error(self, ids: List[int], exc: BaseException) -> None:
         now = time.time()
         results = [
-            JobResult(job_id, self.held[job_id].task.attempt, JobState.FAILED.value,
-                      error=f"the pool could not run it: {type(exc).__name__}: {exc}",
-                      started=now, ended=now).to_wire()
+            tuple(JobResult(job_id, self.held[job_id].task.attempt, JobState.FAILED.value,
+                            error=f"the pool could not run it: {type(exc).__name__}: {exc}",
+                            started=now, ended=now))
             for job_id in ids
             if job_id in self.held
         ]
@@ -326,7 +328,7 @@ class Agent:
                 if cancel:
                     self._cancel(cancel)
                 if rows:
-                    self._dispatch([Task.from_wire(row) for row in rows])
+                    self._dispatch(rows)
         except (OSError, EOFError) as exc:
             log.warning("lost the master while reporting: %s", exc)
             self.disconnected.set()
@@ -426,13 +428,13 @@ class Agent:
                         os.kill(running.worker, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-                    dead.append(JobResult(job_id, task.attempt, JobState.TIMEOUT.value,
+                    dead.append(tuple(JobResult(job_id, task.attempt, JobState.TIMEOUT.value,
                                           error=f"timed out after {task.timeout:g}s; its worker was killed",
-                                          started=running.started, ended=now).to_wire())
+                                          started=running.started, ended=now)))
                 elif running.worker not in alive and _gone(running.worker):
-                    dead.append(JobResult(job_id, task.attempt, JobState.FAILED.value,
+                    dead.append(tuple(JobResult(job_id, task.attempt, JobState.FAILED.value,
                                           error="the pool worker running it died (killed, or the job exited the process)",
-                                          started=running.started, ended=now).to_wire())
+                                          started=running.started, ended=now)))
         if dead:
             self._on_results(dead)
 

@@ -59,9 +59,10 @@ class Cluster:
         record = json.loads((self.home / "master.json").read_text())
         return record["host"], record["port"]
 
-    def start_agent(self, name: str, slots: int = 2, tags: str = "", *extra: str, wait: bool = True) -> subprocess.Popen:
+    def start_agent(self, name: str, slots: int = 2, tags: str = "", *extra: str, wait: bool = True,
+                    verbose: bool = True) -> subprocess.Popen:
         log = open(self.logs / f"agent-{name}.log", "ab")
-        args = [sys.executable, "-m", "agent", "-v", "--name", name, "--slots", str(slots), *extra]
+        args = [sys.executable, "-m", "agent", *(["-v"] if verbose else []), "--name", name, "--slots", str(slots), *extra]
         if tags:
             args += ["--tags", tags]
         proc = subprocess.Popen(args, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

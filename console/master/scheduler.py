@@ -45,9 +45,14 @@ class Job:
         "tags", "state", "attempts", "failures", "lost", "agent", "submitted", "started",
     )
 
-    def __init__(self, **fields: Any) -> None:
-        for key, value in fields.items():
-            setattr(self, key, value)
+    def __init__(self, id: int, name: str, command: str | None, func: str | None, payload: bytes | None,
+                 env: dict, cwd: str | None, priority: int, timeout: float | None, retries: int,
+                 tags: frozenset, state: str = QUEUED, attempts: int = 0, failures: int = 0, lost: int = 0,
+                 agent: str | None = None, submitted: float = 0.0, started: float | None = None) -> None:
+        self.id, self.name, self.command, self.func, self.payload = id, name, command, func, payload
+        self.env, self.cwd, self.priority, self.timeout, self.retries = env, cwd, priority, timeout, retries
+        self.tags, self.state, self.attempts, self.failures, self.lost = tags, state, attempts, failures, lost
+        self.agent, self.submitted, self.started = agent, submitted, started
 
     def task(self) -> tuple:
         """The wire form of this job's current attempt (agent.protocol.Task)."""
@@ -58,7 +63,7 @@ class AgentRecord:
     """An agent as the master sees it."""
 
     __slots__ = ("name", "session", "info", "tags", "slots", "running", "cancel", "done", "failed",
-                 "last_seen", "registered", "state")
+                 "last_seen", "registered", "state", "credit")
 
     def __init__(self, name: str, session: str, info: dict, now: float) -> None:
         self.name = name
@@ -73,6 +78,7 @@ class AgentRecord:
         self.last_seen = now
         self.registered = now
         self.state = "up"
+        self.credit = 0  # how many more jobs the agent said it would take (its last take/report)
 
     def wire(self, now: float) -> dict:
         return {
@@ -97,52 +103,58 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate(spec: Any, where: str) -> dict:
-    """Check one submitted spec (plain data) and return it normalised, or raise BadJobSpec."""
-    if not isinstance(spec, dict):
+_valid_funcs: set[str] = set()  # module:function names already checked (submissions repeat them)
+
+
+def _check_func(func: Any, where: str) -> None:
+    if func in _valid_funcs:
+        return
+    module, _, attr = func.partition(":") if isinstance(func, str) else ("", "", "")
+    if not module or not attr or not all(p.isidentifier() for p in module.split(".") + attr.split(".")):
+        raise BadJobSpec(f"{where}: {func!r} is not a module:function name", "e.g. mypkg.tasks:resize")
+    if len(_valid_funcs) < 10_000:
+        _valid_funcs.add(func)
+
+
+def validate(spec: Any, where: str) -> tuple:
+    """Check one submitted spec (plain data, from anyone holding the authkey); returns
+    (name, command, func, payload, env, cwd, priority, timeout, retries, tags) or raises BadJobSpec."""
+    if type(spec) is not dict:
         raise BadJobSpec(f"{where}: a job spec must be a dict, not {type(spec).__name__}")
-    command, func, payload = spec.get("command"), spec.get("func"), spec.get("payload")
+    get = spec.get
+    command, func, payload = get("command"), get("func"), get("payload")
     if (command is None) == (func is None):
         raise BadJobSpec(f"{where}: give exactly one of a shell command or a module:function")
-    if command is not None and (not isinstance(command, str) or not command.strip()):
+    if command is not None and (type(command) is not str or not command.strip()):
         raise BadJobSpec(f"{where}: the command is empty", "give the command after --, e.g. corral submit -- echo hi")
     if func is not None:
-        module, _, attr = func.partition(":") if isinstance(func, str) else ("", "", "")
-        if not module or not attr or not all(p.isidentifier() for p in module.split(".") + attr.split(".")):
-            raise BadJobSpec(f"{where}: {func!r} is not a module:function name", "e.g. mypkg.tasks:resize")
-    if payload is not None and not isinstance(payload, bytes):
+        _check_func(func, where)
+    if payload is not None and type(payload) is not bytes:
         raise BadJobSpec(f"{where}: the arguments must arrive pickled, as bytes")
-    size = len(payload or b"") + len(command or "")
-    if size > MAX_PAYLOAD_BYTES:
-        raise BadJobSpec(f"{where}: the job is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}",
-                         "pass large data by path, not by value")
-    name = spec.get("name") or ""
-    env = spec.get("env") or {}
-    cwd = spec.get("cwd")
-    priority = spec.get("priority", 0)
-    timeout = spec.get("timeout")
-    retries = spec.get("retries", 0)
-    tags = spec.get("tags") or []
-    if not isinstance(name, str) or len(name) > 200:
+    if len(payload or b"") + len(command or "") > MAX_PAYLOAD_BYTES:
+        raise BadJobSpec(f"{where}: the job is {len(payload or b'') + len(command or '')} bytes;"
+                         f" the limit is {MAX_PAYLOAD_BYTES}", "pass large data by path, not by value")
+    name, env, cwd = get("name") or "", get("env") or {}, get("cwd")
+    priority, timeout, retries, tags = get("priority", 0), get("timeout"), get("retries", 0), get("tags") or ()
+    if type(name) is not str or len(name) > 200:
         raise BadJobSpec(f"{where}: the name must be text of at most 200 characters")
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+    if type(env) is not dict or (env and not all(type(k) is str and type(v) is str for k, v in env.items())):
         raise BadJobSpec(f"{where}: env must map names to strings")
-    if cwd is not None and not isinstance(cwd, str):
+    if cwd is not None and type(cwd) is not str:
         raise BadJobSpec(f"{where}: cwd must be a path")
-    if not _is_int(priority):
+    if type(priority) is not int:
         raise BadJobSpec(f"{where}: priority must be a whole number, not {priority!r}")
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        if type(timeout) not in (int, float) or not math.isfinite(timeout) or timeout <= 0:
             raise BadJobSpec(f"{where}: timeout must be a positive number of seconds, not {timeout!r}")
         timeout = float(timeout)
-    if not _is_int(retries) or not 0 <= retries <= MAX_RETRIES:
+    if type(retries) is not int or not 0 <= retries <= MAX_RETRIES:
         raise BadJobSpec(f"{where}: retries must be a whole number from 0 to {MAX_RETRIES}, not {retries!r}")
-    if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and t for t in tags):
-        raise BadJobSpec(f"{where}: tags must be a list of non-empty strings")
-    return {
-        "name": name, "command": command, "func": func, "payload": payload, "env": env, "cwd": cwd,
-        "priority": priority, "timeout": timeout, "retries": retries, "tags": tuple(sorted(set(tags))),
-    }
+    if tags:
+        if type(tags) not in (list, tuple) or not all(type(t) is str and t for t in tags):
+            raise BadJobSpec(f"{where}: tags must be a list of non-empty strings")
+        tags = tuple(sorted(set(tags)))
+    return name, command, func, payload, env, cwd, priority, timeout, retries, tuple(tags)
 
 
 class Scheduler:
@@ -178,10 +190,8 @@ class Scheduler:
         for row in self.journal.active_jobs():
             (job_id, name, command, func, payload, env, cwd, priority, timeout, retries, tags, state,
              attempts, failures, lost, agent, submitted, started, *_rest) = row
-            job = Job(id=job_id, name=name, command=command, func=func, payload=payload,
-                      env=json.loads(env), cwd=cwd, priority=priority, timeout=timeout, retries=retries,
-                      tags=frozenset(json.loads(tags)), state=state, attempts=attempts, failures=failures,
-                      lost=lost, agent=agent, submitted=submitted, started=started)
+            job = Job(job_id, name, command, func, payload, json.loads(env), cwd, priority, timeout, retries,
+                      frozenset(json.loads(tags)), state, attempts, failures, lost, agent, submitted, started)
             self.jobs[job_id] = job
             if state == QUEUED:
                 self._enqueue(job)
@@ -265,25 +275,27 @@ class Scheduler:
             raise BadJobSpec("submit() takes a non-empty list of job specs")
         if len(specs) > MAX_SUBMIT:
             raise BadJobSpec(f"{len(specs)} jobs in one call; the limit is {MAX_SUBMIT}", "submit in batches")
-        checked = [validate(spec, f"job {i + 1} of {len(specs)}" if len(specs) > 1 else "job")
-                   for i, spec in enumerate(specs)]
+        total = len(specs)
+        checked = [validate(spec, f"job {i + 1} of {total}" if total > 1 else "job") for i, spec in enumerate(specs)]
         now = time.time()
+        no_tags: frozenset = frozenset()
         with self.lock:
             first = self.next_id
-            rows = []
-            for offset, spec in enumerate(checked):
-                rows.append((first + offset, spec["name"], spec["command"], spec["func"], spec["payload"],
-                             encode_env(spec["env"]), spec["cwd"], spec["priority"], spec["timeout"],
-                             spec["retries"], encode_tags(spec["tags"]), now))
+            rows = [(first + i, name, command, func, payload, encode_env(env), cwd, priority, timeout, retries,
+                     encode_tags(tags), now)
+                    for i, (name, command, func, payload, env, cwd, priority, timeout, retries, tags)
+                    in enumerate(checked)]
             self.journal.write([(Journal.INSERT_JOB, rows)])
-            self.next_id = first + len(checked)
-            for offset, spec in enumerate(checked):
-                spec["tags"] = frozenset(spec["tags"])
-                job = Job(id=first + offset, state=QUEUED, attempts=0, failures=0, lost=0, agent=None,
-                          submitted=now, started=None, **spec)
-                self.jobs[job.id] = job
+            self.next_id = first + total
+            jobs, changes, seq = self.jobs, self.changes, self.seq
+            for i, (name, command, func, payload, env, cwd, priority, timeout, retries, tags) in enumerate(checked):
+                job = Job(first + i, name, command, func, payload, env, cwd, priority, timeout, retries,
+                          frozenset(tags) if tags else no_tags, submitted=now)
+                jobs[job.id] = job
                 self._enqueue(job)
-                self._changed(job.id)
+                seq += 1
+                changes.append((seq, job.id))
+            self.seq = seq
             self.work.notify_all()
         if self.on_event is not None:
             self._emit(f"queued {first}" if len(checked) == 1 else f"queued {first}..{first + len(checked) - 1}")
@@ -305,8 +317,7 @@ class Scheduler:
                     del self.jobs[job_id]
                     self._final(job_id, CANCELLED)
                     self._changed(job_id)
-                    rows.append((CANCELLED, job.attempts, job.failures, job.lost, None, now, None, None,
-                                 "cancelled before it ran", job_id))
+                    rows.append((CANCELLED, job.failures, now, None, None, "cancelled before it ran", job_id))
                     outcome[job_id] = CANCELLED
                 else:
                     agent = self.agents.get(job.agent or "")
@@ -451,22 +462,31 @@ class Scheduler:
         self._emit(f"agent {name} up: {agent.slots} slots, tags {','.join(sorted(agent.tags)) or '-'}")
         return {"session": agent.session, "lease": self.lease_seconds}
 
-    def take(self, session: str, limit: int, wait: float = 1.0) -> tuple[list[tuple], list[int]]:
-        """Long poll for work: up to `limit` tasks (and ids to cancel), waiting up to `wait` seconds."""
+    def _serve_credit(self, agent: AgentRecord) -> tuple[list[tuple], list[int]]:
+        jobs = self._pop(agent, agent.credit) if agent.credit > 0 and agent.state != "draining" else []
+        agent.credit -= len(jobs)
+        cancel = sorted(agent.cancel)
+        agent.cancel.clear()
+        return (self._dispatch(agent, jobs) if jobs else []), cancel
+
+    def take(self, session: str, want: int, wait: float = 1.0) -> tuple[list[tuple], list[int]]:
+        """Long poll for work: up to `want` tasks and any ids to cancel, waiting up to `wait` seconds.
+
+        `want` is the agent's credit; a report() meanwhile may raise it, and the parked take then
+        serves the new credit as soon as work arrives (no waiting out the poll)."""
         deadline = time.time() + min(max(float(wait), 0.0), 5.0)
         with self.lock:
+            agent = self._agent(session)
+            agent.credit = max(0, int(want))
             while True:
-                agent = self._agent(session)
-                jobs = self._pop(agent, int(limit)) if limit > 0 and agent.state != "draining" else []
-                if jobs or agent.cancel:
-                    break
+                tasks, cancel = self._serve_credit(agent)
+                if tasks or cancel:
+                    return tasks, cancel
                 remaining = deadline - time.time()
-                if remaining <= 0:
-                    break
+                if remaining <= 0 or self.sessions.get(session) is not agent:
+                    return [], []
                 self.work.wait(remaining)
-            cancel = sorted(agent.cancel)
-            agent.cancel.clear()
-            return (self._dispatch(agent, jobs) if jobs else []), cancel
+                agent.last_seen = time.time()
 
     def report(self, session: str, results: list, running: list, want: int = 0) -> tuple[list[tuple], list[int]]:
         """Results in, new work out, in one round trip; also the heartbeat. Returns (tasks, ids to cancel)."""
@@ -474,10 +494,8 @@ class Scheduler:
             agent = self._agent(session)
             if results:
                 self._apply_results(agent, results)
-            jobs = self._pop(agent, int(want)) if want > 0 and agent.state != "draining" else []
-            cancel = sorted(agent.cancel)
-            agent.cancel.clear()
-            return (self._dispatch(agent, jobs) if jobs else []), cancel
+            agent.credit = max(0, int(want))
+            return self._serve_credit(agent)
 
     def _apply_results(self, agent: AgentRecord, results: list) -> None:
         now = time.time()
@@ -488,7 +506,8 @@ class Scheduler:
             job = self.jobs.get(job_id)
             agent.running.discard(job_id)
             counted = job is not None and job.state == RUNNING and job.attempts == attempt and job.agent == agent.name
-            if state != RELEASED:
+            # A clean, counted run needs no row of its own: the jobs row holds its whole story.
+            if state != RELEASED and (stdout or stderr or error or not counted or state != DONE or attempt > 1):
                 attempt_rows.append((job_id, attempt, agent.name, state, started, ended, exit_code,
                                      stdout, stderr, error, tb, int(counted)))
             if not counted:
@@ -516,8 +535,7 @@ class Scheduler:
             del self.jobs[job_id]
             self._final(job_id, state)
             self.finished_times.append(now)
-            finish_rows.append((state, attempt, job.failures, job.lost, agent.name, ended, exit_code,
-                                value, error, job_id))
+            finish_rows.append((state, job.failures, ended, exit_code, value, error, job_id))
             if self.on_event is not None:
                 what = f"exit {exit_code}" if exit_code is not None else state
                 events.append(f"finished {job_id} on {agent.name}: {what} in {ended - started:.2f}s"
@@ -544,8 +562,7 @@ class Scheduler:
             if job.lost > self.max_lost:
                 del self.jobs[job_id]
                 self._final(job_id, LOST)
-                finish_rows.append((LOST, job.attempts, job.failures, job.lost, agent.name, now, None, None,
-                                    f"its agent was lost {job.lost} times ({reason})", job_id))
+                finish_rows.append((job.lost, now, f"its agent was lost {job.lost} times ({reason})", job_id))
                 self._emit(f"lost {job_id}: its agent was lost {job.lost} times")
             else:
                 job.state, job.agent = QUEUED, None
@@ -554,7 +571,7 @@ class Scheduler:
                 self._emit(f"requeued {job_id}: {reason}")
         agent.running &= keep
         if requeue_rows or finish_rows:
-            self.journal.write([(Journal.REQUEUE, requeue_rows), (Journal.FINISH, finish_rows)])
+            self.journal.write([(Journal.REQUEUE, requeue_rows), (Journal.LOST, finish_rows)])
             self.work.notify_all()
             self.finished.notify_all()
 

@@ -123,6 +123,7 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
     try:
         while not stop.wait(1.0):
             _scheduler.expire_leases()
+            journal.checkpoint()
     finally:
         state.clear_master(os.getpid())
         with _scheduler.lock:

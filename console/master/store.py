@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     counted   INTEGER NOT NULL,
     PRIMARY KEY (job_id, attempt, agent)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state IN ('queued', 'running', 'held');
+DROP INDEX IF EXISTS jobs_active;
 """
 
 JOB_COLUMNS = (
@@ -78,6 +78,9 @@ class Journal:
             self.db = self._open(path)
             # NORMAL survives a killed process (WAL); FULL also survives a power cut, at a cost per commit.
             self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            # Checkpoints (which fsync) run from the master's housekeeping loop, not inside a
+            # scheduler call, so a submit never waits behind one.
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
             self.db.executescript(SCHEMA)
             self.reader = self._open(path)
         except sqlite3.Error as exc:
@@ -93,11 +96,16 @@ class Journal:
         db.execute("PRAGMA busy_timeout=5000")
         return db
 
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database without blocking writers (PASSIVE)."""
+        with self.read_lock:
+            self.reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def close(self) -> None:
         self.db.close()
         self.reader.close()
 
-    # ---- writes (the scheduler holds its lock around each) ------------------------------
+    # --writes (the scheduler holds its lock around each) ------------------------------
 
     def write(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
         """Run (sql, rows) pairs with executemany in one transaction."""
@@ -118,16 +126,15 @@ class Journal:
     )
     DISPATCH = "UPDATE jobs SET state='running', attempts=?, agent=?, started=? WHERE id=?"
     REQUEUE = "UPDATE jobs SET state='queued', attempts=?, failures=?, lost=?, agent=NULL WHERE id=?"
-    FINISH = (
-        "UPDATE jobs SET state=?, attempts=?, failures=?, lost=?, agent=?, ended=?, exit_code=?,"
-        " value=?, error=? WHERE id=?"
-    )
+    # attempts, agent and lost were set at dispatch or requeue; a finish writes only the outcome.
+    FINISH = "UPDATE jobs SET state=?, failures=?, ended=?, exit_code=?, value=?, error=? WHERE id=?"
+    LOST = "UPDATE jobs SET state='lost', lost=?, ended=?, error=? WHERE id=?"
     ATTEMPT = (
         "INSERT OR REPLACE INTO attempts (job_id, attempt, agent, state, started, ended, exit_code,"
         " stdout, stderr, error, traceback, counted) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
     )
 
-    # ---- recovery -----------------------------------------------------------------------
+    # --recovery -----------------------------------------------------------------------
 
     def active_jobs(self) -> Iterator[tuple]:
         """Every job not yet final, in id order, for the scheduler to rebuild its queues."""
@@ -147,7 +154,7 @@ class Journal:
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
 
-    # ---- reads (own connection: listings never hold up dispatch) -------------------------
+    # --reads (own connection: listings never hold up dispatch) -------------------------
 
     def job(self, job_id: int) -> tuple | None:
         with self.read_lock:
