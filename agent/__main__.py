@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -49,7 +50,8 @@ def run_agent(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s agent %(levelname)s %(message)s")
-    agent = Agent(address, authkey, info, verbose=args.verbose)
+    locate = None if args.connect else functools.partial(read_master_address, home)
+    agent = Agent(address, authkey, info, verbose=args.verbose, locate=locate)
     install_signal_handlers(agent)
     if args.verbose:
         print(f"Connect to server {address[0]}:{address[1]}...", flush=True)

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from multiprocessing.managers import BaseManager
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import execute
 from .protocol import SCHEDULER_TYPEID, AgentInfo, CorralError, JobResult, JobState, Task
@@ -67,8 +67,12 @@ class Agent:
         authkey: bytes,
         info: AgentInfo,
         verbose: bool = False,
+        locate: Optional[Callable[[], Tuple[str, int]]] = None,
     ) -> None:
         self.address = address
+        # Where to look the master up again before each (re)connect: a restarted master may
+        # listen on a new port (read from the state directory); None when --connect fixed it.
+        self.locate = locate
         self.authkey = authkey
         self.info = info
         self.verbose = verbose
@@ -119,8 +123,10 @@ class Agent:
         try:
             while not self.stopping.is_set():
                 try:
+                    if self.locate is not None:
+                        self.address = self.locate()
                     self._register()
-                except (OSError, EOFError) as exc:
+                except (OSError, EOFError, CorralError) as exc:
                     if self.draining.is_set() and not self.held:
                         break
                     log.warning("master %s:%s unreachable (%s); retrying in %.1fs", *self.address, exc, backoff)

@@ -72,9 +72,13 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        conn = getattr(getattr(self._scheduler, "_tls", None), "connection", None)
+        # Proxies to one address share a per-thread connection (BaseProxy._address_to_local):
+        # close it and forget it, so another Client in this thread reconnects instead of failing.
+        tls = getattr(self._scheduler, "_tls", None)
+        conn = getattr(tls, "connection", None)
         if conn is not None:
             conn.close()
+            del tls.connection
 
     def _call(self, method: str, *args: Any) -> Any:
         try:
@@ -167,3 +171,10 @@ class Client:
 
     def hello(self) -> dict:
         return self._call("hello")
+
+    # ---- the console ------------------------------------------------------------------------
+
+    def snapshot(self, since: int = 0, views: dict | None = None) -> dict:
+        """Counts, agents, rates, and the rows of the windows in `views` if anything changed since `since`
+        (see Scheduler.snapshot)."""
+        return self._call("snapshot", since, views or {})
