@@ -196,6 +196,7 @@ class Agent:
             for pgid in pgids:
                 execute._kill_group(pgid)
             self.pool.terminate()
+            self._hand_back_killed()
         else:
             # Nothing of ours is left in the pool (drained), so close + terminate is safe even if a
             # worker was killed and left an orphaned task behind that join() would wait on forever.
@@ -203,6 +204,21 @@ class Agent:
             self.pool.terminate()
         self.pool.join()
         self.pool = None
+
+    def _hand_back_killed(self) -> None:
+        """After a forced stop, tell the master (best effort) that our killed jobs should run again,
+        rather than leave them to wait out this agent's lease."""
+        with self.lock:
+            rows = [(j, r.task.attempt, "released", None, None, "", "", "stopped by a second signal", "", 0.0, 0.0)
+                    for j, r in self.held.items()]
+        with self.results_ready:
+            rows += [row for row in self.results]
+        if not rows or not self.session:
+            return
+        try:
+            connect(self.address, self.authkey).report(self.session, rows, [], 0)
+        except (OSError, EOFError, CorralError) as exc:
+            log.warning("could not hand back %d jobs (%s); the master re-queues them after the lease", len(rows), exc)
 
     # ---- taking work --------------------------------------------------------------------
 
