@@ -208,3 +208,12 @@ def test_agent_bad_arguments(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_master_refuses_non_loopback_listen(tmp_path: Path) -> None:
     one_line_error(corral_in(tmp_path / "h", "master", "--listen", "0.0.0.0:7100"), "loopback only", "--allow-remote")
+
+
+def test_show_a_silent_job_has_its_attempt(cluster: Cluster) -> None:
+    cluster.start_agent("a", slots=1)
+    assert cluster.corral("submit", "--wait", "--", "true").returncode == 0
+    shown = json.loads(cluster.corral("show", "1", "--json").stdout)
+    [attempt] = shown["attempts_detail"]
+    assert attempt["state"] == "done" and attempt["agent"] == "a" and attempt["exit_code"] == 0
+    assert attempt["ended"] >= attempt["started"] > 0

@@ -390,6 +390,13 @@ class Scheduler:
         record["tags"] = json.loads(record["tags"])
         akeys = "attempt agent state started ended exit_code stdout stderr error traceback counted".split()
         record["attempt_list"] = [dict(zip(akeys, a)) for a in self.journal.attempts(job_id)]
+        if record["state"] == DONE and not any(a["counted"] for a in record["attempt_list"]):
+            # A clean first run has no attempts row of its own (see _apply_results): the jobs row is it.
+            record["attempt_list"].append({
+                "attempt": record["attempts"], "agent": record["agent"], "state": DONE,
+                "started": record["started"], "ended": record["ended"], "exit_code": record["exit_code"],
+                "stdout": "", "stderr": "", "error": "", "traceback": "", "counted": 1,
+            })
         with self.lock:
             live = self.jobs.get(job_id)
             if live is not None:  # the journal may lag a running job's in-memory state by nothing; be exact
