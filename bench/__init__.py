@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -135,7 +136,20 @@ def _os_name() -> str:
     return platform.platform()
 
 
-PACKAGES = ("textual", "rich", "paramiko", "pytest")
+PACKAGES = ("corral", "textual", "rich", "paramiko", "pytest")
+
+
+def _git_commit() -> str:
+    """The repo's commit, and whether corral's code (not bench/) differs from it: figures need a version."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no",
+                                "--", ".", ":!bench"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}{' + uncommitted changes outside bench/' if dirty else ''}"
 
 
 def machine_info() -> Dict[str, Any]:
@@ -153,4 +167,5 @@ def machine_info() -> Dict[str, Any]:
         "os": _os_name(),
         "python": sys.version.split()[0],
         "packages": versions,
+        "commit": _git_commit(),
     }

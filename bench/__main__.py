@@ -52,14 +52,14 @@ def run_all(params: Params, systems: List[str]) -> Tuple[Dict[str, Dict[str, Any
             try:
                 results[system].update(fn())
             except Exception as exc:  # noqa: BLE001 - reported in the table, the next workload still runs
-                errors[system][workload] = f"{type(exc).__name__}: {exc}"
+                errors[system][workload] = _describe(exc)
                 step(f"{TITLES[system]}: {workload} failed: {errors[system][workload]}")
                 traceback.print_exc(file=sys.stderr)
 
         try:
             _runner(system)(params, step, record)
         except Exception as exc:  # noqa: BLE001 - the system could not run at all (start-up, import)
-            text = f"{type(exc).__name__}: {exc}"
+            text = _describe(exc)
             done = _done(results[system])
             for workload in WORKLOADS:
                 if workload not in done:
@@ -68,6 +68,10 @@ def run_all(params: Params, systems: List[str]) -> Tuple[Dict[str, Dict[str, Any
             traceback.print_exc(file=sys.stderr)
     step("done")
     return results, errors
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _done(figures: Dict[str, Any]) -> List[str]:
@@ -99,7 +103,9 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
     if a is None or b is None or b == 0:
         return "-"
     r = a / b
-    return f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
+    if r >= 10:
+        return f"{r:.1f}x"
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
 
 
 def target_text(key: str, params: Params) -> str:
@@ -184,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = render(results, errors, params)
     print(
         f"corral bench{' (--quick)' if args.quick else ''}: {machine['nproc']} CPUs ({machine['cpu']}), "
-        f"{machine['ram_gb']} GB RAM, {machine['os']}, Python {machine['python']}"
+        f"{machine['ram_gb']} GB RAM, {machine['os']}, Python {machine['python']}, commit {machine['commit']}"
     )
     print()
     print(table)

@@ -140,11 +140,18 @@ class CorralCluster:
                 time.sleep(0.05)
 
     def close(self) -> None:
-        """Agents first (SIGTERM, graceful), then the master; SIGKILL for anything of ours left over."""
+        """Agents first (SIGTERM, graceful), then the master; SIGKILL for anything of ours left over.
+
+        Idempotent and serialised: a second caller (the watchdog's timer, or the normal path)
+        waits until the first has finished stopping everything.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._stop_all()
+
+    def _stop_all(self) -> None:
         ours = [p for p in [*self.agents, self.master] if p is not None]
         groups = {p.pid for p in ours}
         leftovers = _descendants(p.pid for p in ours)
@@ -159,7 +166,8 @@ class CorralCluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5.0)
-        # Pool workers and shell jobs started by our agents and master, if any outlived them.
+        # Pool workers and shell jobs started by our agents and master, if any outlived them:
+        # only pids seen as their descendants and still in one of their process groups.
         for pid in leftovers:
             if _pgid(pid) in groups:
                 try:
@@ -201,26 +209,18 @@ def _job_spec() -> Any:
 
 
 def _wait_for_agents(client: Any, cluster: CorralCluster, count: int, slots: int) -> None:
-    """Return once `count` agents are registered: asks the master, then runs a warm-up batch."""
+    """Return once `count` agents are registered and up, then warm their pools (imports bench.jobs)."""
     deadline = Deadline(cluster.params.start_budget, f"{count} corral agents to register")
-    lister = next((getattr(client, n) for n in ("agents", "workers") if callable(getattr(client, n, None))), None)
-    while lister is not None:
+    while True:
         cluster.check_alive()
-        live = [a for a in lister() if _agent_alive(a)]
-        if len(live) >= count:
+        up = [a for a in client.agents() if a.get("state") == "up"]
+        if len(up) >= count:
             break
         deadline.check()
         time.sleep(0.05)
-    # Also warms the agents' pools (imports bench.jobs) before timing.
-    values = client.map(INC, range(count * slots * 4))
-    if list(values) != [i + 1 for i in range(count * slots * 4)]:
+    n = count * slots * 4
+    if client.map(INC, range(n)) != [i + 1 for i in range(n)]:
         raise RuntimeError("corral warm-up: wrong values")
-
-
-def _agent_alive(agent: Any) -> bool:
-    """An agent record from the client, whatever its shape: not alive only if it says so."""
-    state = agent.get("state") if isinstance(agent, dict) else getattr(agent, "state", None)
-    return state is None or str(getattr(state, "value", state)).lower() in {"alive", "idle", "busy", "ready", "up", "online"}
 
 
 def w1_throughput(client: Any, params: Params) -> dict:
@@ -256,13 +256,15 @@ def w3_parallel_sleep(client: Any, params: Params) -> dict:
     ids = client.submit(specs)
     states = client.wait(ids, timeout=params.w3_budget)
     elapsed = time.perf_counter() - t0
-    bad = [s for s in states.values() if str(getattr(s, "value", s)) != "done"]
-    if len(states) != params.w3_jobs or bad:
-        raise RuntimeError(f"corral W3: {len(states)} final, {len(bad)} not done")
+    if len(states) != params.w3_jobs:
+        raise BenchTimeout(f"corral W3: {len(states)} of {params.w3_jobs} jobs final after {params.w3_budget:g}s")
+    bad = sum(1 for state in states.values() if state != "done")
+    if bad:
+        raise RuntimeError(f"corral W3: {bad} jobs did not end done")
     return {"w3_wall_s": elapsed}
 
 
-def m_memory(params: Params, home: Path, step: Callable[[str], None]) -> dict:
+def m_memory(params: Params, home: Path) -> dict:
     """A fresh master with no agent: submit m_jobs `true` jobs, read the master's RSS."""
     JobSpec = _job_spec()
     cluster = CorralCluster(params, home)
@@ -290,29 +292,39 @@ def m_memory(params: Params, home: Path, step: Callable[[str], None]) -> dict:
 
 
 def run(params: Params, step: Callable[[str], None], record: Callable[[str, Callable[[], dict]], None]) -> None:
-    """All workloads on corral; `record(name, fn)` runs one, keeping its figures or its error."""
+    """All workloads on corral; `record(name, fn)` runs one, keeping its figures or its error.
+
+    Each workload runs under a watchdog of its own budget: past it, the cluster is stopped (so a
+    blocked client call fails) and that workload, and those after it, report an error.
+    """
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         home = Path(tmp) / "w"
         home.mkdir()
         step(f"corral: master + {params.workers} agents × {params.slots} slots")
         cluster = CorralCluster(params, home)
         try:
-            with Watchdog(cluster, params.start_budget + params.w1_budget + params.w2_budget + params.w3_budget,
-                          "corral W1-W3"):
+            with Watchdog(cluster, params.start_budget, "corral start-up"):
                 cluster.start_master()
                 cluster.start_agents(params.workers, params.slots)
                 client = cluster.client()
-                try:
+            try:
+                with Watchdog(cluster, params.start_budget, "corral agents to register"):
                     _wait_for_agents(client, cluster, params.workers, params.slots)
-                    record("W1", lambda: w1_throughput(client, params))
-                    record("W2", lambda: w2_latency(client, params))
-                    record("W3", lambda: w3_parallel_sleep(client, params))
-                finally:
-                    client.close()
+
+                def bounded(fn: Callable[[], dict], budget: float, what: str) -> Callable[[], dict]:
+                    def call() -> dict:
+                        with Watchdog(cluster, budget, what):
+                            return fn()
+                    return call
+
+                record("W1", bounded(lambda: w1_throughput(client, params), params.w1_budget, "corral W1"))
+                record("W2", bounded(lambda: w2_latency(client, params), params.w2_budget, "corral W2"))
+                record("W3", bounded(lambda: w3_parallel_sleep(client, params), params.w3_budget + 10, "corral W3"))
+            finally:
+                client.close()
         finally:
             cluster.close()
         step("corral: fresh master, no agent, for M")
         m_home = Path(tmp) / "m"
         m_home.mkdir()
-        record("M", lambda: m_memory(params, m_home, step))
-
+        record("M", lambda: m_memory(params, m_home))
