@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .protocol import OUTPUT_TAIL_BYTES, JobResult, JobState, Task, tail_text
 
 # Set by init_worker() in each pool worker process.
-_events: Any = None  # multiprocessing queue of ("chunk", pid, ids) / ("pgid", job_id, pgid) to the agent
+_events: Any = None  # pipe to the agent: ("chunk", pid, ids, t) / ("pgid", job_id, pgid, t)
+_events_lock: Any = None  # workers share the pipe; a message may exceed the size written atomically
 _cancelled: Any = None  # shared int64 array: [0] is a version counter, [1:] a ring of job ids to cancel
 _cancel_seen = -1
 _cancel_ids: frozenset = frozenset()
@@ -33,10 +34,10 @@ class JobInterrupted(BaseException):
         self.state = state
 
 
-def init_worker(events: Any, cancelled: Any) -> None:
+def init_worker(events: Any, events_lock: Any, cancelled: Any) -> None:
     """Pool initializer: keep the agent's channels and arm the interrupting signals."""
-    global _events, _cancelled
-    _events = events
+    global _events, _events_lock, _cancelled
+    _events, _events_lock = events, events_lock
     _cancelled = cancelled
     # The agent handles ctrl-c and SIGTERM for the whole group; workers stop when it tells them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -68,10 +69,17 @@ def _is_cancelled(job_id: int) -> bool:
 
 def run_chunk(rows: List[tuple]) -> List[tuple]:
     """Pool task: run a chunk of tasks one after another, return their results as wire tuples."""
-    if _events is not None:
-        _events.put(("chunk", os.getpid(), [row[0] for row in rows], time.time()))
+    _tell_agent(("chunk", os.getpid(), [row[0] for row in rows], time.time()))
     # Tuples in, tuples out: a NamedTuple pickles with its class, a plain tuple is cheaper.
     return [tuple(execute(Task._make(row))) for row in rows]
+
+
+def _tell_agent(event: tuple) -> None:
+    """Written synchronously (no feeder thread, unlike a multiprocessing.Queue): a job that kills
+    its worker right after must not take the news of which worker ran it down with it."""
+    if _events is not None:
+        with _events_lock:
+            _events.send(event)
 
 
 def execute(task: Task) -> JobResult:
@@ -141,8 +149,7 @@ def _run_shell(task: Task, started: float) -> JobResult:
             started=started,
             ended=time.time(),
         )
-    if _events is not None:
-        _events.put(("pgid", task.job_id, proc.pid, time.time()))
+    _tell_agent(("pgid", task.job_id, proc.pid, time.time()))
     deadline = started + task.timeout if task.timeout else None
     timed_out, stdout, stderr = _pump(proc, deadline)
     returncode = proc.wait()

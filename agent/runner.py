@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
-import queue
 import signal
 import sys
 import threading
 import time
+from collections import OrderedDict, deque
 from multiprocessing.managers import BaseManager
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import execute
 from .protocol import SCHEDULER_TYPEID, AgentInfo, CorralError, JobResult, JobState, Task
@@ -26,6 +27,7 @@ MAX_TAKE = 4000
 BACKOFF_CAP_SECONDS = 10.0
 HARD_KILL_GRACE_SECONDS = 5.0  # a callable ignoring its timeout signal this long gets its worker killed
 CANCEL_RING = 256
+MAX_KINDS = 1000  # job kinds whose duration the agent remembers
 
 
 class SchedulerManager(BaseManager):
@@ -78,11 +80,15 @@ class Agent:
         self.verbose = verbose
         self.session = ""
         self.held: Dict[int, _Running] = {}  # job id -> taken and not yet reported
+        self.waiting: Deque[Task] = deque()  # held, not yet handed to the pool (cancel/release locally)
+        self.chunks_in_pool = 0
         self.lock = threading.Lock()
-        self.capacity = threading.Condition(self.lock)
         self.results: List[tuple] = []  # wire results waiting to be reported
         self.results_ready = threading.Condition(threading.Lock())
-        self.mean_seconds: Optional[float] = None  # moving average of job durations
+        # Moving average of how long jobs take, per command or callable name: how much work to
+        # take and how to chunk it. An unknown kind is assumed long until one of it finishes.
+        self.estimates: "OrderedDict[str, float]" = OrderedDict()
+        self.recent_kind: Optional[str] = None
         self.draining = threading.Event()
         self.stopping = threading.Event()  # second signal: kill everything and leave
         self.disconnected = threading.Event()
@@ -106,16 +112,15 @@ class Agent:
             self.draining.set()
         else:
             self.stopping.set()
-        with self.capacity:
-            self.capacity.notify_all()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until drained (exit 0) or killed by a second signal (exit 1)."""
-        self.events = self.ctx.Queue()
+        self.events, events_writer = self.ctx.Pipe(duplex=False)
         self.cancel_ring = self.ctx.Array("q", 1 + CANCEL_RING, lock=False)
-        self.pool = self.ctx.Pool(self.info.slots, execute.init_worker, (self.events, self.cancel_ring))
+        self.pool = self.ctx.Pool(self.info.slots, execute.init_worker,
+                                  (events_writer, self.ctx.Lock(), self.cancel_ring))
         threads = [threading.Thread(target=self._watch_events, name="events", daemon=True)]
         for thread in threads:
             thread.start()
@@ -165,8 +170,6 @@ class Agent:
             time.sleep(0.05)
 
     def _wake_all(self) -> None:
-        with self.capacity:
-            self.capacity.notify_all()
         with self.results_ready:
             self.results_ready.notify_all()
 
@@ -222,13 +225,21 @@ class Agent:
 
     # ---- taking work --------------------------------------------------------------------
 
+    def _estimate(self, kind: Optional[str]) -> Optional[float]:
+        return self.estimates.get(kind) if kind is not None else None
+
+    def _learn(self, kind: str, seconds: float) -> None:
+        old = self.estimates.pop(kind, None)
+        self.estimates[kind] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        if len(self.estimates) > MAX_KINDS:
+            self.estimates.popitem(last=False)
+
     def _wanted(self) -> int:
-        """How many more jobs to hold: enough to keep every slot busy ~100 ms (free slots when long)."""
-        per_slot = 1
-        if self.mean_seconds is not None and self.mean_seconds > 0:
-            per_slot = max(1, int(BATCH_HORIZON_SECONDS / self.mean_seconds))
-        target = min(MAX_TAKE, self.info.slots * per_slot)
-        return target - len(self.held)
+        """Our credit on the master: enough jobs to keep every slot busy ~100 ms, judged by the
+        kind of job we last received (many for tiny jobs, just the free slots for long or unknown)."""
+        estimate = self._estimate(self.recent_kind)
+        per_slot = 1 if estimate is None else max(1, int(BATCH_HORIZON_SECONDS / max(estimate, 1e-6)))
+        return min(MAX_TAKE, self.info.slots * per_slot) - len(self.held)
 
     def _take_loop(self) -> None:
         try:
@@ -252,57 +263,79 @@ class Agent:
             self.disconnected.set()
 
     def _dispatch(self, rows: List[tuple]) -> None:
-        """Hand tasks to the pool, tiny ones chunked so one pool round trip carries many."""
-        tasks = [Task._make(row) for row in rows]
+        """Take in tasks from the master: keep ~100 ms of work per slot, hand the rest straight back
+        (another agent may be idle), then feed the pool."""
+        released = []
         with self.lock:
-            for task in tasks:
+            budget = BATCH_HORIZON_SECONDS * self.info.slots
+            for task in self.waiting:
+                budget -= self._cost(task)
+            for row in rows:
+                task = Task._make(row)
+                self.recent_kind = task.func or task.command
+                cost = self._cost(task)
+                if (budget < cost and self.waiting) or self.draining.is_set():
+                    released.append(_released(task, "handed back: this agent has enough work queued"))
+                    continue
+                budget -= cost
                 self.held[task.job_id] = _Running(task)
-        size = 1
-        if self.mean_seconds is not None and self.mean_seconds > 0:
-            size = max(1, min(len(tasks) // self.info.slots or 1, int(CHUNK_SECONDS / self.mean_seconds)))
-        chunk: List[tuple] = []
-        for task in tasks:
-            if task.timeout and task.func:
-                # A callable with a timeout runs alone, so a hard kill of its worker hits only it.
-                self._submit_chunk([tuple(task)])
-                continue
-            chunk.append(tuple(task))
-            if len(chunk) >= size:
-                self._submit_chunk(chunk)
-                chunk = []
-        if chunk:
-            self._submit_chunk(chunk)
+                self.waiting.append(task)
+            self._feed()
+        if released:
+            self._queue_results(released)
 
-    def _submit_chunk(self, rows: List[tuple]) -> None:
-        ids = [row[0] for row in rows]
-        self.pool.apply_async(
-            execute.run_chunk,
-            (rows,),
-            callback=self._on_results,
-            error_callback=lambda exc, ids=ids: self._on_chunk_error(ids, exc),
-        )
+    def _cost(self, task: Task) -> float:
+        estimate = self._estimate(task.func or task.command)
+        return BATCH_HORIZON_SECONDS if estimate is None else estimate
+
+    def _feed(self) -> None:
+        """Hand waiting tasks to the pool (lock held): tiny ones chunked so one pool round trip
+        carries many; a chunk or two per slot in the pool, so a worker never waits for us."""
+        while self.waiting:
+            head = self.waiting[0]
+            estimate = self._estimate(head.func or head.command)
+            tiny = estimate is not None and estimate < CHUNK_SECONDS
+            if self.chunks_in_pool >= self.info.slots * (2 if tiny else 1):
+                return
+            chunk = [tuple(self.waiting.popleft())]
+            # A callable with a timeout runs alone, so a hard kill of its worker hits only it.
+            if tiny and not (head.func and head.timeout):
+                work = estimate or 0.0
+                while self.waiting and work < CHUNK_SECONDS:
+                    task = self.waiting[0]
+                    next_estimate = self._estimate(task.func or task.command)
+                    if next_estimate is None or (task.func and task.timeout):
+                        break
+                    work += next_estimate
+                    chunk.append(tuple(self.waiting.popleft()))
+            self.chunks_in_pool += 1
+            self.pool.apply_async(execute.run_chunk, (chunk,), callback=self._on_results,
+                                  error_callback=functools.partial(self._on_chunk_error, [r[0] for r in chunk]))
 
     # ---- results ------------------------------------------------------------------------
 
-    def _on_results(self, rows: List[tuple]) -> None:
-        """Pool callback (its result thread): queue the results for the reporter."""
-        total = 0.0
+    def _on_results(self, rows: List[tuple], chunks: int = 1) -> None:
+        """Pool callback (its result thread): learn durations, queue results, refill the pool.
+        `chunks` is how many pool tasks these rows settle (the sweep settles those of dead workers)."""
         finished = []
         with self.lock:
+            self.chunks_in_pool -= chunks
+            kinds: Dict[str, List[float]] = {}
             for row in rows:
                 job_id = row[0]
-                if self.held.pop(job_id, None) is None:
+                running = self.held.pop(job_id, None)
+                if running is None:
                     continue  # already settled (e.g. its worker was declared dead)
                 if row[2] == JobState.CANCELLED.value and job_id in self.released:
                     self.released.discard(job_id)
                     row = row[:2] + ("released",) + row[3:]
+                elif row[2] in (JobState.DONE.value, JobState.FAILED.value):
+                    kinds.setdefault(running.task.func or running.task.command or "", []).append(row[10] - row[9])
                 self.cancel_requested.discard(job_id)
-                total += row[10] - row[9]
                 finished.append(row)
-            if finished:
-                mean = total / len(finished)
-                self.mean_seconds = mean if self.mean_seconds is None else 0.7 * self.mean_seconds + 0.3 * mean
-            self.capacity.notify_all()
+            for kind, seconds in kinds.items():
+                self._learn(kind, sum(seconds) / len(seconds))
+            self._feed()
         if self.verbose:
             for row in finished:
                 print(f"Finished job: {row[0]} ({row[2]})", flush=True)
@@ -310,13 +343,12 @@ class Agent:
 
     def _on_chunk_error(self, ids: List[int], exc: BaseException) -> None:
         now = time.time()
-        results = [
-            tuple(JobResult(job_id, self.held[job_id].task.attempt, JobState.FAILED.value,
-                            error=f"the pool could not run it: {type(exc).__name__}: {exc}",
-                            started=now, ended=now))
-            for job_id in ids
-            if job_id in self.held
-        ]
+        with self.lock:
+            attempts = {job_id: self.held[job_id].task.attempt for job_id in ids if job_id in self.held}
+        results = [tuple(JobResult(job_id, attempt, JobState.FAILED.value,
+                                   error=f"the pool could not run it: {type(exc).__name__}: {exc}",
+                                   started=now, ended=now))
+                   for job_id, attempt in attempts.items()]
         self._on_results(results)
 
     def _queue_results(self, rows: List[tuple]) -> None:
@@ -369,7 +401,13 @@ class Agent:
         ring[0] += 1
 
     def _cancel(self, job_ids: List[int]) -> None:
+        now = time.time()
         with self.lock:
+            wanted = set(job_ids)
+            unstarted = [t for t in self.waiting if t.job_id in wanted]
+            for task in unstarted:
+                self.waiting.remove(task)
+                del self.held[task.job_id]
             targets = [self.held[j] for j in job_ids if j in self.held]
             self.cancel_requested.update(r.task.job_id for r in targets)
             self._mark_cancelled([r.task.job_id for r in targets])
@@ -383,23 +421,31 @@ class Agent:
                     pass
             if self.verbose:
                 print(f"Cancel job: {running.task.job_id}", flush=True)
+        self._queue_results([tuple(JobResult(t.job_id, t.attempt, JobState.CANCELLED.value,
+                                             error="cancelled before it started", started=now, ended=now))
+                             for t in unstarted])
 
     def _release_unstarted(self) -> None:
-        """While draining, hand back jobs that have not started: they run elsewhere sooner."""
+        """While draining, hand back jobs that have not started: they run elsewhere sooner.
+        Those still waiting here go back at once; those already in the pool's queue are stopped
+        through the cancel ring and reported as released when their worker skips them."""
         with self.lock:
-            unstarted = [j for j, r in self.held.items() if not r.worker and j not in self.released]
-            self.released.update(unstarted)
-            if unstarted:
-                self._mark_cancelled(unstarted)
+            waiting = list(self.waiting)
+            self.waiting.clear()
+            for task in waiting:
+                del self.held[task.job_id]
+            in_pool = [j for j, r in self.held.items() if not r.worker and j not in self.released]
+            self.released.update(in_pool)
+            if in_pool:
+                self._mark_cancelled(in_pool)
+        self._queue_results([_released(t, "handed back: the agent is draining") for t in waiting])
 
     def _watch_events(self) -> None:
         """Learn which worker runs which job (for cancel), enforce hard timeouts, notice dead workers."""
         last_sweep = 0.0
         while not self.stopping.is_set():
             try:
-                event = self.events.get(timeout=0.2)
-            except queue.Empty:
-                event = None
+                event = self.events.recv() if self.events.poll(0.2) else None
             except (OSError, EOFError, ValueError):
                 return
             now = time.time()
@@ -435,6 +481,7 @@ class Agent:
         """Jobs whose worker died, and callables past timeout + grace: settle them here."""
         alive = {p.pid for p in getattr(self.pool, "_pool", [])} if self.pool is not None else set()
         dead: List[tuple] = []
+        dead_workers: Set[int] = set()
         with self.lock:
             for job_id, running in list(self.held.items()):
                 task = running.task
@@ -446,6 +493,7 @@ class Agent:
                     and now - running.started > task.timeout + HARD_KILL_GRACE_SECONDS
                 )
                 if overdue:
+                    dead_workers.add(running.worker)
                     try:
                         os.kill(running.worker, signal.SIGKILL)
                     except ProcessLookupError:
@@ -454,11 +502,17 @@ class Agent:
                                           error=f"timed out after {task.timeout:g}s; its worker was killed",
                                           started=running.started, ended=now)))
                 elif running.worker not in alive and _gone(running.worker):
+                    dead_workers.add(running.worker)
                     dead.append(tuple(JobResult(job_id, task.attempt, JobState.FAILED.value,
                                           error="the pool worker running it died (killed, or the job exited the process)",
                                           started=running.started, ended=now)))
         if dead:
-            self._on_results(dead)
+            self._on_results(dead, chunks=len(dead_workers))
+
+
+def _released(task: Task, why: str) -> tuple:
+    """A result that gives a never-started task back to the master, to be queued again."""
+    return tuple(JobResult(task.job_id, task.attempt, "released", error=why))
 
 
 def _gone(pid: int) -> bool:

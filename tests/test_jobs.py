@@ -244,3 +244,16 @@ def test_master_restart_keeps_jobs_and_agent_reconnects(cluster: Cluster, slots:
                  what="the agent to reconnect by itself")
         again = c.submit([JobSpec(command="echo after restart")])
         assert c.wait(again, timeout=20) == {again[0]: "done"}
+
+
+def test_long_jobs_spread_over_agents_after_tiny_ones(cluster: Cluster) -> None:
+    """An agent that learned that jobs are tiny must not hoard a batch of long ones: it keeps
+    about 100 ms of work per slot and hands the rest back for idle agents."""
+    cluster.start_agent("a", slots=4, verbose=False)
+    cluster.start_agent("b", slots=4, verbose=False)
+    with cluster.client() as c:
+        assert c.map("tests.jobs:inc", range(2000)) == [x + 1 for x in range(2000)]
+        slow = c.submit([JobSpec(command="sleep 0.2") for _ in range(40)])
+        assert set(c.wait(slow, timeout=60).values()) == {"done"}
+        ran = [c.job(j)["agent"] for j in slow]
+    assert ran.count("a") >= 10 and ran.count("b") >= 10, ran
