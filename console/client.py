@@ -29,6 +29,10 @@ class JobFailed(CorralError):
     """A job whose value was asked for did not end `done`."""
 
 
+class MapTimeout(CorralError):
+    """Client.map's timeout passed before every job was final."""
+
+
 class _ClientManager(BaseManager):
     pass
 
@@ -113,11 +117,34 @@ class Client:
         payload = pickle.dumps((tuple(args), dict(kwargs or {})))
         return self.submit([JobSpec(func=func, payload=payload, **options)])[0]
 
-    def map(self, func: str, iterable: Iterable[Any], **options: Any) -> list[Any]:
-        """Like Pool.map over the cluster: func(x) for each x, results in order."""
-        ids = self.submit(JobSpec(func=func, payload=pickle.dumps(((x,), {})), **options) for x in iterable)
-        self.wait(ids)
-        return self.values(ids)
+    def map(self, func: str, iterable: Iterable[Any], timeout: float | None = None, **options: Any) -> list[Any]:
+        """Like Pool.map over the cluster: func(x) for each x, results in order.
+
+        One spec travels with the payloads; a small map is submitted, run and answered in a single
+        round trip. JobFailed if a job does not end done; MapTimeout if `timeout` passes first."""
+        template = JobSpec(func=func, **options).to_wire()
+        payloads = [pickle.dumps(((x,), {})) for x in iterable]
+        if not payloads:
+            return []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ids: list[int] = []
+        outcomes: dict[int, tuple] = {}
+        for start in range(0, len(payloads), SUBMIT_BATCH):
+            last = start + SUBMIT_BATCH >= len(payloads)
+            new_ids, finished = self._call("submit_map", template, payloads[start : start + SUBMIT_BATCH],
+                                           WAIT_POLL_SECONDS if last else 0.0)
+            ids += new_ids
+            outcomes.update((row[0], row) for row in finished)
+        while len(outcomes) < len(ids):
+            poll = WAIT_POLL_SECONDS
+            if deadline is not None:
+                poll = min(poll, deadline - time.monotonic())
+                if poll <= 0:
+                    raise MapTimeout(f"{len(ids) - len(outcomes)} of {len(ids)} jobs still not final after {timeout:g}s",
+                                     "they keep running; see `corral jobs`")
+            pending = [j for j in ids if j not in outcomes]
+            outcomes.update((row[0], row) for row in self._call("wait_outcomes", pending, poll))
+        return self._unpack([outcomes[j] for j in ids])
 
     # ---- waiting and results --------------------------------------------------------------
 
@@ -142,8 +169,12 @@ class Client:
 
     def values(self, ids: Sequence[int]) -> list[Any]:
         """The return values of finished callables, in order; JobFailed if one did not end done."""
+        return self._unpack(self.outcomes(ids))
+
+    @staticmethod
+    def _unpack(outcomes: Sequence[tuple]) -> list[Any]:
         out = []
-        for job_id, state, _exit, value, error in self.outcomes(ids):
+        for job_id, state, _exit, value, error in outcomes:
             if state != JobState.DONE.value:
                 raise JobFailed(f"job {job_id} ended {state}: {error}", f"see `corral show {job_id}`")
             out.append(pickle.loads(value) if value is not None else None)

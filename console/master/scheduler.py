@@ -276,7 +276,28 @@ class Scheduler:
         if len(specs) > MAX_SUBMIT:
             raise BadJobSpec(f"{len(specs)} jobs in one call; the limit is {MAX_SUBMIT}", "submit in batches")
         total = len(specs)
-        checked = [validate(spec, f"job {i + 1} of {total}" if total > 1 else "job") for i, spec in enumerate(specs)]
+        return self._queue([validate(spec, f"job {i + 1} of {total}" if total > 1 else "job")
+                            for i, spec in enumerate(specs)])
+
+    def submit_map(self, template: dict, payloads: list, wait: float = 0.0) -> tuple[list[int], list[tuple]]:
+        """Queue one callable over many argument payloads (what Client.map sends): the template is
+        checked once, each payload only for type and size. Then wait up to `wait` seconds and return
+        (ids, outcomes of those already final), so one round trip can carry a whole small map."""
+        if not isinstance(payloads, list) or not payloads or len(payloads) > MAX_SUBMIT:
+            raise BadJobSpec(f"submit_map() takes a list of 1 to {MAX_SUBMIT} payloads")
+        if not isinstance(template, dict) or template.get("func") is None:
+            raise BadJobSpec("submit_map() needs a template with a module:function")
+        name, command, func, _, env, cwd, priority, timeout, retries, tags = validate(dict(template, payload=None), "template")
+        for i, payload in enumerate(payloads):
+            if type(payload) is not bytes or len(payload) > MAX_PAYLOAD_BYTES:
+                validate(dict(template, payload=payload), f"job {i + 1} of {len(payloads)}")
+        ids = self._queue([(name, command, func, payload, env, cwd, priority, timeout, retries, tags)
+                           for payload in payloads])
+        return ids, (self.wait_outcomes(ids, wait) if wait and wait > 0 else [])
+
+    def _queue(self, checked: list[tuple]) -> list[int]:
+        """Journal, then queue, validated jobs (validate()'s tuples); returns their ids."""
+        total = len(checked)
         now = time.time()
         no_tags: frozenset = frozenset()
         with self.lock:
@@ -367,6 +388,11 @@ class Scheduler:
         if missing:
             states.update({row[0]: row[1] for row in self.journal.outcomes(missing)})
         return states
+
+    def wait_outcomes(self, ids: list, timeout: float | None = 1.0) -> list[tuple]:
+        """Like wait(), but return the outcomes (id, state, exit_code, value, error) of the final ones."""
+        final = self.wait(ids, timeout)
+        return self.journal.outcomes([j for j in ids if j in final]) if final else []
 
     def outcomes(self, ids: list) -> list[tuple]:
         """(id, state, exit_code, value, error) of each job, in the order asked."""

@@ -85,8 +85,8 @@ MasterManager.register(
     SCHEDULER_TYPEID,
     callable=get_scheduler,
     exposed=(
-        "hello", "submit", "cancel", "requeue", "wait", "outcomes", "job", "list_jobs", "status",
-        "agent_list", "register", "take", "report",
+        "hello", "submit", "submit_map", "cancel", "requeue", "wait", "wait_outcomes", "outcomes", "job", "list_jobs", "status",
+        "agent_list", "register", "take", "report", "snapshot",
     ),
 )
 
