@@ -74,6 +74,12 @@ def _job_id(text: str) -> int:
     return int(text)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {text!r}")
+    return int(text)
+
+
 def _state(text: str) -> str:
     names = [s.value for s in JobState]
     if text not in names:
@@ -143,6 +149,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("agents", help="the agents and what they are doing")
     p.add_argument("--json", action="store_true")
+
+    # ---- SSH deployment: hosts, deploy, stop (console/deploy) ----
+    p = sub.add_parser("hosts", help="the hosts agents can be deployed to (~/.ssh/config + corral's hosts file)")
+    p.add_argument("--json", action="store_true")
+    hosts = p.add_subparsers(dest="hosts_cmd", metavar="ACTION", parser_class=_Parser)
+    h = hosts.add_parser("add", help="add a host to corral's hosts file")
+    h.add_argument("alias", metavar="ALIAS")
+    h.add_argument("--hostname", help="address or DNS name (needed unless ALIAS is in ~/.ssh/config)")
+    h.add_argument("--port", type=_port, help="SSH port (default 22, or ~/.ssh/config's)")
+    h.add_argument("--user", help="remote user (default: ~/.ssh/config's, else yours)")
+    h.add_argument("--identity", metavar="FILE", help="private key file (default: ~/.ssh/config's IdentityFile, else ~/.ssh/id_*)")
+    h.add_argument("--slots", type=_count, help="jobs the agent runs at once (default: the host's CPU count)")
+    h.add_argument("--tags", help="comma-separated tags of the host's agent")
+    h.add_argument("--python", metavar="PATH", help="the Python to run the agent with (default: find python3 >= 3.8)")
+    h.add_argument("--remote-dir", metavar="DIR", help="where the bundle, authkey and log go (default ~/.cache/corral)")
+    h.add_argument("--direct", action="store_true", default=None,
+                   help="the agent dials the master's --listen address instead of an SSH tunnel")
+    h.add_argument("--proxy-jump", metavar="HOST", help="reach the host through this SSH host")
+    h.add_argument("--replace", action="store_true", help="replace an entry of the same alias")
+    h = hosts.add_parser("remove", help="stop the host's agent, remove its bundle, drop it from corral's hosts file")
+    h.add_argument("alias", metavar="ALIAS")
+    h.add_argument("--force", action="store_true", help="forget the host even if its agent or files cannot be removed")
+
+    p = sub.add_parser("deploy", help="deploy agents over SSH (the master holds the connections and tunnels)")
+    p.add_argument("aliases", nargs="+", metavar="ALIAS")
+    p.add_argument("--slots", type=_count, help="jobs each agent runs at once (default: the host's setting)")
+    p.add_argument("--tags", help="comma-separated tags for the agents (instead of the hosts' own)")
+    p.add_argument("--accept-new", action="store_true",
+                   help="accept an unknown host key (recorded in corral's known_hosts); a changed key is still refused")
+    p.add_argument("--direct", action="store_true", default=None,
+                   help="agents dial the master's --listen address instead of an SSH tunnel")
+    p.add_argument("--ready-timeout", type=_seconds, default=30.0, help="seconds to wait for each agent to register (default 30)")
+
+    p = sub.add_parser("stop", help="stop deployed agents over SSH (running jobs are killed and re-queued)")
+    p.add_argument("aliases", nargs="+", metavar="ALIAS")
+    p.add_argument("--drain", action="store_true", help="let running jobs finish first (no new ones start)")
+    p.add_argument("--timeout", type=_seconds, help="with --drain: give up after this many seconds")
     return parser
 
 
@@ -377,10 +420,132 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- SSH deployment: hosts, deploy, stop ------------------------------------------------------
+
+def _inventory(args: argparse.Namespace) -> Any:
+    from .deploy.inventory import Inventory
+
+    return Inventory(StateDir(args.home_path).home)
+
+
+def _deployments(args: argparse.Namespace) -> dict[str, Any]:
+    from .deploy.service import DEPLOYMENTS_NAME
+
+    try:
+        data = json.loads((StateDir(args.home_path).home / DEPLOYMENTS_NAME).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    if args.hosts_cmd == "add":
+        return _hosts_add(args)
+    if args.hosts_cmd == "remove":
+        return _hosts_remove(args)
+    inventory = _inventory(args)
+    hosts = inventory.hosts()
+    deployed = _deployments(args)
+    if args.json:
+        print(json.dumps([dict(h.to_wire(), deployed=deployed.get(h.alias)) for h in hosts], indent=2))
+        return 0
+    rows = []
+    for h in hosts:
+        record = deployed.get(h.alias)
+        rows.append([h.alias, h.target, str(h.slots or "cpus"), ",".join(h.tags) or "-", h.python or "auto",
+                     h.remote_dir, "direct" if h.direct else "tunnel",
+                     f"pid {record['pid']} ({record['mode']})" if record else "-", h.source])
+    _table(rows, ["ALIAS", "TARGET", "SLOTS", "TAGS", "PYTHON", "REMOTE DIR", "MODE", "DEPLOYED", "SOURCE"])
+    if not hosts:
+        print(f"(no hosts: add one with `corral hosts add ALIAS --hostname ...`, or to {inventory.config_path})")
+    return 0
+
+
+def _hosts_add(args: argparse.Namespace) -> int:
+    StateDir(args.home_path).ensure()
+    values = {"hostname": args.hostname, "port": args.port, "user": args.user,
+              "identity": os.path.abspath(os.path.expanduser(args.identity)) if args.identity else None,
+              "slots": args.slots, "tags": args.tags, "python": args.python, "remote_dir": args.remote_dir,
+              "direct": args.direct, "proxy_jump": args.proxy_jump}
+    inventory = _inventory(args)
+    host = inventory.add(args.alias, values, replace_existing=args.replace)
+    print(f"added {host.alias}: {host.target} (in {inventory.hosts_path})")
+    return 0
+
+
+def _hosts_remove(args: argparse.Namespace) -> int:
+    from .client import MasterUnreachable
+
+    try:
+        client = _client(args)
+    except MasterUnreachable:
+        client = None
+    if client is None:
+        if args.alias in _deployments(args) and not args.force:
+            raise CorralError(f"{args.alias} has an agent deployed, and no master is running to stop it",
+                              "start the master (`corral master`) and run this again, or add --force to forget the host anyway")
+        _inventory(args).remove(args.alias)
+        print(f"removed {args.alias}")
+        return 0
+    with client:
+        return _follow(client, client.remove_hosts([args.alias], force=args.force), "removed", [args.alias])
+
+
+_STATUS_WORDS = {"ok": "ok", "skip": "skip", "fail": "FAILED", "wait": "WAIT", "info": "-"}
+
+
+def _follow(client: Client, op_id: str, verb: str, aliases: Sequence[str]) -> int:
+    """Print one line per host per step as the master reports them; a summary; exit 1 if a host failed."""
+    width = max(len(a) for a in aliases)
+
+    def show(event: dict) -> None:
+        if event["status"] == "start":
+            return
+        word = _STATUS_WORDS.get(event["status"], event["status"])
+        print(f"{event['host']:<{width}}  {event['step']:<8} {word:<6} {event['message']}", flush=True)
+
+    try:
+        final = client.follow_operation(op_id, show)
+    except KeyboardInterrupt:
+        print(f"corral: interrupted; operation {op_id} carries on in the master", file=sys.stderr)
+        raise
+    hosts = final["hosts"]
+    ok, failed = final["ok"], final["failed"]
+    for alias in failed:
+        h = hosts[alias]
+        hint = f" — {h['hint']}" if h["hint"] else ""
+        print(f"corral {final['kind']}: {h['error']}{hint}", file=sys.stderr)
+        if h["log_tail"].strip():
+            print(f"  last lines of {alias}'s agent log:", file=sys.stderr)
+            for line in h["log_tail"].rstrip("\n").splitlines():
+                print(f"  | {line}", file=sys.stderr)
+    summary = f"{verb} {len(ok)} of {len(hosts)} host{'s' if len(hosts) != 1 else ''}"
+    print(summary + (f" ({', '.join(failed)} failed)" if failed else ""), flush=True)
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .deploy.inventory import parse_tags
+
+    tags = list(parse_tags(args.tags, "--tags")) if args.tags is not None else None
+    with _client(args) as client:
+        op_id = client.deploy(args.aliases, slots=args.slots, tags=tags, accept_new=args.accept_new,
+                              direct=args.direct, ready_timeout=args.ready_timeout)
+        return _follow(client, op_id, "deployed", args.aliases)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    if args.timeout is not None and not args.drain:
+        raise CorralError("--timeout only applies with --drain", "a stop without --drain is immediate")
+    with _client(args) as client:
+        op_id = client.stop_agents(args.aliases, drain=args.drain, drain_timeout=args.timeout)
+        return _follow(client, op_id, "stopped", args.aliases)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "master": cmd_master, "agent": cmd_agent, "submit": cmd_submit, "call": cmd_call, "jobs": cmd_jobs,
     "show": cmd_show, "cancel": cmd_cancel, "requeue": cmd_requeue, "wait": cmd_wait, "status": cmd_status,
-    "agents": cmd_agents,
+    "agents": cmd_agents, "hosts": cmd_hosts, "deploy": cmd_deploy, "stop": cmd_stop,
 }
 
 

@@ -209,3 +209,102 @@ class Client:
         """Counts, agents, rates, and the rows of the windows in `views` if anything changed since `since`
         (see Scheduler.snapshot)."""
         return self._call("snapshot", since, views or {})
+
+    # ---- SSH deployment (the master's deploy service; see console/deploy/service.py) ---------------
+
+    def _deployer(self) -> Any:
+        """A proxy for the master's deploy service, on this Client's manager (made on first use)."""
+        proxy = getattr(self, "_deploy_proxy", None)
+        if proxy is None:
+            from .deploy import DEPLOY_TYPEID
+
+            manager = getattr(self._scheduler, "_manager", None)
+            if manager is None or not hasattr(manager, DEPLOY_TYPEID):
+                manager = _DeployClientManager(address=self.address, authkey=bytes(self._scheduler._authkey))
+                manager.connect()
+            try:
+                proxy = getattr(manager, DEPLOY_TYPEID)()
+            except (ConnectionError, OSError, EOFError) as exc:
+                raise MasterUnreachable(f"lost the master at {self.address[0]}:{self.address[1]} ({exc})",
+                                        "is it still running? `corral status`") from None
+            self._deploy_proxy = proxy
+        return proxy
+
+    def _deploy_call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self._deployer(), method)(*args)
+        except CorralError:
+            raise
+        except RemoteError as exc:
+            raise CorralError(f"the master failed on {method}(): {str(exc).strip().splitlines()[-1]}") from None
+        except (ConnectionError, OSError, EOFError) as exc:
+            raise MasterUnreachable(f"lost the master at {self.address[0]}:{self.address[1]} ({exc})",
+                                    "is it still running? `corral status`") from None
+
+    def deploy(self, aliases: Sequence[str], slots: int | None = None, tags: Sequence[str] | None = None,
+               accept_new: bool = False, direct: bool | None = None, interactive: bool = False,
+               **options: Any) -> str:
+        """Ask the master to deploy agents to these hosts; returns an operation id (follow it with
+        deploy_progress or follow_operation). interactive=True: an unknown host key becomes a question
+        (answer_host_key) instead of a failure. Other options: ready_timeout, connect_timeout,
+        hostkey_timeout, drain_timeout (seconds)."""
+        opts = dict(options, slots=slots, tags=list(tags) if tags is not None else None, accept_new=accept_new,
+                    direct=direct, interactive=interactive)
+        return self._deploy_call("deploy", list(aliases), opts)
+
+    def stop_agents(self, aliases: Sequence[str], drain: bool = False, **options: Any) -> str:
+        """Ask the master to stop these hosts' agents over SSH (drain: let running jobs finish first;
+        otherwise they are killed and re-queued); returns an operation id."""
+        return self._deploy_call("stop", list(aliases), drain, options)
+
+    def remove_hosts(self, aliases: Sequence[str], force: bool = False) -> str:
+        """Stop the hosts' agents, remove their bundles and files, drop them from corral's hosts file."""
+        return self._deploy_call("remove", list(aliases), {"force": force})
+
+    def deploy_progress(self, op_id: str, since: int = 0, wait: float = 0.0) -> dict:
+        """An operation's events after sequence `since` (long-polling up to `wait` s), each host's state
+        ({alias: {state, step, message, progress 0..1, error, hint, log_tail}}), open host-key questions,
+        `next` (pass it as `since`), `done`, `ok` and `failed`."""
+        return self._deploy_call("progress", op_id, since, float(wait))
+
+    def answer_host_key(self, op_id: str, alias: str, fingerprint: str, accept: bool) -> bool:
+        """Accept (into corral's known_hosts) or reject the unknown host key a deploy is waiting on."""
+        return self._deploy_call("answer_host_key", op_id, alias, fingerprint, bool(accept))
+
+    def follow_operation(self, op_id: str, on_event: Any = None, poll: float = 1.0) -> dict:
+        """Call on_event(event) for each event of an operation as it happens; return its final snapshot."""
+        since = 0
+        while True:
+            snap = self.deploy_progress(op_id, since, poll)
+            if on_event is not None:
+                for event in snap["events"]:
+                    on_event(event)
+            since = snap["next"]
+            if snap["done"]:
+                return snap
+
+    def ssh_links(self) -> list[dict]:
+        """The SSH connections the master holds: alias, target, state, since, remote_port, reconnects, error."""
+        return self._deploy_call("links")
+
+    def deploy_hosts(self) -> list[dict]:
+        """The inventory as the master sees it, with each host's deployment record and link state."""
+        return self._deploy_call("hosts")
+
+    def deploy_operations(self) -> list[dict]:
+        """The master's recent deploy/stop/remove operations."""
+        return self._deploy_call("operations")
+
+
+class _DeployClientManager(BaseManager):
+    pass
+
+
+def _register_deploy() -> None:
+    from .deploy import DEPLOY_TYPEID
+
+    _ClientManager.register(DEPLOY_TYPEID)
+    _DeployClientManager.register(DEPLOY_TYPEID)
+
+
+_register_deploy()

@@ -608,13 +608,34 @@ class Scheduler:
             self.work.notify_all()
             self.finished.notify_all()
 
+    def drain_agent(self, name: str) -> bool:
+        """Give this agent no more work (it is being drained over SSH); False if no such agent is up."""
+        with self.lock:
+            agent = self.agents.get(name)
+            if agent is None or agent.state in ("lost", "stopped"):
+                return False
+            agent.state = "draining"
+        self._emit(f"agent {name} draining")
+        return True
+
+    def retire_agent(self, name: str, reason: str) -> None:
+        """The agent was stopped on purpose: what it still held goes back to the queue now, not after a lease."""
+        with self.lock:
+            agent = self.agents.get(name)
+            if agent is None:
+                return
+            self.sessions.pop(agent.session, None)
+            self._requeue_lost(agent, keep=set(), reason=reason)
+            agent.state = "stopped"
+        self._emit(f"agent {name} stopped: {reason}")
+
     def expire_leases(self) -> None:
         """Called every second: agents silent past their lease are lost and their jobs re-queued;
         jobs left running by a previous master whose agent never came back are re-queued too."""
         now = time.time()
         with self.lock:
             for agent in list(self.agents.values()):
-                if agent.state != "lost" and now - agent.last_seen > self.lease_seconds:
+                if agent.state not in ("lost", "stopped") and now - agent.last_seen > self.lease_seconds:
                     agent.state = "lost"
                     self._emit(f"agent {agent.name} lost: silent for {now - agent.last_seen:.1f}s")
                     self._requeue_lost(agent, keep=set(), reason=f"agent {agent.name} lost")

@@ -19,6 +19,9 @@ from typing import Any
 from agent.protocol import SCHEDULER_TYPEID, CorralError
 from agent.statedir import MASTER_NAME
 
+from ..deploy import DEPLOY_TYPEID
+from ..deploy.service import EXPOSED as DEPLOY_EXPOSED
+from ..deploy.service import DeployService
 from ..state import StateDir
 from .scheduler import Scheduler
 from .store import Journal
@@ -77,6 +80,14 @@ def get_scheduler() -> Scheduler:
     return _scheduler
 
 
+_deployer: DeployService | None = None
+
+
+def get_deployer() -> DeployService:
+    assert _deployer is not None, "the master has no deploy service yet"
+    return _deployer
+
+
 class MasterManager(BaseManager):
     """The master's manager: one registered name, the scheduler."""
 
@@ -91,6 +102,9 @@ MasterManager.register(
 )
 
 
+MasterManager.register(DEPLOY_TYPEID, callable=get_deployer, exposed=DEPLOY_EXPOSED)
+
+
 def is_loopback(host: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
 
@@ -98,7 +112,7 @@ def is_loopback(host: str) -> bool:
 def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
           lease: float = 10.0, fsync: bool = False) -> int:
     """Run the master until SIGTERM/SIGINT. Returns the exit code."""
-    global _scheduler
+    global _scheduler, _deployer
     authkey = state.ensure_authkey()
     journal = Journal(state.journal_path, fsync=fsync)
 
@@ -108,6 +122,8 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
     _scheduler = Scheduler(journal, lease_seconds=lease, on_event=on_event if verbose else None)
     server = CorralServer(MasterManager._registry, (host, port), authkey, "pickle")
     bound_host, bound_port = server.address
+    _deployer = DeployService(state, _scheduler, (bound_host, bound_port), authkey)
+    _deployer.resume()
     state.write_master({"host": bound_host, "port": bound_port, "pid": os.getpid(), "started": time.time()})
     stop = threading.Event()
 
@@ -125,6 +141,7 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
             _scheduler.expire_leases()
             journal.checkpoint()
     finally:
+        _deployer.shutdown()
         state.clear_master(os.getpid())
         with _scheduler.lock:
             journal.close()

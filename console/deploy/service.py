@@ -1,0 +1,494 @@
+"""The master's deploy service: holds the SSH links, runs deploys and stops as followable operations."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import DeployError, HostKeyUnknown
+from .fleet import Operation, start
+
+if TYPE_CHECKING:  # paramiko is imported only once something is deployed: the master starts fast
+    from ..master.scheduler import Scheduler
+    from ..state import StateDir
+    from .inventory import Host, Inventory
+    from .ssh import KnownHosts, Link
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENTS_NAME = "deployments.json"
+KEEP_OPERATIONS = 50
+
+# The methods clients may call through the manager; every argument and result is plain data.
+EXPOSED = ("deploy", "stop", "remove", "progress", "answer_host_key", "links", "hosts", "operations")
+
+DEPLOY_DEFAULTS: dict[str, Any] = {
+    "slots": None,  # int: overrides the host's slots
+    "tags": None,  # list of str: overrides the host's tags
+    "direct": None,  # bool: overrides the host's direct setting
+    "accept_new": False,  # accept an unknown host key (and record it in corral's known_hosts)
+    "interactive": False,  # ask about an unknown host key (answer_host_key) instead of failing at once
+    "ready_timeout": 30.0,
+    "connect_timeout": 10.0,
+    "hostkey_timeout": 300.0,  # how long an interactive question waits for its answer
+    "drain_timeout": 120.0,  # an upgrade drains the old agent this long at most
+}
+STOP_DEFAULTS: dict[str, Any] = {
+    "drain_timeout": None,  # None: a drain waits as long as the running jobs take
+    "connect_timeout": 10.0,
+    "force": False,  # remove(): forget the host even if its agent and files cannot be removed
+}
+
+
+def _check_options(options: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise DeployError("options must be a dict")
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise DeployError(f"unknown option(s): {', '.join(sorted(map(str, unknown)))}", f"known: {', '.join(defaults)}")
+    merged = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+    for key in ("accept_new", "interactive", "force"):
+        if key in merged and not isinstance(merged[key], bool):
+            raise DeployError(f"option {key} must be true or false, not {merged[key]!r}")
+    for key in ("ready_timeout", "connect_timeout", "hostkey_timeout", "drain_timeout"):
+        value = merged.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400):
+            raise DeployError(f"option {key} must be a number of seconds, not {value!r}")
+    slots = merged.get("slots")
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or not 0 < slots <= 4096):
+        raise DeployError(f"slots must be a whole number from 1 to 4096, not {slots!r}")
+    if merged.get("direct") is not None and not isinstance(merged["direct"], bool):
+        raise DeployError(f"direct must be true or false, not {merged['direct']!r}")
+    if merged.get("tags") is not None:
+        from .inventory import parse_tags
+
+        if not isinstance(merged["tags"], (list, tuple)):
+            raise DeployError(f"tags must be a list of text, not {merged['tags']!r}")
+        merged["tags"] = parse_tags(list(merged["tags"]), "--tags")
+    return merged
+
+
+def _check_aliases(aliases: Any) -> list[str]:
+    if not isinstance(aliases, (list, tuple)) or not aliases or not all(isinstance(a, str) for a in aliases):
+        raise DeployError("give one or more host aliases", "list them with `corral hosts`")
+    return list(dict.fromkeys(aliases))
+
+
+class DeployService:
+    """Registered on the master's manager beside the scheduler. The SSH connections (and so the agents'
+    tunnels) live here, in the long-lived master; the CLI and the console only ask and follow."""
+
+    def __init__(self, state: "StateDir", scheduler: "Scheduler", master: tuple[str, int], authkey: bytes) -> None:
+        self.state = state
+        self.scheduler = scheduler
+        self.master = master
+        self.authkey = authkey
+        self.lock = threading.Lock()
+        self._links: dict[str, "Link"] = {}
+        self._jumps: dict[str, "Link"] = {}
+        self._ops: OrderedDict[str, Operation] = OrderedDict()
+        self._busy: dict[str, str] = {}  # alias -> id of the operation working on it
+        self._answers: dict[tuple[str, str], dict[str, Any]] = {}  # (op id, alias) -> {"event", "accept"}
+        self._closed = threading.Event()
+        self.deployments_path = state.home / DEPLOYMENTS_NAME
+
+    # ---- the pieces, made on first use -------------------------------------------------------
+
+    def _inventory(self) -> "Inventory":
+        from .inventory import Inventory
+
+        return Inventory(self.state.home)
+
+    def _known(self) -> "KnownHosts":
+        from .inventory import KNOWN_HOSTS_NAME
+        from .ssh import KnownHosts
+
+        return KnownHosts(self.state.home / KNOWN_HOSTS_NAME)
+
+    def _host(self, alias: str) -> "Host":
+        from .inventory import Host
+
+        try:
+            return self._inventory().get(alias)
+        except DeployError:
+            record = self._deployments().get(alias)
+            if record is None:
+                raise
+            return Host.from_wire(record["host"])  # removed from the inventory while deployed
+
+    def _link(self, host: "Host", timeout: float) -> "Link":
+        """The held link to this host, or a new one if there is none or its connection settings changed."""
+        from .ssh import Link
+
+        with self.lock:
+            link = self._links.get(host.alias)
+            same = link is not None and (link.host.hostname, link.host.port, link.host.user, link.host.identity,
+                                         link.host.proxy_jump) == (host.hostname, host.port, host.user,
+                                                                   host.identity, host.proxy_jump)
+            if link is not None and same and not link.closed.is_set():
+                link.host = host  # slots, tags... may have changed; the connection has not
+                return link
+            if link is not None:
+                link.close()
+            link = Link(host, self._known(), self.master, jump=self._jump_link, on_state=self._on_link_state,
+                        timeout=timeout)
+            self._links[host.alias] = link
+            return link
+
+    def _jump_link(self, name: str) -> "Link":
+        """A connection to a ProxyJump host: an inventory alias, or [user@]host[:port]."""
+        from .inventory import Host
+        from .ssh import Link
+
+        with self.lock:
+            link = self._jumps.get(name)
+            if link is not None and not link.closed.is_set():
+                return link
+        try:
+            host = self._inventory().get(name)
+        except DeployError:
+            user, _, rest = name.rpartition("@")
+            hostname, _, port = rest.partition(":")
+            host = Host(alias=name, hostname=hostname, port=int(port) if port.isdigit() else 22,
+                        user=user or getpass.getuser())
+        link = Link(host, self._known(), self.master, on_state=None)
+        with self.lock:
+            self._jumps[name] = link
+        return link
+
+    def _on_link_state(self, link: "Link", state: str, message: str) -> None:
+        if state == "down":
+            log.warning("%s: SSH link down: %s", link.host.alias, message or "connection lost")
+        elif state == "up" and link.reconnects:
+            log.warning("%s: SSH link %s", link.host.alias, message or "re-established")
+
+    def _registered(self, alias: str, pid: int) -> bool:
+        return any(a["name"] == alias and a["pid"] == pid and a["state"] == "up" for a in self.scheduler.agent_list())
+
+    # ---- deployments.json: what the master has deployed, so a restarted master re-opens the tunnels ----
+
+    def _deployments(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.deployments_path.read_text())
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.deployments_path, exc)
+            return {}
+
+    def _record(self, alias: str, record: dict[str, Any] | None) -> None:
+        with self.lock:
+            data = self._deployments()
+            if record is None:
+                data.pop(alias, None)
+            else:
+                data[alias] = record
+            tmp = self.deployments_path.with_name(DEPLOYMENTS_NAME + ".tmp")
+            fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.deployments_path)
+
+    def resume(self) -> None:
+        """In the background: re-open the links (and tunnel ports) of agents deployed by an earlier master."""
+        if not self._deployments():
+            return
+        threading.Thread(target=self._resume, name="deploy-resume", daemon=True).start()
+
+    def _resume(self) -> None:
+        for alias, record in self._deployments().items():
+            if self._closed.is_set():
+                return
+            try:
+                host = self._host(alias)
+                link = self._link(host, 10.0)
+                if record.get("mode") == "tunnel" and record.get("remote_port"):
+                    link.remote_port = int(record["remote_port"])
+                link.open()
+                if link.remote_port:
+                    link.forward(link.remote_port)
+                log.warning("%s: SSH link re-opened after a master restart (tunnel port %s)", alias, link.remote_port)
+            except DeployError as exc:
+                log.warning("%s: cannot re-open the SSH link yet: %s", alias, exc)
+            except Exception:  # keep resuming the other hosts; the trace goes to the master's log
+                log.exception("%s: re-opening the SSH link failed", alias)
+                continue
+            link.supervise()  # keeps retrying until the host is back
+
+    def shutdown(self) -> None:
+        """The master is stopping: close every SSH connection (the agents keep running and wait)."""
+        self._closed.set()
+        with self.lock:
+            links = list(self._links.values()) + list(self._jumps.values())
+            for waiting in self._answers.values():
+                waiting["event"].set()
+        for link in links:
+            link.close()
+
+    # ---- operations -----------------------------------------------------------------------------
+
+    def _begin(self, kind: str, aliases: list[str], work: Callable[[Operation, str, Callable[[str, str, str], None]], tuple[dict, str]]) -> str:
+        op = Operation(kind, aliases)
+        with self.lock:
+            self._ops[op.id] = op
+            while len(self._ops) > KEEP_OPERATIONS:
+                old_id, old = next(iter(self._ops.items()))
+                if not old.done:
+                    break
+                self._ops.pop(old_id)
+
+        def guarded(alias: str, report: Callable[[str, str, str], None]) -> tuple[dict, str]:
+            with self.lock:
+                other = self._busy.get(alias)
+                if other is None:
+                    self._busy[alias] = op.id
+            if other is not None:
+                raise DeployError(f"{alias}: busy: operation {other} is still working on it",
+                                  "wait for it to finish, then try again", host=alias, step="connect")
+            try:
+                return work(op, alias, report)
+            finally:
+                with self.lock:
+                    self._busy.pop(alias, None)
+
+        start(op, guarded)
+        return op.id
+
+    def _op(self, op_id: Any) -> Operation:
+        with self.lock:
+            op = self._ops.get(op_id) if isinstance(op_id, str) else None
+        if op is None:
+            raise DeployError(f"no operation {op_id!r}", "it finished long ago, or the master restarted")
+        return op
+
+    # ---- the API (plain data in, plain data out) ----------------------------------------------
+
+    def deploy(self, aliases: list, options: dict | None = None) -> str:
+        """Deploy agents to these hosts in parallel; returns an operation id to follow with progress()."""
+        aliases = _check_aliases(aliases)
+        opts = _check_options(options, DEPLOY_DEFAULTS)
+        for alias in aliases:
+            self._host(alias)  # an unknown alias fails the whole call, before anything starts
+        from .bundle import build
+        from .inventory import with_overrides
+        from .ssh import DeployPlan, deploy_host
+
+        bundle = build()
+        plan = DeployPlan(authkey=self.authkey, master=self.master, ready_timeout=float(opts["ready_timeout"]),
+                          upgrade_drain_timeout=float(opts["drain_timeout"]))
+
+        def work(op: Operation, alias: str, report: Callable[[str, str, str], None]) -> tuple[dict, str]:
+            host = with_overrides(self._host(alias), slots=opts["slots"],
+                                  tags=tuple(opts["tags"]) if opts["tags"] is not None else None, direct=opts["direct"])
+            link = self._link(host, float(opts["connect_timeout"]))
+            result = deploy_host(link, bundle, plan, report, self._asker(op, alias, opts, report), self._registered,
+                                 on_upgrade=self.scheduler.drain_agent)
+            link.supervise()
+            self._record(alias, {"host": host.to_wire(), "mode": result["mode"], "remote_port": result["port"],
+                                 "pid": result["pid"], "bundle": result["bundle"], "dir": result["dir"],
+                                 "deployed": time.time()})
+            if result["noop"]:
+                return result, f"already running (pid {result['pid']}, {bundle.name}): nothing to do"
+            return result, f"agent pid {result['pid']} up ({result['mode']}, {bundle.name})"
+
+        return self._begin("deploy", aliases, work)
+
+    def _asker(self, op: Operation, alias: str, opts: dict[str, Any],
+               report: Callable[[str, str, str], None]) -> Callable[[HostKeyUnknown], bool]:
+        def ask(exc: HostKeyUnknown) -> bool:
+            what = f"{exc.key_type} {exc.fingerprint}"  # type: ignore[attr-defined]
+            if opts["accept_new"]:
+                report("hostkey", "info", f"accepting the new key {what} (--accept-new)")
+                return True
+            if not opts["interactive"]:
+                return False
+            waiting = {"event": threading.Event(), "accept": None}
+            question = {"host_id": exc.host_id, "key_type": exc.key_type,  # type: ignore[attr-defined]
+                        "fingerprint": exc.fingerprint, "asked": time.time()}  # type: ignore[attr-defined]
+            with op.cond:
+                op.questions[alias] = question
+            with self.lock:
+                self._answers[(op.id, alias)] = waiting
+            report("hostkey", "wait", f"unknown host key {what}: accept or reject it")
+            try:
+                answered = waiting["event"].wait(float(opts["hostkey_timeout"]))
+            finally:
+                with self.lock:
+                    self._answers.pop((op.id, alias), None)
+                with op.cond:
+                    op.questions.pop(alias, None)
+            if not answered or waiting["accept"] is None:
+                raise DeployError(f"{alias}: hostkey: no answer about the unknown key {what} "
+                                  f"within {opts['hostkey_timeout']:g}s", "deploy again and answer the question",
+                                  host=alias, step="hostkey")
+            if not waiting["accept"]:
+                raise DeployError(f"{alias}: hostkey: the operator rejected the host key {what}", "",
+                                  host=alias, step="hostkey")
+            report("hostkey", "info", f"the operator accepted {what}; it goes to corral's known_hosts")
+            return True
+
+        return ask
+
+    def answer_host_key(self, op_id: str, alias: str, fingerprint: str, accept: bool) -> bool:
+        """Answer an open host-key question; the fingerprint must be the one asked about."""
+        op = self._op(op_id)
+        if not isinstance(accept, bool):
+            raise DeployError("accept must be true or false")
+        with op.cond:
+            question = op.questions.get(alias)
+        with self.lock:
+            waiting = self._answers.get((op.id, alias))
+        if question is None or waiting is None:
+            raise DeployError(f"no open host-key question for {alias!r} in operation {op_id}",
+                              "it was answered already, or it timed out")
+        if fingerprint != question["fingerprint"]:
+            raise DeployError(f"{alias}: hostkey: the answer names {fingerprint}, the question {question['fingerprint']}",
+                              "answer about the key that was shown")
+        waiting["accept"] = accept
+        waiting["event"].set()
+        return True
+
+    def stop(self, aliases: list, drain: bool = False, options: dict | None = None) -> str:
+        """Stop the agents on these hosts over SSH: drained (running jobs finish) or at once (killed, re-queued)."""
+        aliases = _check_aliases(aliases)
+        if not isinstance(drain, bool):
+            raise DeployError("drain must be true or false")
+        opts = _check_options(options, STOP_DEFAULTS)
+        for alias in aliases:
+            self._host(alias)
+
+        def work(op: Operation, alias: str, report: Callable[[str, str, str], None]) -> tuple[dict, str]:
+            pid = self._stop_agent(alias, drain, opts, report)
+            self._drop(alias)
+            return {"pid": pid, "drained": drain}, (f"agent pid {pid} {'drained and ' if drain else ''}stopped"
+                                                    if pid else "no agent was running")
+
+        return self._begin("stop", aliases, work)
+
+    def remove(self, aliases: list, options: dict | None = None) -> str:
+        """Stop the agent, remove its bundle and files, and drop the host from corral's hosts file."""
+        aliases = _check_aliases(aliases)
+        opts = _check_options(options, STOP_DEFAULTS)
+        for alias in aliases:
+            self._host(alias)
+
+        def work(op: Operation, alias: str, report: Callable[[str, str, str], None]) -> tuple[dict, str]:
+            from .ssh import remove_files
+
+            deployed = alias in self._deployments() or alias in self._links
+            pid = 0
+            if deployed:
+                try:
+                    pid = self._stop_agent(alias, False, opts, report)
+                    link = self._links[alias]
+                    directory, _ = self._running(link)
+                    if directory:
+                        remove_files(link, directory)
+                    report("remove", "ok", f"removed the bundle and files from {directory or link.host.remote_dir}")
+                except DeployError as exc:
+                    if not opts["force"]:
+                        raise DeployError(exc.message, f"{exc.hint}; or forget the host anyway with --force".lstrip("; "),
+                                          host=alias, step=exc.step) from None
+                    report("remove", "info", f"ignored (--force): {exc.message}")
+            else:
+                report("remove", "skip", "nothing deployed there")
+            self._drop(alias)
+            self._forget(alias, report)
+            return {"pid": pid}, "removed"
+
+        return self._begin("remove", aliases, work)
+
+    def _running(self, link: "Link") -> tuple[str, int]:
+        from .ssh import running_agent
+
+        return running_agent(link, "stop")
+
+    def _stop_agent(self, alias: str, drain: bool, opts: dict[str, Any], report: Callable[[str, str, str], None]) -> int:
+        from .ssh import stop_remote
+
+        host = self._host(alias)
+        link = self._link(host, float(opts["connect_timeout"]))
+        if link.ensure():
+            report("connect", "ok", host.target)
+        directory, pid = self._running(link)
+        if not pid:
+            report("stop", "skip", "no agent is running there")
+            self.scheduler.retire_agent(alias, "stopped (it was not running)")
+            return 0
+        if drain:
+            self.scheduler.drain_agent(alias)
+        last = [0.0]
+
+        def tick() -> None:
+            now = time.monotonic()
+            if drain and now - last[0] >= 2.0:
+                last[0] = now
+                busy = next((a["busy"] for a in self.scheduler.agent_list() if a["name"] == alias), 0)
+                report("stop", "info", f"draining: {busy} job(s) still running")
+
+        stop_remote(link, pid, drain, report, opts["drain_timeout"], tick)
+        if directory:
+            link.remove([f"{directory}/agent.pid"], "stop")
+        self.scheduler.retire_agent(alias, "drained and stopped by the operator" if drain else "stopped by the operator")
+        report("stop", "ok", f"agent pid {pid} is gone" + ("" if drain else "; its jobs went back to the queue"))
+        return pid
+
+    def _drop(self, alias: str) -> None:
+        """No agent there any more: close the link (and its tunnel), forget the deployment."""
+        with self.lock:
+            link = self._links.pop(alias, None)
+        if link is not None:
+            link.close()
+        self._record(alias, None)
+
+    def _forget(self, alias: str, report: Callable[[str, str, str], None]) -> None:
+        inventory = self._inventory()
+        if any(e.alias == alias for e in inventory.entries()):
+            inventory.remove(alias)
+            report("remove", "ok", f"dropped from {inventory.hosts_path}")
+        else:
+            report("remove", "skip", f"{alias} is not in corral's hosts file (it comes from {inventory.config_path})")
+
+    def progress(self, op_id: str, since: int = 0, wait: float = 0.0) -> dict:
+        """Events of an operation after `since`, long-polling up to `wait` seconds; hosts' states; questions."""
+        if isinstance(since, bool) or not isinstance(since, int) or isinstance(wait, bool) or not isinstance(wait, (int, float)):
+            raise DeployError("progress() takes an operation id, a sequence number and seconds to wait")
+        return self._op(op_id).snapshot(since, wait)
+
+    def links(self) -> list[dict]:
+        """The SSH connections the master holds: alias, target, state, tunnel port, reconnects, last error."""
+        with self.lock:
+            links = list(self._links.values())
+        return sorted((link.wire() for link in links), key=lambda w: w["alias"])
+
+    def hosts(self) -> list[dict]:
+        """The inventory, each host with what the master knows of it (deployed, link state)."""
+        deployed = self._deployments()
+        with self.lock:
+            states = {alias: link.state for alias, link in self._links.items()}
+        out = []
+        for host in self._inventory().hosts():
+            wire = host.to_wire()
+            wire["deployed"] = deployed.get(host.alias)
+            wire["link"] = states.get(host.alias, "")
+            out.append(wire)
+        return out
+
+    def operations(self) -> list[dict]:
+        """The recent operations, newest last: id, kind, hosts, done, ok and failed hosts."""
+        with self.lock:
+            ops = list(self._ops.values())
+        out = []
+        for op in ops:
+            snap = op.snapshot(op.seq)
+            out.append({k: snap[k] for k in ("id", "kind", "hosts_order", "started", "ended", "done", "ok", "failed")})
+        return out
