@@ -6,12 +6,14 @@ import functools
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
 from multiprocessing.managers import BaseManager
+from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import execute
@@ -70,7 +72,10 @@ class Agent:
         info: AgentInfo,
         verbose: bool = False,
         locate: Optional[Callable[[], Tuple[str, int]]] = None,
+        spool: Optional[Path] = None,
     ) -> None:
+        # Results the master has not acknowledged survive a restart of this agent here.
+        self.spool = spool
         self.address = address
         # Where to look the master up again before each (re)connect: a restarted master may
         # listen on a new port (read from the state directory); None when --connect fixed it.
@@ -124,6 +129,7 @@ class Agent:
         threads = [threading.Thread(target=self._watch_events, name="events", daemon=True)]
         for thread in threads:
             thread.start()
+        self._load_spool()
         backoff = 0.5
         try:
             while not self.stopping.is_set():
@@ -158,6 +164,7 @@ class Agent:
                 self._wake_all()
                 for thread in session_threads:
                     thread.join(timeout=3)
+                self._save_spool()
         finally:
             self._shutdown_pool()
         return 1 if self.stopping.is_set() else 0
@@ -180,11 +187,47 @@ class Agent:
             pending = bool(self.results)
         return not held and not pending
 
+    def _save_spool(self) -> None:
+        """Keep unreported results on disk while the master is away (atomic replace)."""
+        with self.results_ready:
+            rows = list(self.results)
+        if self.spool is None or not rows:
+            return
+        try:
+            self.spool.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.spool.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(rows))
+            os.replace(tmp, self.spool)
+        except OSError as exc:
+            log.warning("cannot write the spool %s: %s", self.spool, exc)
+
+    def _load_spool(self) -> None:
+        """Queue the results a previous run of this agent could not hand in."""
+        if self.spool is None or not self.spool.exists():
+            return
+        try:
+            rows = pickle.loads(self.spool.read_bytes())
+            assert isinstance(rows, list)
+        except Exception as exc:  # noqa: BLE001 - a torn spool is reported and set aside, never fatal
+            log.warning("ignoring unreadable spool %s: %s", self.spool, exc)
+            return
+        log.info("handing in %d results from the spool %s", len(rows), self.spool)
+        self._queue_results([tuple(row) for row in rows])
+
+    def _drop_spool(self) -> None:
+        if self.spool is not None:
+            try:
+                self.spool.unlink()
+            except FileNotFoundError:
+                pass
+
     def _register(self) -> None:
         scheduler = connect(self.address, self.authkey)
         with self.lock:
-            running = sorted(self.held)
-        reply = scheduler.register(self.info.to_wire(), running)
+            running = set(self.held)
+        with self.results_ready:
+            running.update(row[0] for row in self.results)  # finished here, not yet reported: still ours
+        reply = scheduler.register(self.info.to_wire(), sorted(running))
         self.session = reply["session"]
         log.info("registered with master %s:%s as %s (%d slots)", *self.address, self.info.name, self.info.slots)
         if self.verbose:
@@ -378,6 +421,9 @@ class Agent:
                 rows, cancel = scheduler.report(self.session, batch, running, wanted)
                 with self.results_ready:
                     del self.results[: len(batch)]
+                    emptied = not self.results
+                if batch and emptied:
+                    self._drop_spool()
                 next_beat = time.time() + HEARTBEAT_SECONDS
                 if cancel:
                     self._cancel(cancel)

@@ -14,6 +14,7 @@ from agent.protocol import SCHEDULER_TYPEID, CorralError, JobSpec, JobState
 from .state import StateDir
 
 SUBMIT_BATCH = 10_000  # jobs per submit() round trip
+SUBMIT_BYTES = 16 * 1024 * 1024  # ... or about this many bytes of commands and arguments
 WAIT_POLL_SECONDS = 1.0  # each wait() call on the master is a long poll this long
 
 
@@ -101,11 +102,15 @@ class Client:
         """Queue jobs; returns their ids once the master has journaled them."""
         ids: list[int] = []
         batch: list[dict] = []
+        size = 0
         for spec in specs:
-            batch.append(_spec_wire(spec))
-            if len(batch) >= SUBMIT_BATCH:
+            wire = _spec_wire(spec)
+            batch.append(wire)
+            # Keep each message well under the master's cap on what it reads (MAX_MESSAGE_BYTES).
+            size += len(wire.get("payload") or b"") + len(wire.get("command") or "") + 256
+            if len(batch) >= SUBMIT_BATCH or size >= SUBMIT_BYTES:
                 ids += self._call("submit", batch)
-                batch = []
+                batch, size = [], 0
         if batch or not ids:
             ids += self._call("submit", batch)
         return ids

@@ -157,6 +157,23 @@ def validate(spec: Any, where: str) -> tuple:
     return name, command, func, payload, env, cwd, priority, timeout, retries, tuple(tags)
 
 
+_RESULT_STATES = frozenset({DONE, FAILED, TIMEOUT, CANCELLED, RELEASED})
+_OPT_INT, _OPT_BYTES, _NUMBER = (int, type(None)), (bytes, type(None)), (int, float)
+
+
+def _check_results(results: Any) -> None:
+    """Refuse a malformed report whole (an agent holding the authkey may still be buggy)."""
+    if not isinstance(results, list):
+        raise CorralError("malformed report: results must be a list")
+    for row in results:
+        if (type(row) not in (tuple, list) or len(row) != 11 or type(row[0]) is not int
+                or type(row[1]) is not int or row[2] not in _RESULT_STATES
+                or type(row[3]) not in _OPT_INT or type(row[4]) not in _OPT_BYTES
+                or not all(type(text) is str for text in row[5:9])
+                or type(row[9]) not in _NUMBER or type(row[10]) not in _NUMBER):
+            raise CorralError(f"malformed report: bad result row {str(row)[:200]}")
+
+
 class Scheduler:
     """The master's state. Every public method is called from a manager thread, under one lock."""
 
@@ -338,7 +355,7 @@ class Scheduler:
                     del self.jobs[job_id]
                     self._final(job_id, CANCELLED)
                     self._changed(job_id)
-                    rows.append((CANCELLED, job.failures, now, None, None, "cancelled before it ran", job_id))
+                    rows.append((CANCELLED, job.failures, None, now, None, None, "cancelled before it ran", job_id))
                     outcome[job_id] = CANCELLED
                 else:
                     agent = self.agents.get(job.agent or "")
@@ -479,17 +496,20 @@ class Scheduler:
         now = time.time()
         name = info["name"]
         with self.lock:
+            if not isinstance(running, list):
+                raise CorralError("register() needs the list of job ids the agent still holds")
             old = self.agents.get(name)
             agent = AgentRecord(name, uuid.uuid4().hex, info, now)
             still = {j for j in running if _is_int(j)}
             if old is not None:
                 self.sessions.pop(old.session, None)
                 agent.done, agent.failed = old.done, old.failed
-                self._requeue_lost(old, keep=still, reason=f"agent {name} restarted")
-            for job_id in still:
-                job = self.jobs.get(job_id)
-                if job is not None and job.state == RUNNING and job.agent == name:
-                    agent.running.add(job_id)
+            # Every job this master believes runs on `name` (it may have restarted and know them only
+            # from the journal): kept if the agent still holds it, re-queued if the agent does not.
+            ours = AgentRecord(name, "", {}, now)
+            ours.running = {j.id for j in self.jobs.values() if j.state == RUNNING and j.agent == name}
+            agent.running = ours.running & still
+            self._requeue_lost(ours, keep=still, reason=f"agent {name} came back without it")
             self.agents[name] = agent
             self.sessions[agent.session] = agent
         self._emit(f"agent {name} up: {agent.slots} slots, tags {','.join(sorted(agent.tags)) or '-'}")
@@ -531,6 +551,7 @@ class Scheduler:
             return self._serve_credit(agent)
 
     def _apply_results(self, agent: AgentRecord, results: list) -> None:
+        _check_results(results)  # all of it, before any of it changes anything
         now = time.time()
         finish_rows, requeue_rows, attempt_rows = [], [], []
         events = []
@@ -539,6 +560,14 @@ class Scheduler:
             job = self.jobs.get(job_id)
             agent.running.discard(job_id)
             counted = job is not None and job.state == RUNNING and job.attempts == attempt and job.agent == agent.name
+            if not counted and job is not None and state == DONE and attempt < job.attempts:
+                # A late success of an attempt re-queued meanwhile (its agent was lost, then came
+                # back): the first attempt to finish wins, and the one still running is cancelled.
+                counted = True
+                other = self.agents.get(job.agent or "") if job.state == RUNNING else None
+                if other is not None:
+                    other.cancel.add(job_id)
+                events.append(f"late result of {job_id} attempt {attempt} from {agent.name} wins")
             # A clean, counted run needs no row of its own: the jobs row holds its whole story.
             if state != RELEASED and (stdout or stderr or error or not counted or state != DONE or attempt > 1):
                 attempt_rows.append((job_id, attempt, agent.name, state, started, ended, exit_code,
@@ -568,7 +597,7 @@ class Scheduler:
             del self.jobs[job_id]
             self._final(job_id, state)
             self.finished_times.append(now)
-            finish_rows.append((state, job.failures, ended, exit_code, value, error, job_id))
+            finish_rows.append((state, job.failures, agent.name, ended, exit_code, value, error, job_id))
             if self.on_event is not None:
                 what = f"exit {exit_code}" if exit_code is not None else state
                 events.append(f"finished {job_id} on {agent.name}: {what} in {ended - started:.2f}s"

@@ -127,7 +127,7 @@ class Journal:
     DISPATCH = "UPDATE jobs SET state='running', attempts=?, agent=?, started=? WHERE id=?"
     REQUEUE = "UPDATE jobs SET state='queued', attempts=?, failures=?, lost=?, agent=NULL WHERE id=?"
     # attempts, agent and lost were set at dispatch or requeue; a finish writes only the outcome.
-    FINISH = "UPDATE jobs SET state=?, failures=?, ended=?, exit_code=?, value=?, error=? WHERE id=?"
+    FINISH = "UPDATE jobs SET state=?, failures=?, agent=?, ended=?, exit_code=?, value=?, error=? WHERE id=?"
     LOST = "UPDATE jobs SET state='lost', lost=?, ended=?, error=? WHERE id=?"
     ATTEMPT = (
         "INSERT OR REPLACE INTO attempts (job_id, attempt, agent, state, started, ended, exit_code,"
