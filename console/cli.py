@@ -92,6 +92,10 @@ def _state(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="corral", description="A cluster operations console: run jobs on the machines you can SSH into.")
     parser.add_argument("--home", help="state directory (default: $CORRAL_HOME or ~/.local/state/corral)")
+    parser.add_argument("--no-local-agent", action="store_true",
+                        help="console only: when it starts the master, do not also start a local agent")
+    parser.add_argument("--slots", dest="console_slots", type=_count, metavar="N",
+                        help="console only: slots of the local agent it starts (default: CPU count)")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("master", help="run the job master (foreground)")

@@ -680,3 +680,224 @@ class Scheduler:
                     ghost = AgentRecord(name, "", {}, now)
                     ghost.running = ids
                     self._requeue_lost(ghost, keep=set(), reason=f"agent {name} did not come back")
+
+    # ---- console ------------------------------------------------------------------------
+
+    CONSOLE_WINDOW = 1000  # rows of one view in one snapshot
+    CONSOLE_WALK = 5000  # deeper than this into the queue, a view is computed from a copy, outside the lock
+    CONSOLE_CHANGED = 5000  # more changed ids than this since a console's last look: "many" (None)
+    CONSOLE_RATE_SECONDS = 60
+    # The console's running tally of final states and the change seq it is good to; set on first use
+    # (class-level defaults, so __init__ stays as it is).
+    _console_final: dict[str, int] | None = None
+    _console_seq = 0
+
+    def snapshot(self, since: int = 0, views: dict | None = None) -> dict:
+        """What a console draws, cheaply enough to ask a few times a second with 100,000 jobs about.
+
+        Always: `seq`, the master's `now`, counts by state, agents, and finished jobs per second over
+        the last minute. When something changed since `since` (the `seq` of the caller's last look):
+        the ids that changed (`changed`, None when too many or too old to know), and the rows of each
+        view in `views` ({"dispatched"|"finished": {"offset", "limit", "match", "invert"}}), a window
+        of at most CONSOLE_WINDOW rows with the view's `total`, so no caller ever holds every job.
+        """
+        if not isinstance(views, dict):
+            views = {}
+        asked = {name: self._console_view(name, views[name]) for name in ("dispatched", "finished") if name in views}
+        now = time.time()
+        with self.lock:
+            seq = self.seq
+            fresh = not _is_int(since) or since <= 0 or since != seq  # since 0: "I have nothing yet"
+            changed = self._console_changed(since) if fresh else []
+            counts = self._console_counts()
+            agents = sorted((a.wire(now) for a in self.agents.values()), key=lambda a: a["name"])
+            rate = self._console_rate(now)
+            picked = {name: self._console_pick(name, *view) for name, view in asked.items()} if fresh else {}
+        out: dict[str, Any] = {
+            "seq": seq, "now": now, "counts": counts, "agents": agents, "rate": rate,
+            "slots": sum(a["slots"] for a in agents if a["state"] != "lost"),
+            "busy": sum(a["busy"] for a in agents), "changed": changed,
+        }
+        # The expensive halves run here, outside the lock, so dispatch never waits on a console.
+        for name, pick in picked.items():
+            out[name] = pick()
+        return out
+
+    def _console_changed(self, since: Any) -> list[int] | None:
+        """Job ids changed after `since`, newest change last; None when the window lost them or they are many."""
+        changes = self.changes
+        if not _is_int(since) or since <= 0 or not changes or changes[0][0] > since + 1:
+            return None
+        ids: dict[int, None] = {}
+        for seq, job_id in reversed(changes):
+            if seq <= since:
+                break
+            ids[job_id] = None
+            if len(ids) > self.CONSOLE_CHANGED:
+                return None
+        return list(reversed(ids))
+
+    def _console_counts(self) -> dict[str, int]:
+        """Counts by state without a table scan: active ones from memory, final ones kept up to date
+        from the change log (a job becomes final once, then never changes again)."""
+        final, cursor = self._console_final, self._console_seq
+        changes = self.changes
+        if final is None or (changes and changes[0][0] > cursor + 1):
+            # First look, or the change log moved on past us: one GROUP BY, under the lock so no
+            # finish can slip between the count and the cursor.
+            final = {s: n for s, n in self.journal.counts().items() if s in FINAL}
+        else:
+            seen: set[int] = set()
+            for seq, job_id in reversed(changes):
+                if seq <= cursor:
+                    break
+                if job_id in seen:
+                    continue
+                seen.add(job_id)
+                state = self.recent_final.get(job_id) if job_id not in self.jobs else None
+                if state is not None:
+                    final[state] = final.get(state, 0) + 1
+        self._console_final, self._console_seq = final, self.seq
+        running = self._console_running()
+        counts = {state.value: 0 for state in JobState}
+        counts.update(final)
+        counts[RUNNING] = len(running)
+        counts[QUEUED] = len(self.jobs) - len(running)
+        return counts
+
+    def _console_running(self) -> list[int]:
+        """Ids of running jobs: the agents hold them, except orphans a restarted master has not settled yet."""
+        if self.orphans_since:
+            return sorted(j.id for j in list(self.jobs.values()) if j.state == RUNNING)
+        return sorted(j for a in self.agents.values() for j in a.running)
+
+    def _console_rate(self, now: float) -> list[int]:
+        """Jobs finished in each of the last CONSOLE_RATE_SECONDS whole seconds, oldest first."""
+        import bisect
+
+        times = self.finished_times
+        end = math.floor(now)
+        edges = [bisect.bisect_left(times, end - k) for k in range(self.CONSOLE_RATE_SECONDS, -1, -1)]
+        return [b - a for a, b in zip(edges, edges[1:])]
+
+    def _console_view(self, name: str, view: Any) -> tuple[int, int, str, bool]:
+        """(offset, limit, lower-case needle, invert) of a view, or a CorralError saying what is wrong."""
+        if not isinstance(view, dict):
+            raise CorralError(f"bad {name} view {view!r}", "a dict of offset, limit, match, invert")
+        offset, limit, match = view.get("offset", 0), view.get("limit", 100), view.get("match") or ""
+        if not _is_int(offset) or offset < 0 or not _is_int(limit) or limit < 1 or not isinstance(match, str):
+            raise CorralError(f"bad {name} view {view!r}", "offset >= 0, limit >= 1, match a string")
+        return offset, min(limit, self.CONSOLE_WINDOW), match.lower(), bool(view.get("invert"))
+
+    def _console_pick(self, name: str, offset: int, limit: int, needle: str, invert: bool) -> Callable[[], dict]:
+        """Under the lock, take what a view needs from memory; return the rest of the work as a callable
+        to run after the lock is released."""
+        if name == "dispatched":
+            return self._console_dispatched(offset, limit, needle, invert)
+        ring = None
+        from itertools import islice
+
+        if not needle and offset + limit <= len(self.recent_final):
+            # The newest finished are the tail of recent_final, in the order they finished.
+            ring = [job_id for job_id, _ in islice(reversed(self.recent_final.items()), offset + limit)]
+            ring = ring[offset:]
+        total = sum((self._console_final or {}).values())
+        return lambda: self._console_finished(offset, limit, needle, invert, ring, total)
+
+    def _console_dispatched(self, offset: int, limit: int, needle: str, invert: bool) -> Callable[[], dict]:
+        running = self._console_running()
+        jobs = self.jobs
+        if not needle and offset + limit <= self.CONSOLE_WALK:
+            # Running first, then the queue in dispatch order (highest priority, then oldest): walk the
+            # heaps lazily, so the cost is the window's, not the queue's.
+            ids = running[offset : offset + limit]
+            skip = max(0, offset - len(running))
+            if len(ids) < limit:
+                ids += self._console_queued(skip, limit - len(ids))
+            rows = [self._console_row(jobs[j]) for j in ids if j in jobs]
+            total = len(jobs)
+            return lambda: {"offset": offset, "total": total, "rows": rows}
+        everyone = list(jobs.values())
+        running_set = set(running)
+
+        def rest() -> dict:
+            # A copy of the job list, read outside the lock: a row may be a moment stale, never torn
+            # enough to matter for a screen redrawn four times a second.
+            hits = [job for job in everyone if (needle in self._console_haystack(job)) != invert] if needle else everyone
+            hits.sort(key=lambda job: (job.id not in running_set, -job.priority if job.id not in running_set else 0, job.id))
+            return {"offset": offset, "total": len(hits),
+                    "rows": [self._console_row(job) for job in hits[offset : offset + limit]]}
+
+        return rest
+
+    def _console_queued(self, skip: int, count: int) -> list[int]:
+        """`count` queued ids after the first `skip`, in dispatch order, without popping the heaps."""
+        def walk(heap: list[tuple[int, int]]) -> Iterable[tuple[int, int]]:
+            frontier = [(heap[0], 0)]
+            while frontier:
+                item, i = heapq.heappop(frontier)
+                yield item
+                for child in (2 * i + 1, 2 * i + 2):
+                    if child < len(heap):
+                        heapq.heappush(frontier, (heap[child], child))
+
+        out: list[int] = []
+        seen: set[int] = set()
+        jobs = self.jobs
+        for _, job_id in heapq.merge(*(walk(h) for h in self.queues.values() if h)):
+            job = jobs.get(job_id)
+            if job is None or job.state != QUEUED or job_id in seen:
+                continue  # a stale heap entry (cancelled, or dispatched and queued again)
+            seen.add(job_id)
+            if skip:
+                skip -= 1
+                continue
+            out.append(job_id)
+            if len(out) >= count:
+                break
+        return out
+
+    @staticmethod
+    def _console_row(job: Job) -> tuple:
+        """(id, what, state, priority, agent, attempt, started, submitted, tags) of an active job."""
+        what = job.name or job.command or f"{job.func}()"
+        return (job.id, what, job.state, job.priority, job.agent, job.attempts, job.started, job.submitted,
+                ",".join(sorted(job.tags)))
+
+    def _console_finished(self, offset: int, limit: int, needle: str, invert: bool, ring: list[int] | None,
+                          total: int) -> dict:
+        """The finished window from the journal's reader connection (never under the scheduler lock)."""
+        columns = "id, name, command, func, state, agent, exit_code, started, ended, error, attempts"
+        final = tuple(sorted(FINAL))
+        marks = ",".join("?" * len(final))
+        journal = self.journal
+        with journal.read_lock:
+            if ring is not None:
+                found = {row[0]: row for row in journal.reader.execute(
+                    f"SELECT {columns} FROM jobs WHERE id IN ({','.join('?' * len(ring))})", ring)} if ring else {}
+                rows = [found[j] for j in ring if j in found]
+            else:
+                where = f"state IN ({marks})"
+                params: list[Any] = list(final)
+                if needle:
+                    hay = ("(CAST(id AS TEXT) || char(31) || name || char(31) || COALESCE(command, '') || char(31)"
+                           " || COALESCE(func, '') || char(31) || state || char(31) || COALESCE(agent, '')"
+                           " || char(31) || COALESCE(error, ''))")
+                    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                    where += f" AND {'NOT ' if invert else ''}{hay} LIKE ? ESCAPE '\\'"
+                    params.append(f"%{escaped}%")
+                    total = journal.reader.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()[0]
+                rows = journal.reader.execute(
+                    f"SELECT {columns} FROM jobs WHERE {where} ORDER BY ended DESC, id DESC LIMIT ? OFFSET ?",
+                    (*params, limit, offset)).fetchall()
+        out = []
+        for (job_id, name, command, func, state, agent, exit_code, started, ended, error, attempts) in rows:
+            what = name or command or f"{func}()"
+            out.append((job_id, what, state, agent, exit_code, started, ended, error or "", attempts))
+        return {"offset": offset, "total": total, "rows": out}
+
+    @staticmethod
+    def _console_haystack(job: Job) -> str:
+        """What a console filter matches in an active job: id, name, command, state, agent, tags (lower case)."""
+        return "\x1f".join((str(job.id), job.name or "", job.command or "", job.func or "", job.state,
+                            job.agent or "", ",".join(sorted(job.tags)))).lower()

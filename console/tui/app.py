@@ -1,0 +1,232 @@
+"""CorralApp: the console's App. Global keys, the worker threads that talk to the master, and message routing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.worker import Worker, WorkerState
+
+from agent.protocol import CorralError, JobSpec
+
+from ..client import Client
+from .messages import (
+    CancelJobs,
+    JobLoaded,
+    JobsCancelled,
+    JobsRequeued,
+    JobsSubmitted,
+    LoadJob,
+    MasterFound,
+    MasterLost,
+    RequeueJobs,
+    SnapshotArrived,
+    SubmitJobs,
+    WatchViews,
+)
+from .poller import POLL_SECONDS, Poller
+from .screens.detail import JobDetailScreen
+from .screens.help import HelpScreen, key_sections
+from .screens.main import MainScreen
+from .screens.quit import DETACH, STOP, QuitScreen
+
+log = logging.getLogger(__name__)
+
+
+class CorralApp(App[str]):
+    """Exits with "stop" (stop the master and local agent this console owns) or "detach" (leave them)."""
+
+    CSS_PATH = "corral.tcss"
+    TITLE = "corral"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "request_quit", "Quit"),
+        Binding("ctrl+c", "request_quit", "Quit", show=False, priority=True),
+        Binding("question_mark", "help", "Help"),
+    ]
+
+    connected: reactive[bool] = reactive(False)
+    """Whether the master answered the poller's last look."""
+
+    def __init__(self, home: Path | None = None, embedded: bool = False, greeting: str = "",
+                 poll_interval: float = POLL_SECONDS) -> None:
+        """`embedded`: this console (or an earlier one) started the master, so quitting may stop it;
+        `greeting`: one line shown at start (what start-up did)."""
+        super().__init__()
+        self.home = home
+        self.embedded = embedded
+        self.greeting = greeting
+        self.poller = Poller(home, self.post_message, poll_interval)
+        self.latest: dict[str, Any] | None = None
+
+    def get_default_screen(self) -> Screen:
+        return MainScreen()
+
+    @property
+    def main(self) -> MainScreen:
+        screen = self.screen_stack[0]
+        assert isinstance(screen, MainScreen)
+        return screen
+
+    def on_mount(self) -> None:
+        self.poll()
+        if self.greeting:
+            self.notify(self.greeting)
+
+    def on_unmount(self) -> None:
+        self.poller.stop()
+
+    # ---- worker threads: each its own Client (a proxy is not shared across threads) -------
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="poll")
+    def poll(self) -> None:
+        self.poller.run()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="submit")
+    def submit_jobs(self, specs: list[JobSpec]) -> None:
+        with Client(home=self.home) as client:
+            self.post_message(JobsSubmitted(client.submit(specs)))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="cancel")
+    def cancel_jobs(self, ids: list[int]) -> None:
+        with Client(home=self.home) as client:
+            self.post_message(JobsCancelled(client.cancel(ids)))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="requeue")
+    def requeue_jobs(self, ids: list[int]) -> None:
+        with Client(home=self.home) as client:
+            self.post_message(JobsRequeued(list(zip(ids, client.requeue(ids)))))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="detail")
+    def load_job(self, job_id: int) -> None:
+        with Client(home=self.home) as client:
+            self.post_message(JobLoaded(client.job(job_id)))
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The one place worker failures surface: one line, never a traceback."""
+        if event.state != WorkerState.ERROR:
+            return
+        error = event.worker.error
+        if isinstance(error, CorralError):
+            self.notify(str(error), title=f"{event.worker.group} failed", severity="error")
+        else:
+            log.error("%s worker failed", event.worker.group, exc_info=error)
+            self.notify(f"{type(error).__name__}: {error}", title=f"{event.worker.group} failed (a bug)",
+                        severity="error")
+
+    # ---- requests from the screens --------------------------------------------------------
+
+    def on_submit_jobs(self, message: SubmitJobs) -> None:
+        self.submit_jobs(message.specs)
+
+    def on_cancel_jobs(self, message: CancelJobs) -> None:
+        self.cancel_jobs(message.ids)
+
+    def on_requeue_jobs(self, message: RequeueJobs) -> None:
+        self.requeue_jobs(message.ids)
+
+    def on_load_job(self, message: LoadJob) -> None:
+        self.load_job(message.job_id)
+
+    def on_watch_views(self, message: WatchViews) -> None:
+        self.poller.set_views(message.views)
+
+    # ---- facts from the threads -----------------------------------------------------------
+
+    def on_snapshot_arrived(self, message: SnapshotArrived) -> None:
+        self.latest = message.snapshot
+        self.connected = True
+        self.main.show_snapshot(message.snapshot, message.views)
+        for screen in self.screen_stack:
+            if isinstance(screen, JobDetailScreen):
+                screen.snapshot_arrived(message.snapshot)
+
+    def on_master_lost(self, message: MasterLost) -> None:
+        self.connected = False
+        self.main.master_lost()
+        self.notify(message.message, title="master unreachable", severity="error", timeout=10)
+
+    def on_master_found(self, message: MasterFound) -> None:
+        if self.latest is not None:  # a reconnection, not the first look
+            self.notify(f"reconnected to the master at {message.address[0]}:{message.address[1]}")
+
+    def on_jobs_submitted(self, message: JobsSubmitted) -> None:
+        ids = message.ids
+        self.notify(f"queued job {ids[0]}" if len(ids) == 1 else f"queued {len(ids):,} jobs ({ids[0]}–{ids[-1]})")
+        self.poller.wake()
+
+    def on_jobs_cancelled(self, message: JobsCancelled) -> None:
+        by_outcome: dict[str, list[int]] = {}
+        for job_id, what in sorted(message.outcome.items()):
+            by_outcome.setdefault(what, []).append(job_id)
+        parts = [f"{what} {_ids(ids)}" for what, ids in by_outcome.items()]
+        self.notify("; ".join(parts))
+        self.poller.wake()
+
+    def on_jobs_requeued(self, message: JobsRequeued) -> None:
+        pairs = message.pairs
+        text = ", ".join(f"{old} → {new}" for old, new in pairs[:5]) + (" …" if len(pairs) > 5 else "")
+        self.notify(f"requeued {text}")
+        self.poller.wake()
+
+    def on_job_loaded(self, message: JobLoaded) -> None:
+        now = self.latest["now"] if self.latest else 0.0
+        for screen in self.screen_stack:
+            if isinstance(screen, JobDetailScreen) and screen.job_id == message.record["id"]:
+                screen.show(message.record, now)
+
+    # ---- global actions -------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(key_sections(self.BINDINGS)))
+
+    def action_request_quit(self) -> None:
+        """With jobs in flight on a master a console started: ask stop or detach. Otherwise just go."""
+        if isinstance(self.screen, QuitScreen):
+            return
+        counts = (self.latest or {}).get("counts", {}) if self.connected else {}
+        queued, running = counts.get("queued", 0), counts.get("running", 0)
+        if self.embedded and (queued or running):
+            self.push_screen(QuitScreen(queued, running), self._quit_with)
+        else:
+            self._quit_with(STOP if self.embedded else DETACH)
+
+    def _quit_with(self, choice: str | None) -> None:
+        if choice is None:
+            return
+        self.poller.stop()
+        self.exit(choice)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette: the same actions as the keys."""
+        if isinstance(screen, MainScreen):
+            yield SystemCommand("Submit a job", "n: command, count, priority, timeout, retries, tags", screen.action_submit)
+            yield SystemCommand("Open job detail", "enter: the selected job's spec, attempts and output", screen.action_open)
+            yield SystemCommand("Cancel jobs", "c: the selected or marked queued/running jobs", screen.action_cancel)
+            yield SystemCommand("Requeue jobs", "r: the selected or marked finished jobs", screen.action_requeue)
+            yield SystemCommand("Filter the focused pane", "/: text shows matches, !text hides them", screen.action_filter)
+            yield SystemCommand("Mark or unmark the selected row", "space", lambda: screen.focused_table().action_mark())
+            yield SystemCommand("Clear marks", "escape", lambda: screen.focused_table().clear_marks())
+            for pane in ("dispatched", "finished", "workers"):
+                yield SystemCommand(f"Go to {pane.title()}", "tab moves between panes",
+                                    lambda pane=pane: screen.action_focus_pane(pane))
+        elif isinstance(screen, JobDetailScreen):
+            yield SystemCommand("Cancel this job", "c", screen.action_cancel)
+            yield SystemCommand("Requeue this job", "r", screen.action_requeue)
+            yield SystemCommand("Back", "esc", self.pop_screen)
+        yield SystemCommand("Help", "?: every key", self.action_help)
+        yield SystemCommand("Quit", "q: asks stop or detach when jobs are in flight", self.action_request_quit)
+        for command in super().get_system_commands(screen):
+            if command.title not in ("Quit",):
+                yield command
+
+
+def _ids(ids: list[int]) -> str:
+    shown = ", ".join(map(str, ids[:5]))
+    return f"{shown} …(+{len(ids) - 5})" if len(ids) > 5 else shown

@@ -1,0 +1,101 @@
+"""Textual messages: past tense for facts that arrived (JobsSubmitted), imperative for requests (SubmitJobs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.message import Message
+
+from agent.protocol import JobSpec
+
+# ---- facts: from the worker threads, to the app ---------------------------------------
+
+
+class SnapshotArrived(Message):
+    """The master's latest snapshot, and the views it answered."""
+
+    def __init__(self, snapshot: dict[str, Any], views: dict[str, dict[str, Any]]) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+        self.views = views
+
+
+class MasterLost(Message):
+    """The master stopped answering; the poller keeps trying."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+
+class MasterFound(Message):
+    """The master answers (again)."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__()
+        self.address = address
+
+
+class JobsSubmitted(Message):
+    def __init__(self, ids: list[int]) -> None:
+        super().__init__()
+        self.ids = ids
+
+
+class JobsCancelled(Message):
+    def __init__(self, outcome: dict[int, str]) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+
+class JobsRequeued(Message):
+    def __init__(self, pairs: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.pairs = pairs
+
+
+class JobLoaded(Message):
+    """One job's full record (spec, attempts, output), for its detail screen."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__()
+        self.record = record
+
+
+# ---- requests: from screens and widgets, handled by the app or the main screen ---------
+
+
+class SubmitJobs(Message):
+    def __init__(self, specs: list[JobSpec]) -> None:
+        super().__init__()
+        self.specs = specs
+
+
+class CancelJobs(Message):
+    def __init__(self, ids: list[int]) -> None:
+        super().__init__()
+        self.ids = ids
+
+
+class RequeueJobs(Message):
+    def __init__(self, ids: list[int]) -> None:
+        super().__init__()
+        self.ids = ids
+
+
+class LoadJob(Message):
+    def __init__(self, job_id: int) -> None:
+        super().__init__()
+        self.job_id = job_id
+
+
+class WatchViews(Message):
+    """The windows the tables show changed: ask the master for these from now on."""
+
+    def __init__(self, views: dict[str, dict[str, Any]]) -> None:
+        super().__init__()
+        self.views = views
+
+
+class WindowMoved(Message):
+    """A table scrolled, resized or changed its filter: its window on the master's view moved."""

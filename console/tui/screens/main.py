@@ -1,0 +1,183 @@
+"""The main screen: stats header, the Dispatched, Finished and Workers panes, the filter bar and the footer."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+from textual.widgets import Footer, Input
+
+from agent.protocol import JobSpec
+
+from ..messages import CancelJobs, RequeueJobs, SubmitJobs, WatchViews, WindowMoved
+from ..widgets.dispatched import DispatchedTable
+from ..widgets.finished import FinishedTable
+from ..widgets.stats import StatsHeader
+from ..widgets.table import WindowTable
+from ..widgets.workers import WorkersTable, worker_row
+from .confirm import ConfirmScreen
+from .detail import JobDetailScreen
+from .submit import SubmitScreen
+
+
+def parse_filter(text: str) -> tuple[str, bool]:
+    """`text` matches, `!text` hides the matches; case does not matter."""
+    text = text.strip()
+    if text.startswith("!"):
+        return text[1:].strip().lower(), True
+    return text.lower(), False
+
+
+class MainScreen(Screen[None]):
+    """Everything at once, every action a key away."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("n", "submit", "Submit"),
+        Binding("slash", "filter", "Filter"),
+        Binding("escape", "close_filter", "Clear filter", show=False),
+        Binding("question_mark", "app.help", "Help"),
+        Binding("q", "app.request_quit", "Quit"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filter_target: WindowTable | None = None
+
+    def compose(self) -> ComposeResult:
+        yield StatsHeader(id="stats")
+        yield DispatchedTable(id="dispatched")
+        yield FinishedTable(id="finished")
+        yield WorkersTable(id="workers")
+        yield Input(id="filter", compact=True, placeholder="filter: text shows matches, !text hides them · enter keeps · esc clears")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(DispatchedTable).focus()
+
+    @property
+    def dispatched_pane(self) -> DispatchedTable:
+        return self.query_one(DispatchedTable)
+
+    @property
+    def finished_pane(self) -> FinishedTable:
+        return self.query_one(FinishedTable)
+
+    @property
+    def workers_pane(self) -> WorkersTable:
+        return self.query_one(WorkersTable)
+
+    def focused_table(self) -> WindowTable:
+        focused = self.focused
+        if isinstance(focused, WindowTable):
+            return focused
+        return self.filter_target or self.dispatched_pane
+
+    # ---- data in ------------------------------------------------------------------------
+
+    def show_snapshot(self, snapshot: dict[str, Any], views: dict[str, dict[str, Any]]) -> None:
+        now = snapshot["now"]
+        self.query_one(StatsHeader).show(snapshot)
+        for name, table in (("dispatched", self.dispatched_pane), ("finished", self.finished_pane)):
+            part, asked = snapshot.get(name), views.get(name)
+            # Rows asked under another filter are stale: the next look (already on its way) brings the right ones.
+            if part is not None and asked is not None and (asked["match"], asked["invert"]) == (table.match, table.invert):
+                table.show(part["offset"], part["total"], part["rows"], now)
+            else:
+                table.tick(now)
+        self.workers_pane.show_all([worker_row(a) for a in snapshot["agents"]], now)
+
+    def master_lost(self) -> None:
+        self.query_one(StatsHeader).connected = False
+
+    def on_window_moved(self, message: WindowMoved) -> None:
+        message.stop()
+        self.post_message(WatchViews({"dispatched": self.dispatched_pane.window(), "finished": self.finished_pane.window()}))
+
+    # ---- actions ------------------------------------------------------------------------
+
+    def action_submit(self) -> None:
+        def submitted(specs: list[JobSpec] | None) -> None:
+            if specs:
+                self.post_message(SubmitJobs(specs))
+
+        self.app.push_screen(SubmitScreen(), submitted)
+
+    def action_open(self) -> None:
+        table = self.focused_table()
+        if isinstance(table, WorkersTable):
+            return
+        row = table.selected()
+        if row is None:
+            self.notify("no job selected", severity="warning")
+            return
+        self.app.push_screen(JobDetailScreen(row[0]))
+
+    def action_cancel(self) -> None:
+        table = self.focused_table()
+        if not isinstance(table, DispatchedTable):
+            self.notify("c cancels queued or running jobs: tab to Dispatched", severity="warning")
+            return
+        ids = table.targets()
+        if not ids:
+            self.notify("no job selected to cancel", severity="warning")
+            return
+        if len(ids) == 1:
+            row = table.selected()
+            what = f" ({row[1]})" if row is not None and row[0] == ids[0] else ""
+            question = f"Cancel job {ids[0]}{what}?"
+        else:
+            question = f"Cancel {len(ids)} marked jobs ({', '.join(map(str, ids[:5]))}{', …' if len(ids) > 5 else ''})?"
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                table.clear_marks()
+                self.post_message(CancelJobs(ids))
+
+        self.app.push_screen(ConfirmScreen(question, "Running jobs are killed; queued ones never start."), confirmed)
+
+    def action_requeue(self) -> None:
+        table = self.focused_table()
+        if not isinstance(table, FinishedTable):
+            self.notify("r requeues finished jobs: tab to Finished", severity="warning")
+            return
+        ids = table.targets()
+        if not ids:
+            self.notify("no job selected to requeue", severity="warning")
+            return
+        table.clear_marks()
+        self.post_message(RequeueJobs(ids))
+
+    def action_focus_pane(self, pane: str) -> None:
+        self.query_one(f"#{pane}", WindowTable).focus()
+
+    # ---- the filter bar -----------------------------------------------------------------
+
+    def action_filter(self) -> None:
+        target = self.focused_table()
+        self.filter_target = target
+        bar = self.query_one("#filter", Input)
+        bar.value = ("!" if target.invert else "") + target.match
+        bar.placeholder = f"filter {target.TITLE}: text shows matches, !text hides them · enter keeps · esc clears"
+        bar.display = True
+        bar.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "filter" and self.filter_target is not None:
+            self.filter_target.set_filter(*parse_filter(event.value))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "filter":
+            self._hide_filter()
+
+    def action_close_filter(self) -> None:
+        bar = self.query_one("#filter", Input)
+        if bar.display and self.filter_target is not None:
+            self.filter_target.set_filter("", False)
+            self._hide_filter()
+
+    def _hide_filter(self) -> None:
+        bar = self.query_one("#filter", Input)
+        bar.display = False
+        (self.filter_target or self.dispatched_pane).focus()
