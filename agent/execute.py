@@ -34,10 +34,11 @@ class JobInterrupted(BaseException):
         self.state = state
 
 
-def init_worker(events: Any, events_lock: Any, cancelled: Any) -> None:
+def init_worker(events: Any, events_lock: Any, cancelled: Any, agent_pid: int) -> None:
     """Pool initializer: keep the agent's channels and arm the interrupting signals."""
     global _events, _events_lock, _cancelled
     _events, _events_lock = events, events_lock
+    os.environ["CORRAL_AGENT_PID"] = str(agent_pid)  # jobs see which agent runs them
     _cancelled = cancelled
     # The agent handles ctrl-c and SIGTERM for the whole group; workers stop when it tells them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -125,7 +125,7 @@ class Agent:
         self.events, events_writer = self.ctx.Pipe(duplex=False)
         self.cancel_ring = self.ctx.Array("q", 1 + CANCEL_RING, lock=False)
         self.pool = self.ctx.Pool(self.info.slots, execute.init_worker,
-                                  (events_writer, self.ctx.Lock(), self.cancel_ring))
+                                  (events_writer, self.ctx.Lock(), self.cancel_ring, os.getpid()))
         threads = [threading.Thread(target=self._watch_events, name="events", daemon=True)]
         for thread in threads:
             thread.start()

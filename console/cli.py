@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0", help="address (default: loopback, port chosen by the OS)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --listen")
     p.add_argument("--lease", type=_seconds, default=10.0, help="seconds an agent may stay silent before it is lost (default 10)")
+    p.add_argument("--max-lost", type=_retries, default=3, help="a job whose agent is lost more than N times ends `lost` (default 3)")
     p.add_argument("--fsync", action="store_true", help="fsync every journal commit (survives power loss; slower)")
     p.add_argument("-v", "--verbose", action="store_true", help="print one line per event")
 
@@ -210,7 +211,7 @@ def cmd_master(args: argparse.Namespace) -> int:
         print(f"corral master: WARNING: listening on {host}:{port}; anyone who can reach it and holds the authkey can run jobs",
               file=sys.stderr)
     state = StateDir(args.home_path)
-    return serve(state, host, port, verbose=args.verbose, lease=args.lease, fsync=args.fsync)
+    return serve(state, host, port, verbose=args.verbose, lease=args.lease, max_lost=args.max_lost, fsync=args.fsync)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

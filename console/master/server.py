@@ -110,7 +110,7 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
-          lease: float = 10.0, fsync: bool = False) -> int:
+          lease: float = 10.0, max_lost: int = 3, fsync: bool = False) -> int:
     """Run the master until SIGTERM/SIGINT. Returns the exit code."""
     global _scheduler, _deployer
     authkey = state.ensure_authkey()
@@ -119,7 +119,7 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
     def on_event(line: str) -> None:
         print(line, flush=True)
 
-    _scheduler = Scheduler(journal, lease_seconds=lease, on_event=on_event if verbose else None)
+    _scheduler = Scheduler(journal, lease_seconds=lease, max_lost=max_lost, on_event=on_event if verbose else None)
     server = CorralServer(MasterManager._registry, (host, port), authkey, "pickle")
     bound_host, bound_port = server.address
     _deployer = DeployService(state, _scheduler, (bound_host, bound_port), authkey)
