@@ -26,34 +26,44 @@ def demo_command(i: int) -> str:
     return COMMANDS[i % len(COMMANDS)].format(i=i)
 
 
+# Explicit columns, not Journal's own statements: those change with the scheduler, the schema rarely.
+INSERT_JOB = (
+    "INSERT INTO jobs (id, name, command, func, payload, env, cwd, priority, timeout, retries, tags, state,"
+    " attempts, failures, lost, agent, submitted, started, ended, exit_code, value, error)"
+    " VALUES (?,?,?,NULL,NULL,?,NULL,?,?,?,?,?,?,?,0,?,?,?,?,?,NULL,?)"
+)
+INSERT_ATTEMPT = (
+    "INSERT INTO attempts (job_id, attempt, agent, state, started, ended, exit_code, stdout, stderr, error,"
+    " traceback, counted) VALUES (?,?,?,?,?,?,?,?,?,?,'',1)"
+)
+
+
 def write_demo_journal(path: Path, finished: int = 60, queued: int = 25) -> None:
     """`finished` final jobs (mostly done; some failed, timed out, cancelled) then `queued` waiting ones."""
-    journal = Journal(path)
+    journal = Journal(path)  # creates the schema
     try:
-        inserts, dispatches, attempts, finishes = [], [], [], []
+        jobs, attempts = [], []
         for i in range(1, finished + queued + 1):
-            tags = ("gpu",) if i % 9 == 0 else ()
-            inserts.append((i, NAMES.get(i, ""), demo_command(i), None, None, encode_env({}), None, (i % 3) * 5,
-                            600.0 if i % 13 == 0 else None, 1 if i % 7 == 0 else 0, encode_tags(tags),
-                            EPOCH + i * 7))
+            tags = encode_tags(("gpu",) if i % 9 == 0 else ())
+            spec = (i, NAMES.get(i, ""), demo_command(i), encode_env({}), (i % 3) * 5,
+                    600.0 if i % 13 == 0 else None, 1 if i % 7 == 0 else 0, tags)
+            submitted = EPOCH + i * 7
             if i > finished:
+                jobs.append((*spec, "queued", 0, 0, None, submitted, None, None, None, None))
                 continue
             agent = AGENTS[i % len(AGENTS)]
-            started = EPOCH + i * 7 + 0.5
-            took = (i * 37 % 50) / 10 + 0.05
-            state, code, error, stderr = "done", 0, "", ""
+            started = submitted + 0.5
+            ended = started + (i * 37 % 50) / 10 + 0.05
+            state, code, error, stderr = "done", 0, None, ""
             if i % 17 == 0:
                 state, code, error = "cancelled", None, "cancelled by the operator"
             elif i % 13 == 0:
                 state, code, error = "timeout", None, "timed out after 600s"
             elif i % 7 == 0:
-                state, code, error, stderr = "failed", 1, "", f"error: shard {i} is missing\n"
-            ended = started + took
-            dispatches.append((1, agent, started, i))
+                state, code, stderr = "failed", 1, f"error: shard {i} is missing\n"
+            jobs.append((*spec, state, 1, int(state == "failed"), agent, submitted, started, ended, code, error))
             attempts.append((i, 1, agent, state, started, ended, code, f"step {i}: ok\nwrote out/{i}\n", stderr,
-                             error, "", 1))
-            finishes.append((state, 1 if state == "failed" else 0, ended, code, None, error, i))
-        journal.write([(Journal.INSERT_JOB, inserts), (Journal.DISPATCH, dispatches), (Journal.ATTEMPT, attempts),
-                       (Journal.FINISH, finishes)])
+                             error or ""))
+        journal.write([(INSERT_JOB, jobs), (INSERT_ATTEMPT, attempts)])
     finally:
         journal.close()

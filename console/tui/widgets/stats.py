@@ -46,24 +46,24 @@ class StatsHeader(Widget):
         snapshot = self.last
         counts = snapshot["counts"]
         line = Text()
-        line.append("corral ", style="bold")
-        line.append("● master up  " if self.connected else "✕ master unreachable  ",
-                    style="green" if self.connected else "bold red")
         for state, style in STATE_STYLES.items():
             n = counts.get(state, 0)
+            if line:
+                line.append("  ")
             line.append(f"{state} ", style="dim")
             line.append(count(n), style=style if n else "dim")
-            line.append("  ")
         self.query_one("#counts", Static).update(line)
         agents = snapshot["agents"]
         up = sum(1 for a in agents if a["state"] != "lost")
         rate = snapshot["rate"]
         info = Text()
-        info.append("agents ", style="dim")
+        info.append("● master up" if self.connected else "✕ master unreachable",
+                    style="green" if self.connected else "bold red")
+        info.append("  agents ", style="dim")
         info.append(f"{up}/{len(agents)} up", style="bold" if up else "red")
         info.append("  slots ", style="dim")
         info.append(f"{snapshot['busy']}/{snapshot['slots']} busy")
-        info.append("  finished/s ", style="dim")
-        info.append(f"{rate[-1] if rate else 0:,}")
+        info.append("  done/s ", style="dim")
+        info.append(f"{rate[-1] if rate else 0:,} ")
         self.query_one("#agents", Static).update(info)
         self.query_one("#rate", Sparkline).data = [float(n) for n in rate] or [0.0]

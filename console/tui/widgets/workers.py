@@ -20,7 +20,7 @@ class WorkersTable(WindowTable):
     """The agents; few enough to hold them all, so the filter runs here."""
 
     TITLE = "Workers"
-    EMPTY = "no agents — start one with `corral agent` (or run `corral` without --no-local-agent)"
+    EMPTY = "no agents: start one with `corral agent`, or `corral` without --no-local-agent"
     PAGED = False
     COLUMNS = (
         Column("NAME", 12),

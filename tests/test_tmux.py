@@ -1,0 +1,85 @@
+"""`corral` in a real terminal: an 80x24 tmux pane, keys sent with send-keys, the screen read with capture-pane."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from console.state import StateDir
+from console.tui.launch import stop_embedded
+
+REQUIRE_ENV = "CORRAL_REQUIRE_TMUX"
+TIMEOUT = 60.0  # a cold start of master, agent and Textual on a busy two-core machine
+
+
+def _corral() -> list[str]:
+    """The `corral` entry point of this environment, else the module."""
+    script = Path(sys.executable).with_name("corral")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "console"]
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Callable[..., str]:
+    """`tmux(*args)` against a private server (its own socket), killed afterwards."""
+    if shutil.which("tmux") is None:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"tmux is missing, and {REQUIRE_ENV}=1 says this test must run")
+        pytest.skip(f"tmux is missing (apt-get install tmux); CI sets {REQUIRE_ENV}=1 to make this a failure")
+    socket = tmp_path / "tmux.sock"
+
+    def run(*args: str) -> str:
+        done = subprocess.run(["tmux", "-u", "-S", str(socket), *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"tmux {' '.join(args)}: {done.stderr}"
+        return done.stdout
+
+    try:
+        yield run
+    finally:
+        subprocess.run(["tmux", "-S", str(socket), "kill-server"], capture_output=True, timeout=30)
+
+
+def _wait_screen(tmux: Callable[..., str], predicate: Callable[[str], bool], what: str) -> str:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        screen = tmux("capture-pane", "-p", "-t", "corral")
+        if predicate(screen):
+            return screen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; the screen:\n{screen}")
+        time.sleep(0.1)
+
+
+def test_submit_and_see_it_finish_in_80x24(tmp_path: Path, tmux: Callable[..., str]) -> None:
+    home = tmp_path / "home"
+    command = " ".join(["env", f"CORRAL_HOME={home}", "LANG=C.UTF-8", *_corral(), "--slots", "2"])
+    try:
+        tmux("new-session", "-d", "-s", "corral", "-x", "80", "-y", "24", command)
+        tmux("set-option", "-t", "corral", "remain-on-exit", "on")  # keep what corral prints after the app
+        screen = _wait_screen(tmux, lambda s: "Dispatched" in s and "local" in s and "up" in s,
+                              "the console with the local agent up")
+        lines = screen.splitlines()
+        assert len(lines) == 24 and max(len(line) for line in lines) <= 80
+        tmux("send-keys", "-t", "corral", "n")
+        _wait_screen(tmux, lambda s: "Submit a job" in s, "the submit form")
+        tmux("send-keys", "-t", "corral", "-l", "echo hello")
+        tmux("send-keys", "-t", "corral", "Enter")
+        screen = _wait_screen(tmux, lambda s: any("echo hello" in line and " done " in line for line in s.splitlines()),
+                              "echo hello done in Finished")
+        finished = next(line for line in screen.splitlines() if "echo hello" in line and " done " in line)
+        assert " local " in finished and " 0 " in finished
+        record = json.loads((home / "console.json").read_text())
+        tmux("send-keys", "-t", "corral", "q")  # nothing in flight: corral stops what it started
+        screen = _wait_screen(tmux, lambda s: "stopped the master" in s, "corral to stop the master and exit")
+        assert "stopped the local agent" in screen
+        for pid in (record["master_pid"], record["agent_pid"]):
+            assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+    finally:
+        stop_embedded(StateDir(home))  # whatever is left if the test failed half-way

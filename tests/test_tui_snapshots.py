@@ -1,0 +1,134 @@
+"""Snapshot tests (pytest-textual-snapshot) of the console's screens: a real master over a deterministic journal.
+
+The journal (console.tui.demo) holds fixed jobs with fixed times and no agent runs them, so every cell is the
+same on every run; the clock is pinned to UTC. Update after an intended change: pytest --snapshot-update.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from textual.pilot import Pilot
+from textual.widgets import Input
+
+from console.tui.app import CorralApp
+from console.tui.demo import write_demo_journal
+from tests.cluster import Cluster
+
+FINISHED, QUEUED = 60, 25
+
+
+@pytest.fixture
+def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    cluster = Cluster(tmp_path / "home")
+    write_demo_journal(cluster.home / "corral.db", finished=FINISHED, queued=QUEUED)
+    cluster.start_master()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        monkeypatch.undo()
+        time.tzset()
+
+
+async def _until(pilot: Pilot, predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+async def _ready(pilot: Pilot) -> None:
+    """The demo's rows are on screen and nothing transient (a toast, a blinking cursor) is."""
+    app = pilot.app
+    assert isinstance(app, CorralApp)
+    main = app.main
+    await _until(pilot, lambda: main.dispatched_pane.total == QUEUED and main.finished_pane.total == FINISHED
+                 and len(main.finished_pane.rows) > 0, "the demo rows")
+    await pilot.pause()
+
+
+async def _still(pilot: Pilot) -> None:
+    pilot.app.clear_notifications()
+    for field in pilot.app.screen.query(Input):
+        field.cursor_blink = False
+    await pilot.pause()
+
+
+def test_main_screen(demo: Cluster, snap_compare: Any) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await _ready(pilot)
+        await _still(pilot)
+
+    assert snap_compare(CorralApp(home=demo.home), terminal_size=(120, 36), run_before=run_before)
+
+
+def test_main_screen_80x24(demo: Cluster, snap_compare: Any) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await _ready(pilot)
+        await pilot.press("tab")  # the Finished pane focused: its keys in the footer
+        await _still(pilot)
+
+    assert snap_compare(CorralApp(home=demo.home), terminal_size=(80, 24), run_before=run_before)
+
+
+def test_submit_modal_with_errors(demo: Cluster, snap_compare: Any) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await _ready(pilot)
+        await pilot.press("n")
+        screen = pilot.app.screen
+        screen.query_one("#count", Input).value = "ten"
+        screen.query_one("#timeout", Input).value = "0"
+        await pilot.press("enter")
+        await _still(pilot)
+
+    assert snap_compare(CorralApp(home=demo.home), terminal_size=(100, 30), run_before=run_before)
+
+
+def test_job_detail(demo: Cluster, snap_compare: Any) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await _ready(pilot)
+        finished = pilot.app.main.finished_pane
+        finished.focus()
+        await pilot.press("down", "down", "down", "down")  # 60, 59, 58, 57, 56: a failed one
+        await pilot.press("enter")
+        await _until(pilot, lambda: getattr(pilot.app.screen, "record", None) is not None, "the job's record")
+        await _still(pilot)
+
+    assert snap_compare(CorralApp(home=demo.home), terminal_size=(100, 30), run_before=run_before)
+
+
+def test_help(demo: Cluster, snap_compare: Any) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await _ready(pilot)
+        await pilot.press("question_mark")
+        await _still(pilot)
+
+    assert snap_compare(CorralApp(home=demo.home), terminal_size=(100, 40), run_before=run_before)
+
+
+def test_quit_asks_stop_or_detach(demo: Cluster, snap_compare: Any) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await _ready(pilot)
+        await pilot.press("q")
+        await _still(pilot)
+
+    assert snap_compare(CorralApp(home=demo.home, embedded=True), terminal_size=(100, 30), run_before=run_before)
+
+
+def test_filtered_and_marked(demo: Cluster, snap_compare: Any) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await _ready(pilot)
+        main = pilot.app.main
+        await pilot.press("tab", "slash", *"render", "enter")
+        await _until(pilot, lambda: main.finished_pane.total == 8 and len(main.finished_pane.rows) == 8, "the filter")
+        await pilot.press("shift+tab", "space", "space")
+        await _still(pilot)
+
+    assert snap_compare(CorralApp(home=demo.home), terminal_size=(120, 36), run_before=run_before)
