@@ -479,11 +479,13 @@ def _hosts_add(args: argparse.Namespace) -> int:
 
 
 def _hosts_remove(args: argparse.Namespace) -> int:
-    from .client import MasterUnreachable
+    from .client import AuthFailed
 
     try:
-        client = _client(args)
-    except MasterUnreachable:
+        client: Client | None = _client(args)
+    except AuthFailed:
+        raise
+    except CorralError:  # no master recorded, or none answering: only the hosts file can change
         client = None
     if client is None:
         if args.alias in _deployments(args) and not args.force:

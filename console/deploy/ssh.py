@@ -515,6 +515,7 @@ for p in {' '.join(shlex.quote(c) for c in candidates)}; do
     echo "missing $p"
   fi
 done
+exit 0
 """
     status, out, err = link.sh(script, step)
     if status != 0:
@@ -591,6 +592,7 @@ D={remote_dir_expr(link.host.remote_dir)}
 cd "$D" 2>/dev/null || exit 0
 echo "dir $(pwd -P)"
 if [ -f agent.pid ]; then p=$(cat agent.pid); if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then echo "pid $p"; fi; fi
+exit 0
 """
     _, out, _ = link.sh(script, step)
     directory, pid = "", 0
