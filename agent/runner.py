@@ -126,9 +126,7 @@ class Agent:
         self.cancel_ring = self.ctx.Array("q", 1 + CANCEL_RING, lock=False)
         self.pool = self.ctx.Pool(self.info.slots, execute.init_worker,
                                   (events_writer, self.ctx.Lock(), self.cancel_ring, os.getpid()))
-        threads = [threading.Thread(target=self._watch_events, name="events", daemon=True)]
-        for thread in threads:
-            thread.start()
+        threading.Thread(target=self._watch_events, name="events", daemon=True).start()
         self._load_spool()
         backoff = 0.5
         try:
@@ -145,29 +143,29 @@ class Agent:
                     backoff = min(backoff * 2, BACKOFF_CAP_SECONDS)
                     continue
                 backoff = 0.5
-                self.disconnected.clear()
-                session_threads = [
-                    threading.Thread(target=self._take_loop, name="take", daemon=True),
-                    threading.Thread(target=self._report_loop, name="report", daemon=True),
-                ]
-                for thread in session_threads:
-                    thread.start()
-                while not (self.disconnected.is_set() or self.stopping.is_set()):
-                    if self.draining.is_set() and self._drained():
-                        break
-                    time.sleep(0.05)
+                self._serve_session()
                 if self.draining.is_set() and self._drained():
-                    self._wake_all()
-                    for thread in session_threads:
-                        thread.join(timeout=3)
                     break
-                self._wake_all()
-                for thread in session_threads:
-                    thread.join(timeout=3)
                 self._save_spool()
         finally:
             self._shutdown_pool()
         return 1 if self.stopping.is_set() else 0
+
+    def _serve_session(self) -> None:
+        """Take and report on this connection until it breaks, we are told to stop, or we drained."""
+        self.disconnected.clear()
+        threads = [threading.Thread(target=self._take_loop, name="take", daemon=True),
+                   threading.Thread(target=self._report_loop, name="report", daemon=True)]
+        for thread in threads:
+            thread.start()
+        while not (self.disconnected.is_set() or self.stopping.is_set()):
+            if self.draining.is_set() and self._drained():
+                break
+            time.sleep(0.05)
+        with self.results_ready:
+            self.results_ready.notify_all()
+        for thread in threads:
+            thread.join(timeout=3)
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.time() + seconds
@@ -175,10 +173,6 @@ class Agent:
             if self.draining.is_set() and not self.held:
                 return
             time.sleep(0.05)
-
-    def _wake_all(self) -> None:
-        with self.results_ready:
-            self.results_ready.notify_all()
 
     def _drained(self) -> bool:
         with self.lock:
@@ -207,9 +201,12 @@ class Agent:
             return
         try:
             rows = pickle.loads(self.spool.read_bytes())
-            assert isinstance(rows, list)
         except Exception as exc:  # noqa: BLE001 - a torn spool is reported and set aside, never fatal
-            log.warning("ignoring unreadable spool %s: %s", self.spool, exc)
+            rows, why = None, str(exc)
+        else:
+            why = "not a list of results"
+        if not isinstance(rows, list):
+            log.warning("ignoring unreadable spool %s: %s", self.spool, why)
             return
         log.info("handing in %d results from the spool %s", len(rows), self.spool)
         self._queue_results([tuple(row) for row in rows])

@@ -107,7 +107,8 @@ class Client:
             wire = _spec_wire(spec)
             batch.append(wire)
             # Keep each message well under the master's cap on what it reads (MAX_MESSAGE_BYTES).
-            size += len(wire.get("payload") or b"") + len(wire.get("command") or "") + 256
+            if isinstance(wire, dict):
+                size += len(wire.get("payload") or b"") + len(wire.get("command") or "") + 256
             if len(batch) >= SUBMIT_BATCH or size >= SUBMIT_BYTES:
                 ids += self._call("submit", batch)
                 batch, size = [], 0
