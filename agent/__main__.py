@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,8 +24,8 @@ def build_parser(prog: str = "python -m agent", add_help: bool = True) -> argpar
     parser.add_argument("--slots", type=int, default=os.cpu_count() or 1, help="jobs run at once (default: CPU count)")
     parser.add_argument("--name", default=None, help="this agent's name (default: the host name)")
     parser.add_argument("--tags", default="", help="comma-separated tags; a tagged job runs only on agents with all its tags")
-    parser.add_argument("--spool", metavar="PATH", help="where unreported results wait while the master is away"
-                        " (default: <state dir>/spool/<name>.pickle)")
+    parser.add_argument("--spool", metavar="DIR", help="directory where unreported results wait while the master"
+                        " is away (default: <state dir>/spool)")
     parser.add_argument("--started-by", default="manual", help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="print a line per job started and finished")
     return parser
@@ -50,12 +51,13 @@ def run_agent(args: argparse.Namespace) -> int:
         tags=tags,
         python=python_version(),
         started_by=args.started_by,
+        instance=uuid.uuid4().hex,
     )
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s agent %(levelname)s %(message)s")
     locate = None if args.connect else functools.partial(read_master_address, home)
-    spool = Path(args.spool) if args.spool else home / "spool" / f"{info.name}.pickle"
-    agent = Agent(address, authkey, info, verbose=args.verbose, locate=locate, spool=spool)
+    agent = Agent(address, authkey, info, verbose=args.verbose, locate=locate,
+                  spool=Path(args.spool) if args.spool else home / "spool", name_is_default=args.name is None)
     install_signal_handlers(agent)
     if args.verbose:
         print(f"Connect to server {address[0]}:{address[1]}...", flush=True)

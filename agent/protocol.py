@@ -61,6 +61,10 @@ class UnknownAgent(CorralError):
     """An agent session the master does not know (it restarted, or the lease ran out): register again."""
 
 
+class NameTaken(CorralError):
+    """Another live agent already goes by this name."""
+
+
 class ProtocolMismatch(CorralError):
     """An agent or client speaking another version of this protocol."""
 
@@ -138,6 +142,8 @@ class AgentInfo:
     python: str = ""
     started_by: str = "manual"
     protocol: int = PROTOCOL_VERSION
+    # Random per agent process: tells "the same agent reconnecting" from "another agent, same name".
+    instance: str = ""
 
     def to_wire(self) -> Dict[str, Any]:
         return {
@@ -149,6 +155,7 @@ class AgentInfo:
             "python": self.python,
             "started_by": self.started_by,
             "protocol": self.protocol,
+            "instance": self.instance,
         }
 
 

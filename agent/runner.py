@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import multiprocessing
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import execute
-from .protocol import SCHEDULER_TYPEID, AgentInfo, CorralError, JobResult, JobState, Task
+from .protocol import SCHEDULER_TYPEID, AgentInfo, CorralError, JobResult, JobState, NameTaken, Task
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,13 @@ class Agent:
         verbose: bool = False,
         locate: Optional[Callable[[], Tuple[str, int]]] = None,
         spool: Optional[Path] = None,
+        name_is_default: bool = False,
     ) -> None:
-        # Results the master has not acknowledged survive a restart of this agent here.
-        self.spool = spool
+        self.name_is_default = name_is_default
+        self.spool_given = spool
+        # Results the master has not acknowledged survive a restart of this agent here, in
+        # <spool dir>/<name>.pickle (the name is final once registered).
+        self.spool: Optional[Path] = None
         self.address = address
         # Where to look the master up again before each (re)connect: a restarted master may
         # listen on a new port (read from the state directory); None when --connect fixed it.
@@ -127,7 +132,6 @@ class Agent:
         self.pool = self.ctx.Pool(self.info.slots, execute.init_worker,
                                   (events_writer, self.ctx.Lock(), self.cancel_ring, os.getpid()))
         threading.Thread(target=self._watch_events, name="events", daemon=True).start()
-        self._load_spool()
         backoff = 0.5
         try:
             while not self.stopping.is_set():
@@ -135,6 +139,9 @@ class Agent:
                     if self.locate is not None:
                         self.address = self.locate()
                     self._register()
+                except NameTaken as exc:
+                    print(f"corral agent: {exc}", file=sys.stderr, flush=True)
+                    return 2
                 except (OSError, EOFError, CorralError) as exc:
                     if self.draining.is_set() and not self.held:
                         break
@@ -143,6 +150,9 @@ class Agent:
                     backoff = min(backoff * 2, BACKOFF_CAP_SECONDS)
                     continue
                 backoff = 0.5
+                if self.spool is None and self.spool_given is not None:
+                    self.spool = self.spool_given / f"{self.info.name}.pickle"
+                    self._load_spool()
                 self._serve_session()
                 if self.draining.is_set() and self._drained():
                     break
@@ -224,7 +234,18 @@ class Agent:
             running = set(self.held)
         with self.results_ready:
             running.update(row[0] for row in self.results)  # finished here, not yet reported: still ours
-        reply = scheduler.register(self.info.to_wire(), sorted(running))
+        while True:
+            try:
+                reply = scheduler.register(self.info.to_wire(), sorted(running))
+                break
+            except NameTaken:
+                if not self.name_is_default:
+                    raise
+                # Several agents on one host with the default name: host, host-2, host-3...
+                base, _, number = self.info.name.rpartition("-")
+                if not (base and number.isdigit()):
+                    base, number = self.info.name, "1"
+                self.info = dataclasses.replace(self.info, name=f"{base}-{int(number) + 1}")
         self.session = reply["session"]
         log.info("registered with master %s:%s as %s (%d slots)", *self.address, self.info.name, self.info.slots)
         if self.verbose:
@@ -303,30 +324,30 @@ class Agent:
             self.disconnected.set()
 
     def _dispatch(self, rows: List[tuple]) -> None:
-        """Take in tasks from the master: keep ~100 ms of work per slot, hand the rest straight back
-        (another agent may be idle), then feed the pool."""
+        """Take in tasks from the master and feed the pool. Keep a task if a slot is free for it, or
+        if it is short and the queue here holds under ~100 ms of work per slot; hand the rest straight
+        back, for an idle agent to take (long or unknown jobs never wait behind a busy slot here)."""
         released = []
         with self.lock:
+            free = self.info.slots - len(self.held)
             budget = BATCH_HORIZON_SECONDS * self.info.slots
             for task in self.waiting:
-                budget -= self._cost(task)
+                budget -= self._estimate(task.func or task.command) or 0.0
             for row in rows:
                 task = Task._make(row)
                 self.recent_kind = task.func or task.command
-                cost = self._cost(task)
-                if (budget < cost and self.waiting) or self.draining.is_set():
-                    released.append(_released(task, "handed back: this agent has enough work queued"))
+                estimate = self._estimate(self.recent_kind)
+                short = estimate is not None and estimate < BATCH_HORIZON_SECONDS
+                if self.draining.is_set() or not (free > 0 or (short and budget >= estimate)):
+                    released.append(_released(task, "handed back: this agent has enough work"))
                     continue
-                budget -= cost
+                free -= 1
+                budget -= estimate or 0.0
                 self.held[task.job_id] = _Running(task)
                 self.waiting.append(task)
             self._feed()
         if released:
             self._queue_results(released)
-
-    def _cost(self, task: Task) -> float:
-        estimate = self._estimate(task.func or task.command)
-        return BATCH_HORIZON_SECONDS if estimate is None else estimate
 
     def _feed(self) -> None:
         """Hand waiting tasks to the pool (lock held): tiny ones chunked so one pool round trip

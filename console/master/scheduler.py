@@ -18,6 +18,7 @@ from agent.protocol import (
     BadJobSpec,
     CorralError,
     JobState,
+    NameTaken,
     ProtocolMismatch,
     UnknownAgent,
     UnknownJob,
@@ -499,6 +500,10 @@ class Scheduler:
             if not isinstance(running, list):
                 raise CorralError("register() needs the list of job ids the agent still holds")
             old = self.agents.get(name)
+            if (old is not None and old.state not in ("lost", "stopped") and now - old.last_seen < self.lease_seconds
+                    and old.info.get("instance") != info.get("instance")):
+                raise NameTaken(f"an agent named {name!r} is already connected (pid {old.info.get('pid')} on"
+                                f" {old.info.get('host') or '?'})", "give this one another --name")
             agent = AgentRecord(name, uuid.uuid4().hex, info, now)
             still = {j for j in running if _is_int(j)}
             if old is not None:
