@@ -183,8 +183,12 @@ class CorralApp(App[str]):
     # ---- global actions -------------------------------------------------------------------
 
     def action_help(self) -> None:
-        if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(key_sections(self.BINDINGS)))
+        if isinstance(self.screen, HelpScreen):
+            return
+        if not self.is_screen_installed("help"):
+            # Built once and kept: composing it is the slow part of showing it.
+            self.install_screen(HelpScreen(key_sections(self.BINDINGS)), "help")
+        self.push_screen("help")
 
     def action_request_quit(self) -> None:
         """With jobs in flight on a master a console started: ask stop or detach. Otherwise just go."""

@@ -38,8 +38,9 @@ INSERT_ATTEMPT = (
 )
 
 
-def write_demo_journal(path: Path, finished: int = 60, queued: int = 25) -> None:
-    """`finished` final jobs (mostly done; some failed, timed out, cancelled) then `queued` waiting ones."""
+def write_demo_journal(path: Path, finished: int = 60, queued: int = 25, epoch: float = EPOCH) -> None:
+    """`finished` final jobs (mostly done; some failed, timed out, cancelled) then `queued` waiting ones,
+    submitted from `epoch` on, 7 seconds apart."""
     journal = Journal(path)  # creates the schema
     try:
         jobs, attempts = [], []
@@ -47,7 +48,7 @@ def write_demo_journal(path: Path, finished: int = 60, queued: int = 25) -> None
             tags = encode_tags(("gpu",) if i % 9 == 0 else ())
             spec = (i, NAMES.get(i, ""), demo_command(i), encode_env({}), (i % 3) * 5,
                     600.0 if i % 13 == 0 else None, 1 if i % 7 == 0 else 0, tags)
-            submitted = EPOCH + i * 7
+            submitted = epoch + i * 7
             if i > finished:
                 jobs.append((*spec, "queued", 0, 0, None, submitted, None, None, None, None))
                 continue

@@ -10,10 +10,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from ..format import duration, stamp
 from ..messages import CancelJobs, LoadJob, RequeueJobs
+from ..widgets.keybar import KeyBar
 from .confirm import ConfirmScreen
 
 FINAL = {"done", "failed", "timeout", "cancelled", "lost"}
@@ -124,7 +125,7 @@ class JobDetailScreen(Screen[None]):
         yield Static(f"Job {self.job_id}", id="detail-title", markup=False)
         with VerticalScroll(id="detail-body"):
             yield Static("loading…", id="detail-text", markup=False)
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one("#detail-body").focus()

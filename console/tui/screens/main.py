@@ -7,13 +7,14 @@ from typing import Any, ClassVar
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
-from textual.widgets import Footer, Input
+from textual.widgets import Input
 
 from agent.protocol import JobSpec
 
 from ..messages import CancelJobs, RequeueJobs, SubmitJobs, WatchViews, WindowMoved
 from ..widgets.dispatched import DispatchedTable
 from ..widgets.finished import FinishedTable
+from ..widgets.keybar import KeyBar
 from ..widgets.stats import StatsHeader
 from ..widgets.table import WindowTable
 from ..widgets.workers import WorkersTable, worker_row
@@ -51,7 +52,7 @@ class MainScreen(Screen[None]):
         yield FinishedTable(id="finished")
         yield WorkersTable(id="workers")
         yield Input(id="filter", compact=True, placeholder="filter: text shows matches, !text hides them · enter keeps · esc clears")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one(DispatchedTable).focus()
@@ -102,7 +103,9 @@ class MainScreen(Screen[None]):
             if specs:
                 self.post_message(SubmitJobs(specs))
 
-        self.app.push_screen(SubmitScreen(), submitted)
+        if not self.app.is_screen_installed("submit"):
+            self.app.install_screen(SubmitScreen(), "submit")  # kept: built once, reset each time it shows
+        self.app.push_screen("submit", submitted)
 
     def action_open(self) -> None:
         table = self.focused_table()

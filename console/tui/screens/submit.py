@@ -87,7 +87,11 @@ class SubmitScreen(ModalScreen[list[JobSpec] | None]):
                 yield Label("", id=f"{field}-error", classes="field-error", markup=False)
             yield Label("enter submits · esc cancels · tab next field", classes="muted")
 
-    def on_mount(self) -> None:
+    def on_screen_resume(self) -> None:
+        """Shown (again): a fresh form. The app keeps one instance, as building it is the slow part."""
+        for field, _label, _placeholder, default in FIELDS:
+            self.query_one(f"#{field}", Input).value = default
+            self.query_one(f"#{field}-error", Label).display = False
         self.query_one("#command", Input).focus()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Sequence
 
+from rich.console import Group
 from rich.text import Text
-from textual.app import ComposeResult
-from textual.containers import Horizontal
 from textual.reactive import reactive
 from textual.widget import Widget
-from textual.widgets import Sparkline, Static
 
 from ..format import count
 
 STATE_STYLES = {"queued": "", "running": "bold", "done": "green", "failed": "red", "timeout": "red",
                 "cancelled": "yellow", "lost": "red"}
+BARS = "▁▂▃▄▅▆▇█"
+SPARK_MAX = 60  # columns: one per second of the last minute
+
+
+def sparkline(values: Sequence[int], width: int) -> str:
+    """The last `width` values as bars, scaled to the largest (all-low when nothing happened)."""
+    values = list(values)[-width:] if width > 0 else []
+    top = max(values, default=0)
+    if top <= 0:
+        return BARS[0] * len(values)
+    return "".join(BARS[min(len(BARS) - 1, v * (len(BARS) - 1) // top)] if v else BARS[0] for v in values)
 
 
 class StatsHeader(Widget):
-    """Two lines atop the main screen; fed from each snapshot."""
+    """Two lines atop the main screen, drawn as one renderable: a new snapshot is a repaint, not a layout."""
+
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"stats--spark"}
 
     connected: reactive[bool] = reactive(True)
     """Whether the master answered the last look."""
@@ -27,43 +38,39 @@ class StatsHeader(Widget):
         super().__init__(id=id)
         self.last: dict[str, Any] = {}
 
-    def compose(self) -> ComposeResult:
-        yield Static(id="counts")
-        with Horizontal(id="agents-line"):
-            yield Static(id="agents")
-            yield Sparkline([0.0], id="rate")
-
     def show(self, snapshot: dict[str, Any]) -> None:
         self.last = snapshot
         self.connected = True
-        self._draw()
+        self.refresh()
 
-    def watch_connected(self, connected: bool) -> None:
-        if self.last:
-            self._draw()
-
-    def _draw(self) -> None:
-        snapshot = self.last
-        counts = snapshot["counts"]
-        line = Text()
+    def counts_text(self) -> Text:
+        counts = self.last.get("counts", {})
+        line = Text(no_wrap=True, overflow="crop")
         for state, style in STATE_STYLES.items():
             n = counts.get(state, 0)
             if line:
                 line.append("  ")
             line.append(f"{state} ", style="dim")
             line.append(count(n), style=style if n else "dim")
-        self.query_one("#counts", Static).update(line)
-        agents = snapshot["agents"]
+        return line
+
+    def status_text(self) -> Text:
+        snapshot = self.last
+        agents = snapshot.get("agents", [])
         up = sum(1 for a in agents if a["state"] != "lost")
-        rate = snapshot["rate"]
-        info = Text()
+        rate = snapshot.get("rate", [])
+        info = Text(no_wrap=True, overflow="crop")
         info.append("● master up" if self.connected else "✕ master unreachable",
                     style="green" if self.connected else "bold red")
         info.append("  agents ", style="dim")
         info.append(f"{up}/{len(agents)} up", style="bold" if up else "red")
         info.append("  slots ", style="dim")
-        info.append(f"{snapshot['busy']}/{snapshot['slots']} busy")
+        info.append(f"{snapshot.get('busy', 0)}/{snapshot.get('slots', 0)} busy")
         info.append("  done/s ", style="dim")
         info.append(f"{rate[-1] if rate else 0:,} ")
-        self.query_one("#agents", Static).update(info)
-        self.query_one("#rate", Sparkline).data = [float(n) for n in rate] or [0.0]
+        room = min(SPARK_MAX, self.size.width - info.cell_len)
+        info.append(sparkline(rate, room), style=self.get_component_rich_style("stats--spark"))
+        return info
+
+    def render(self) -> Group:
+        return Group(self.counts_text(), self.status_text())

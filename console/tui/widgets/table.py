@@ -10,16 +10,18 @@ from rich.segment import Segment
 from rich.style import Style
 from textual import events
 from textual.binding import Binding, BindingType
-from textual.geometry import Size
+from textual.geometry import Region, Size
 from textual.reactive import reactive
-from textual.scroll_view import ScrollView
 from textual.strip import Strip
+from textual.widget import Widget
 
 from ..format import count, one_line
 from ..messages import WindowMoved
 
 GUTTER = 2  # the mark column: "● " on marked rows
+SCROLLBAR = 1  # the last column: where the screen is in the whole view
 MIN_PAD = 20  # rows asked for beyond each edge of the screen, so short scrolls never wait for the master
+WHEEL_ROWS = 3
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,13 @@ def fit(text: str, width: int, right: bool = False) -> str:
     return " " * (width - size) + text if right else text + " " * (width - size)
 
 
-class WindowTable(ScrollView, can_focus=True):
+class WindowTable(Widget, can_focus=True):
     """A table of `total` rows of which it holds only `rows`, starting at `start`: the screen plus a pad.
 
-    The scrollbar spans the whole view; scrolling beyond the held window posts WindowMoved and the next
-    snapshot brings the rows for it. The cursor is an absolute row index (it stays put as rows flow),
-    marks are row keys (job ids), so they follow their job wherever it moves.
+    It scrolls itself (`top` is the first row on screen) and draws its own scrollbar over the whole view,
+    so a new total from the master is a repaint, never a layout of the screen. Scrolling beyond the held
+    window posts WindowMoved and the next snapshot brings the rows for it. The cursor is an absolute row
+    index (it stays put as rows flow); marks are row keys (job ids), so they follow their job.
     """
 
     COLUMNS: ClassVar[tuple[Column, ...]] = ()
@@ -54,9 +57,12 @@ class WindowTable(ScrollView, can_focus=True):
     EMPTY: ClassVar[str] = "nothing here"
     # Whether rows come from the master in windows (False: the table gets every row, and filters itself).
     PAGED: ClassVar[bool] = True
+    # Whether the height follows the rows (CSS height: auto): then a new total needs a layout.
+    AUTO_HEIGHT: ClassVar[bool] = False
 
     COMPONENT_CLASSES: ClassVar[set[str]] = {
         "table--header", "table--cursor", "table--cursor-blurred", "table--marked", "table--placeholder",
+        "table--scrollbar", "table--scrollbar-thumb",
         "cell--good", "cell--bad", "cell--warn", "cell--muted", "cell--running",
     }
 
@@ -71,7 +77,7 @@ class WindowTable(ScrollView, can_focus=True):
         Binding("escape", "clear", "Clear marks/filter", show=False),
     ]
 
-    cursor: reactive[int] = reactive(0, init=False)
+    cursor: reactive[int] = reactive(0, init=False, repaint=False)
     """The selected row, as an index into the whole view (not into the held window)."""
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -80,6 +86,7 @@ class WindowTable(ScrollView, can_focus=True):
         self.start = 0
         self.rows: list[tuple[Any, ...]] = []
         self.now = 0.0
+        self.top = 0
         self.loaded = False
         self.marks: set[Any] = set()
         self.match = ""
@@ -88,6 +95,7 @@ class WindowTable(ScrollView, can_focus=True):
         self._widths: list[int] = []
         self._laid_out = -1  # the width the columns were laid out for
         self._shown: dict[int, tuple[tuple[str, ...], tuple[str | None, ...]]] = {}
+        self._styles: dict[str, Style] = {}
 
     # ---- what subclasses say about their rows ---------------------------------------------
 
@@ -106,16 +114,15 @@ class WindowTable(ScrollView, can_focus=True):
 
     def show(self, offset: int, total: int, rows: list[tuple[Any, ...]], now: float) -> None:
         """Take a new window from the master; only the lines whose text changed are redrawn."""
+        grew = total != self.total
         self.start, self.total, self.rows, self.now = offset, total, rows, now
-        resized = self.virtual_size.height != total + 1
-        if resized:
-            self.virtual_size = Size(self.scrollable_content_region.width, total + 1)
-        if not self.loaded:
+        if not self.loaded or (grew and self.AUTO_HEIGHT):
             self.loaded = True
-            self.refresh()
+            self.refresh(layout=self.AUTO_HEIGHT)
         if self.cursor >= total:
             self.cursor = max(0, total - 1)
-        self._redraw_changed()
+        self._set_top(self.top)  # a shorter view may end above the screen's bottom
+        self._redraw_changed(scrollbar=grew)
         self._update_title()
         self._check_window()
 
@@ -130,9 +137,10 @@ class WindowTable(ScrollView, can_focus=True):
             rows = [r for r in rows if (self.match in " ".join(self.cells(r, now)).lower()) != self.invert]
         self.show(0, len(rows), rows, now)
 
-    def _redraw_changed(self) -> None:
+    def _redraw_changed(self, scrollbar: bool = False) -> None:
         first, visible = self._visible()
         shown: dict[int, tuple[tuple[str, ...], tuple[str | None, ...]]] = {}
+        width = self.size.width
         for index in range(first, min(first + visible, self.total)):
             row = self.row_at(index)
             if row is None:
@@ -140,16 +148,32 @@ class WindowTable(ScrollView, can_focus=True):
             drawn = (self.cells(row, self.now), self.classes_of(row))
             shown[index] = drawn
             if self._shown.get(index) != drawn:
-                self.refresh_line(index + 1)  # +1: line 0 is the header
+                self.refresh(Region(0, index - first + 1, width, 1))
         for index in self._shown.keys() - shown.keys():
-            self.refresh_line(index + 1)
+            self.refresh(Region(0, index - first + 1, width, 1))
+        if scrollbar:
+            self.refresh(Region(width - SCROLLBAR, 1, SCROLLBAR, visible))
         self._shown = shown
 
-    # ---- what the master should send ------------------------------------------------------
+    # ---- scrolling ----------------------------------------------------------------------
 
     def _visible(self) -> tuple[int, int]:
         """(first row index on screen, how many rows fit)."""
-        return int(self.scroll_offset.y), max(1, self.size.height - 1)
+        return self.top, max(1, self.size.height - 1)
+
+    def _set_top(self, top: int) -> None:
+        visible = self._visible()[1]
+        top = max(0, min(top, self.total - visible))
+        if top != self.top:
+            self.top = top
+            self._shown = {}
+            self.refresh()
+            self._check_window()
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        return max(2, self.total + 1)  # used when the CSS height is auto (Workers)
+
+    # ---- what the master should send ------------------------------------------------------
 
     def window(self) -> dict[str, Any]:
         """The view to ask the master for: the screen, a pad either side, and the filter."""
@@ -177,7 +201,7 @@ class WindowTable(ScrollView, can_focus=True):
             return
         self.match, self.invert = match, invert
         self.cursor = 0
-        self.scroll_to(y=0, animate=False)
+        self._set_top(0)
         self._update_title()
         self.post_message(WindowMoved())
 
@@ -209,18 +233,14 @@ class WindowTable(ScrollView, can_focus=True):
         return max(0, min(value, self.total - 1)) if self.total else 0
 
     def watch_cursor(self, old: int, new: int) -> None:
-        self.refresh_line(old + 1)
-        self.refresh_line(new + 1)
         first, visible = self._visible()
         if new < first:
-            self.scroll_to(y=new, animate=False)
+            self._set_top(new)
         elif new >= first + visible:
-            self.scroll_to(y=new - visible + 1, animate=False)
-
-    def watch_scroll_y(self, old: float, new: float) -> None:
-        super().watch_scroll_y(old, new)
-        if round(old) != round(new):
-            self._check_window()
+            self._set_top(new - visible + 1)
+        else:
+            width = self.size.width
+            self.refresh(Region(0, old - first + 1, width, 1), Region(0, new - first + 1, width, 1))
 
     def action_cursor(self, delta: int) -> None:
         self.cursor += delta
@@ -235,9 +255,8 @@ class WindowTable(ScrollView, can_focus=True):
         row = self.selected()
         if row is None:
             return
-        key = self.key_of(row)
-        self.marks.symmetric_difference_update({key})
-        self.refresh_line(self.cursor + 1)
+        self.marks.symmetric_difference_update({self.key_of(row)})
+        self.refresh(Region(0, self.cursor - self.top + 1, self.size.width, 1))
         self._update_title()
         self.cursor += 1
 
@@ -249,19 +268,33 @@ class WindowTable(ScrollView, can_focus=True):
 
     def on_click(self, event: events.Click) -> None:
         offset = event.get_content_offset(self)
-        if offset is not None and offset.y >= 1:
-            self.cursor = int(self.scroll_offset.y) + offset.y - 1
+        if offset is None or offset.y < 1:
+            return
+        first, visible = self._visible()
+        if offset.x >= self.size.width - SCROLLBAR and self.total > visible:
+            self._set_top((offset.y - 1) * (self.total - visible) // max(1, visible - 1))
+            self.cursor = max(self.top, min(self.cursor, self.top + visible - 1))
+        else:
+            self.cursor = first + offset.y - 1
+
+    def on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
+        event.stop()
+        self._set_top(self.top + WHEEL_ROWS)
+
+    def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
+        event.stop()
+        self._set_top(self.top - WHEEL_ROWS)
 
     def on_resize(self, event: events.Resize) -> None:
-        self._layout_columns()
-        self.virtual_size = Size(self.scrollable_content_region.width, self.total + 1)
+        self._set_top(self.top)
+        self._shown = {}
         self._check_window()
 
     def on_focus(self) -> None:
-        self.refresh_line(self.cursor + 1)
+        self.refresh()
 
     def on_blur(self) -> None:
-        self.refresh_line(self.cursor + 1)
+        self.refresh()
 
     # ---- drawing --------------------------------------------------------------------------
 
@@ -275,53 +308,75 @@ class WindowTable(ScrollView, can_focus=True):
         self.border_title = title
         self.border_subtitle = " · ".join(notes).replace("[", r"\[")
 
-    def _layout_columns(self) -> None:
-        self._laid_out = self.scrollable_content_region.width
-        width = self._laid_out - GUTTER
+    def _layout_columns(self, width: int) -> None:
+        self._laid_out = width
+        room = width - GUTTER - SCROLLBAR
         fixed = sum(c.width for c in self.COLUMNS if not c.flex) + len(self.COLUMNS) - 1
-        self._widths = [max(c.width, width - fixed) if c.flex else c.width for c in self.COLUMNS]
+        self._widths = [max(c.width, room - fixed) if c.flex else c.width for c in self.COLUMNS]
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        # Styles resolved once per paint, not once per line: rich_style walks the CSS each time.
+        get = self.get_component_rich_style
+        cursor = "table--cursor" if self.has_focus else "table--cursor-blurred"
+        self._styles = {"base": self.rich_style, "header": get("table--header"), "cursor": get(cursor),
+                        "cursor-partial": get(cursor, partial=True), "marked": get("table--marked"),
+                        "placeholder": get("table--placeholder"), "muted": get("cell--muted"),
+                        "track": get("table--scrollbar"), "thumb": get("table--scrollbar-thumb")}
+        return super().render_lines(crop)
 
     def render_line(self, y: int) -> Strip:
-        width = self.scrollable_content_region.width
-        base = self.rich_style
-        if width != self._laid_out:  # resized, or a scrollbar came or went
-            self._layout_columns()
+        width = self.size.width
+        if width != self._laid_out:
+            self._layout_columns(width)
+        styles = self._styles
+        base = styles["base"]
         if y == 0:
-            header = self.get_component_rich_style("table--header")
             text = " " * GUTTER + " ".join(fit(c.label, w, c.right) for c, w in zip(self.COLUMNS, self._widths))
-            return Strip([Segment(text, header)]).adjust_cell_length(width, header)
-        index = int(self.scroll_offset.y) + y - 1
+            return Strip([Segment(text, styles["header"])]).adjust_cell_length(width, styles["header"])
+        first, visible = self._visible()
+        index = first + y - 1
+        bar = self._scrollbar(y - 1, visible)
         if index >= self.total:
             if index == 0:
                 message = "loading…" if not self.loaded else self.EMPTY
-                muted = self.get_component_rich_style("cell--muted")
-                return Strip([Segment(" " * GUTTER + message, muted)]).adjust_cell_length(width, base)
-            return Strip.blank(width, base)
+                body = Strip([Segment(" " * GUTTER + message, styles["muted"])])
+            else:
+                body = Strip([])
+            return Strip.join([body.adjust_cell_length(width - SCROLLBAR, base), bar])
         row = self.row_at(index)
         if row is None:
-            pending = self.get_component_rich_style("table--placeholder")
-            return Strip([Segment(" " * GUTTER + "…", pending)]).adjust_cell_length(width, base)
-        return self._render_row(row, index == self.cursor, width, base)
+            body = Strip([Segment(" " * GUTTER + "…", styles["placeholder"])])
+            return Strip.join([body.adjust_cell_length(width - SCROLLBAR, base), bar])
+        return Strip.join([self._render_row(row, index == self.cursor, width - SCROLLBAR, base), bar])
+
+    def _scrollbar(self, line: int, visible: int) -> Strip:
+        total = self.total
+        if total <= visible:
+            return Strip([Segment(" " * SCROLLBAR, self._styles["base"])])
+        size = max(1, visible * visible // total)
+        start = self.top * (visible - size) // max(1, total - visible)
+        thumb = start <= line < start + size
+        return Strip([Segment(("█" if thumb else "▕") * SCROLLBAR, self._styles["thumb" if thumb else "track"])])
 
     def _render_row(self, row: tuple[Any, ...], is_cursor: bool, width: int, base: Style) -> Strip:
+        styles = self._styles
         marked = self.key_of(row) in self.marks
         line_style = base
         if marked:
-            line_style += self.get_component_rich_style("table--marked")
+            line_style += styles["marked"]
         if is_cursor:
-            line_style += self.get_component_rich_style("table--cursor" if self.has_focus else "table--cursor-blurred")
+            line_style += styles["cursor"]
         segments = [Segment("● " if marked else " " * GUTTER, line_style)]
         cells = self.cells(row, self.now)
+        get = self.get_component_rich_style
         for i, (column, text, klass, cell_width) in enumerate(
                 zip(self.COLUMNS, cells, self.classes_of(row), self._widths)):
             style = line_style
             if klass is not None:
-                style = line_style + self.get_component_rich_style(klass, partial=True)
+                style = line_style + get(klass, partial=True)
                 if is_cursor:  # the cursor's colours win over the cell's, so the bar reads as one
-                    style += self.get_component_rich_style(
-                        "table--cursor" if self.has_focus else "table--cursor-blurred", partial=True)
+                    style += styles["cursor-partial"]
             if i:
                 segments.append(Segment(" ", line_style))
             segments.append(Segment(fit(text, cell_width, column.right), style))
         return Strip(segments).adjust_cell_length(width, line_style)
-

@@ -22,6 +22,7 @@ class WorkersTable(WindowTable):
     TITLE = "Workers"
     EMPTY = "no agents: start one with `corral agent`, or `corral` without --no-local-agent"
     PAGED = False
+    AUTO_HEIGHT = True
     COLUMNS = (
         Column("NAME", 12),
         Column("HOST", 10),

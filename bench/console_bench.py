@@ -1,0 +1,275 @@
+"""`python -m bench.console_bench`: the console's responsiveness with 100,000 jobs in the journal and ~2,000 jobs/s flowing.
+
+Method (also in bench/README.md, "Console responsiveness"):
+- A fresh CORRAL_HOME gets 100,000 finished jobs written into its journal (console.tui.demo), then the real
+  start-up path starts a master (no local agent) and the bench starts 2 agents x 2 slots, cwd and PYTHONPATH
+  the repo root so their pool workers import bench.jobs.
+- A feeder *process* submits `bench.jobs:inc` callables at the target rate (--rate per second, in batches
+  every 50 ms) for the whole run, so its CPU is not the console's. The achieved rate is the master's count
+  of finished jobs over the measuring window.
+- Headless: the real CorralApp runs in this process at 120x36 (Textual's headless driver: everything but the
+  terminal write). Key latency: a `down`/`up` key event is handed to the driver as a terminal would, and the
+  clock stops when the Finished table's cursor has moved and the screen has repainted (call_after_refresh);
+  --keys samples, one every 100 ms. CPU: this process's CPU time (time.process_time) over --seconds of flow
+  with a key every 200 ms, divided by wall time: the fraction of one core. The master, agents and feeder
+  are other processes.
+- Real terminal: `corral --no-local-agent` attached to the same master in a 120x36 tmux pane. Key latency:
+  `?` sent with send-keys until capture-pane shows the help, then `q` until it is gone (so the figure
+  includes tmux's own send/capture round trips: an upper bound). CPU: utime+stime of the corral process
+  from /proc over --seconds, divided by wall time.
+Targets (issue 3): p99 key latency < 100 ms, CPU < 0.5 core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+from . import REPO_ROOT, BenchTimeout, Deadline, machine_info, percentile
+
+SIZE = (120, 36)
+JOURNAL_JOBS = 100_000
+LATENCY_TARGET_MS = 100.0
+CPU_TARGET = 0.5
+
+FEEDER = r"""
+import pickle, sys, time
+from agent.protocol import JobSpec
+from console.client import Client
+rate, batch = float(sys.argv[1]), int(sys.argv[2])
+with Client() as client:
+    i, start = 0, time.monotonic()
+    while True:
+        client.submit([JobSpec(func="bench.jobs:inc", payload=pickle.dumps(((i + k,), {}))) for k in range(batch)])
+        i += batch
+        time.sleep(max(0.0, start + i / rate - time.monotonic()))
+"""
+
+
+def _summary(seconds: List[float]) -> Dict[str, float]:
+    return {"p50_ms": percentile(seconds, 50) * 1e3, "p99_ms": percentile(seconds, 99) * 1e3,
+            "max_ms": max(seconds) * 1e3, "n": len(seconds)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Flow:
+    """Master, agents and feeder for one run, all in sessions of their own under a private CORRAL_HOME."""
+
+    def __init__(self, home: Path, rate: float) -> None:
+        from console.state import StateDir
+
+        self.home = home
+        self.rate = rate
+        self.state = StateDir(home)
+        self.procs: List[subprocess.Popen] = []
+        self.env = dict(os.environ, CORRAL_HOME=str(home), PYTHONPATH=str(REPO_ROOT))
+
+    def start(self) -> None:
+        from console.client import Client
+        from console.tui.demo import write_demo_journal
+        from console.tui.launch import attach_or_start
+
+        self.home.mkdir(mode=0o700, parents=True)
+        write_demo_journal(self.home / "corral.db", finished=JOURNAL_JOBS, queued=0,
+                           epoch=float(int(time.time()) - JOURNAL_JOBS * 7 - 60))
+        attach_or_start(self.state, local_agent=False)
+        for n in range(2):
+            self._spawn([sys.executable, "-m", "agent", "--name", f"bench-{n}", "--slots", "2"], f"agent-{n}.log")
+        deadline = Deadline(60, "agents to register")
+        with Client(home=self.home) as client:
+            while sum(a["state"] == "up" for a in client.agents()) < 2:
+                deadline.check()
+                time.sleep(0.05)
+        self._spawn([sys.executable, "-c", FEEDER, str(self.rate), str(max(1, int(self.rate / 20)))], "feeder.log")
+
+    def _spawn(self, args: List[str], log: str) -> None:
+        with open(self.state.log_dir / log, "ab") as out:
+            self.procs.append(subprocess.Popen(args, env=self.env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def finished(self) -> int:
+        from console.client import Client
+
+        with Client(home=self.home) as client:
+            counts = client.snapshot(0, {})["counts"]
+        return sum(counts[s] for s in ("done", "failed", "timeout", "cancelled", "lost"))
+
+    def stop(self) -> None:
+        from console.tui.launch import stop_embedded
+
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        stop_embedded(self.state)
+
+
+async def _headless(flow: Flow, keys: int, seconds: float, step: Callable[[str], None]) -> Dict[str, Any]:
+    from textual import events
+
+    from console.tui.app import CorralApp
+
+    app = CorralApp(home=flow.home)
+    loop = asyncio.get_running_loop()
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.main.finished_pane  # the big one: 100,000 rows and more
+        deadline = Deadline(60, "the console's first snapshot")
+        while not (table.loaded and table.total >= JOURNAL_JOBS):
+            deadline.check()
+            await pilot.pause(0.05)
+        table.focus()
+        await pilot.pause(2.0)  # settle: the flow is steady, the windows are fetched
+
+        async def press(key: str) -> float:
+            before = table.cursor
+            start = time.perf_counter()
+            app._driver.send_message(events.Key(key, None))  # what the terminal driver does on input
+            limit = Deadline(10, f"the console to answer {key}")
+            while table.cursor == before:
+                limit.check()
+                await asyncio.sleep(0.0005)
+            painted: asyncio.Future[float] = loop.create_future()
+            table.call_after_refresh(lambda: painted.set_result(time.perf_counter()))
+            return await asyncio.wait_for(painted, 10) - start
+
+        step(f"headless: {keys} key presses")
+        samples = []
+        for i in range(keys):
+            samples.append(await press("down" if i % 2 == 0 else "up"))
+            await asyncio.sleep(0.1)
+        step(f"headless: CPU over {seconds:g}s of flow")
+        done0, wall0, cpu0 = flow.finished(), time.monotonic(), time.process_time()
+        presses = 0
+        while time.monotonic() - wall0 < seconds:
+            await press("down" if presses % 2 == 0 else "up")
+            presses += 1
+            await asyncio.sleep(0.2)
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        achieved = (flow.finished() - done0) / wall
+        held = {"dispatched": len(app.main.dispatched_pane.rows), "finished": len(table.rows)}
+        totals = {"dispatched": app.main.dispatched_pane.total, "finished": table.total}
+        app.exit("detach")
+    return {"latency": _summary(samples), "cpu_cores": cpu / wall, "achieved_per_s": achieved,
+            "rows_held": held, "rows_total": totals}
+
+
+def _tmux(flow: Flow, keys: int, seconds: float, step: Callable[[str], None]) -> Dict[str, Any]:
+    socket = flow.home / "tmux.sock"
+    corral = Path(sys.executable).with_name("corral")
+    command = " ".join(["env", f"CORRAL_HOME={flow.home}", "LANG=C.UTF-8",
+                        str(corral) if corral.exists() else f"{sys.executable} -m console", "--no-local-agent"])
+
+    def tmux(*args: str) -> str:
+        return subprocess.run(["tmux", "-u", "-S", str(socket), *args], capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+
+    def until(predicate: Callable[[str], bool], what: str) -> None:
+        deadline = Deadline(30, what)
+        while not predicate(tmux("capture-pane", "-p", "-t", "bench")):
+            deadline.check()
+
+    try:
+        tmux("new-session", "-d", "-s", "bench", "-x", str(SIZE[0]), "-y", str(SIZE[1]), command)
+        pid = int(tmux("display-message", "-p", "-t", "bench", "#{pane_pid}").strip())
+        until(lambda s: "Finished" in s and f"{JOURNAL_JOBS:,}"[:3] in s, "corral in tmux to show the journal")
+        time.sleep(2.0)
+        step(f"tmux: {keys} x (? then q), after one not counted (the help is built on first use)")
+        samples = []
+        for n in range(keys + 1):
+            start = time.perf_counter()
+            tmux("send-keys", "-t", "bench", "?")
+            until(lambda s: "Everywhere" in s, "the help to show")
+            samples.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            tmux("send-keys", "-t", "bench", "q")
+            until(lambda s: "Everywhere" not in s, "the help to close")
+            samples.append(time.perf_counter() - start)
+            if n == 0:
+                samples.clear()
+            time.sleep(0.1)
+        step(f"tmux: CPU of corral over {seconds:g}s of flow")
+        cpu0, wall0 = _cpu_seconds(pid), time.monotonic()
+        time.sleep(seconds)
+        cpu, wall = _cpu_seconds(pid) - cpu0, time.monotonic() - wall0
+        tmux("send-keys", "-t", "bench", "q")
+        return {"latency": _summary(samples), "cpu_cores": cpu / wall}
+    finally:
+        subprocess.run(["tmux", "-S", str(socket), "kill-server"], capture_output=True, timeout=30)
+
+
+def run(rate: float, keys: int, seconds: float, use_tmux: bool) -> Dict[str, Any]:
+    def step(text: str) -> None:
+        print(f"[console bench] {text}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="corral-console-bench-") as tmp:
+        flow = Flow(Path(tmp) / "home", rate)
+        try:
+            step(f"writing {JOURNAL_JOBS:,} jobs into the journal, starting master, 2 agents, feeder at {rate:g}/s")
+            flow.start()
+            results: Dict[str, Any] = {"headless": asyncio.run(_headless(flow, keys, seconds, step))}
+            if use_tmux:
+                results["tmux"] = _tmux(flow, max(10, keys // 10), seconds, step)
+        finally:
+            flow.stop()
+    return results
+
+
+def report(results: Dict[str, Any], rate: float) -> str:
+    head = results["headless"]
+    lines = [f"console responsiveness: {JOURNAL_JOBS:,} jobs in the journal, {rate:,.0f} jobs/s submitted,"
+             f" {head['achieved_per_s']:,.0f} jobs/s finished while measuring",
+             f"{'':34}{'p50':>9}{'p99':>9}{'max':>9}{'n':>6}   target"]
+    rows = [("key → repaint, headless (↓/↑)", head)]
+    if "tmux" in results:
+        rows.append(("key → screen, tmux 120x36 (?/q)", results["tmux"]))
+    for label, part in rows:
+        lat = part["latency"]
+        ok = "ok" if lat["p99_ms"] < LATENCY_TARGET_MS else "MISSED"
+        lines.append(f"{label:34}{lat['p50_ms']:>7.1f}ms{lat['p99_ms']:>7.1f}ms{lat['max_ms']:>7.1f}ms{lat['n']:>6}"
+                     f"   p99 < {LATENCY_TARGET_MS:.0f} ms: {ok}")
+    for label, part in (("console CPU, headless", head), ("console CPU, tmux", results.get("tmux"))):
+        if part:
+            ok = "ok" if part["cpu_cores"] < CPU_TARGET else "MISSED"
+            lines.append(f"{label:34}{part['cpu_cores']:>8.2f} of a core{'':15}< {CPU_TARGET} core: {ok}")
+    lines.append(f"rows the console holds: {head['rows_held']} of {head['rows_total']}")
+    return "\n".join(lines)
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.console_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=2000.0, help="jobs submitted per second (default 2000)")
+    parser.add_argument("--keys", type=int, default=300, help="headless key-latency samples (default 300)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="each CPU window (default 20)")
+    parser.add_argument("--no-tmux", action="store_true", help="skip the real-terminal half")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    use_tmux = not args.no_tmux and shutil.which("tmux") is not None
+    try:
+        results = run(args.rate, args.keys, args.seconds, use_tmux)
+    except BenchTimeout as exc:
+        print(f"console bench: {exc}", file=sys.stderr)
+        return 1
+    print(report(results, args.rate))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine_info(), "rate": args.rate, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
