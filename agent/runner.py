@@ -257,10 +257,11 @@ class Agent:
         if self.stopping.is_set():
             with self.lock:
                 pgids = [r.pgid for r in self.held.values() if r.pgid]
+                killed = set(self.held)
             for pgid in pgids:
                 execute._kill_group(pgid)
             self.pool.terminate()
-            self._hand_back_killed()
+            self._hand_back_killed(killed)
         else:
             # Nothing of ours is left in the pool (drained), so close + terminate is safe even if a
             # worker was killed and left an orphaned task behind that join() would wait on forever.
@@ -269,14 +270,16 @@ class Agent:
         self.pool.join()
         self.pool = None
 
-    def _hand_back_killed(self) -> None:
+    def _hand_back_killed(self, killed: Optional[Set[int]] = None) -> None:
         """After a forced stop, tell the master (best effort) that our killed jobs should run again,
         rather than leave them to wait out this agent's lease."""
         with self.lock:
             rows = [(j, r.task.attempt, "released", None, None, "", "", "stopped by a second signal", "", 0.0, 0.0)
                     for j, r in self.held.items()]
         with self.results_ready:
-            rows += [row for row in self.results]
+            # A job we killed may have ended (killed by signal 9) before the pool went: that is our
+            # doing, not the job's failure, so it too is handed back to run again.
+            rows += [row[:2] + ("released",) + row[3:] if row[0] in (killed or ()) else row for row in self.results]
         if not rows or not self.session:
             return
         try:
