@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import getpass
 import io
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -161,15 +163,29 @@ def test_stop_drain_lets_the_running_job_finish_and_starts_no_more(ssh_cluster: 
     hosts = add_hosts(ssh_cluster, lab, ("h1", "127.0.0.2", "red"))
     deploy(ssh_cluster, "h1", "--slots", "1")
     pid = remote_pid(hosts["h1"])
-    started = tmp_path / "started"
+    started, release = tmp_path / "started", tmp_path / "release"
     with ssh_cluster.client() as c:
-        first, second = c.submit([{"command": f"touch {started}; sleep 2; echo finished", "tags": ["red"]},
-                                  {"command": "echo second", "tags": ["red"]}])
+        first, second = c.submit([
+            {"command": f"touch {started}; while [ ! -f {release} ]; do sleep 0.05; done; echo finished", "tags": ["red"]},
+            {"command": "echo second", "tags": ["red"]}])
         wait_for(lambda: started.exists(), timeout=30, what="the first job to start")
-    stopped = ssh_cluster.corral("stop", "h1", "--drain", timeout=120)
-    assert stopped.returncode == 0, stopped.stderr
-    assert "stopped 1 of 1 host" in stopped.stdout
-    assert "draining agent pid" in stopped.stdout
+    # The first job runs until the drain has begun: it finishes during the drain, not before it.
+    stop = subprocess.Popen([sys.executable, "-m", "console", "stop", "h1", "--drain"], env=ssh_cluster.env,
+                            cwd=str(Path(__file__).resolve().parent.parent), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    assert stop.stdout is not None
+    for line in stop.stdout:
+        lines.append(line)
+        if "draining agent pid" in line:
+            break
+    time.sleep(1.0)  # the agent hands back what it holds unstarted within half a second of the signal
+    assert alive(pid), "the draining agent waits for its running job"
+    release.touch()
+    rest, errors = stop.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert stop.returncode == 0, errors
+    assert "stopped 1 of 1 host" in output
     assert not alive(pid)
     with ssh_cluster.client() as c:
         job = c.job(first)
@@ -297,3 +313,48 @@ def test_hosts_from_ssh_config_deploy_through_a_proxy_jump(ssh_cluster: Cluster,
     deploy(ssh_cluster, "inner")
     assert jump.log.read_text().count("Accepted publickey") > before, "the jump host carried the connection"
     assert {j["agent"] for j in run_tagged(ssh_cluster, "deep", "true")} == {"inner"}
+
+
+def test_a_master_that_lost_its_records_adopts_the_running_agent(ssh_cluster: Cluster, lab: SshLab) -> None:
+    """No deployments.json (a new state dir's master, say): the probe finds the agent running as asked,
+    re-opens the tunnel port it dials, and leaves it running."""
+    hosts = add_hosts(ssh_cluster, lab, ("h1", "127.0.0.2", "red"))
+    deploy(ssh_cluster, "h1")
+    pid = remote_pid(hosts["h1"])
+    assert ssh_cluster.master is not None
+    ssh_cluster.master.send_signal(signal.SIGTERM)
+    assert ssh_cluster.master.wait(timeout=30) == 0
+    (ssh_cluster.home / "deployments.json").unlink()
+    ssh_cluster.start_master()
+    done = deploy(ssh_cluster, "h1")
+    assert step_line(done.stdout, "h1", "python").split()[2] == "ok", "the full probe ran"
+    assert "nothing to do" in step_line(done.stdout, "h1", "done")
+    assert remote_pid(hosts["h1"]) == pid and agent(ssh_cluster, "h1")["pid"] == pid
+    assert {j["agent"] for j in run_tagged(ssh_cluster, "red", "true")} == {"h1"}
+
+
+def test_an_agent_from_another_bundle_is_upgraded_by_drain_and_restart(ssh_cluster: Cluster, lab: SshLab) -> None:
+    """An agent of another corral version runs there (its bundle has another hash): deploy drains it,
+    starts the current one, and removes the old bundle."""
+    hosts = add_hosts(ssh_cluster, lab, ("h1", "127.0.0.2", "red"))
+    deploy(ssh_cluster, "h1")
+    assert ssh_cluster.corral("stop", "h1", timeout=60).returncode == 0
+    remote = hosts["h1"].remote_dir
+    current = build().name
+    old = remote / "agent-000000000000.pyz"
+    shutil.copy(remote / current, old)
+    host, port = ssh_cluster.address()
+    argv = [sys.executable, str(old), "--connect", f"{host}:{port}", "--authkey-file", str(remote / "authkey"),
+            "--name", "h1", "--slots", "2", "--tags", "red", "--started-by", "ssh:tunnel"]
+    with open(remote / "agent.log", "wb") as log:
+        proc = subprocess.Popen(argv, cwd=remote, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    (remote / "agent.pid").write_text(f"{proc.pid}\n")
+    wait_for(lambda: (agent(ssh_cluster, "h1") or {}).get("pid") == proc.pid and agent(ssh_cluster, "h1")["state"] == "up",
+             timeout=30, what="the old agent to register")
+    done = deploy(ssh_cluster, "h1")
+    assert f"upgrading agent pid {proc.pid} (a new bundle): draining it first" in done.stdout
+    assert proc.wait(timeout=30) == 0, "the old agent drained and exited cleanly"
+    new = remote_pid(hosts["h1"])
+    assert new != proc.pid and agent(ssh_cluster, "h1")["pid"] == new
+    assert sorted(p.name for p in remote.glob("agent-*.pyz")) == [current], "the old bundle is gone"

@@ -97,6 +97,7 @@ class DeployService:
         self._ops: OrderedDict[str, Operation] = OrderedDict()
         self._busy: dict[str, str] = {}  # alias -> id of the operation working on it
         self._answers: dict[tuple[str, str], dict[str, Any]] = {}  # (op id, alias) -> {"event", "accept"}
+        self._seen: dict[str, dict[str, Any]] = {}  # alias -> dir and Python of its last deploy (outlives a stop)
         self._closed = threading.Event()
         self.deployments_path = state.home / DEPLOYMENTS_NAME
 
@@ -290,12 +291,17 @@ class DeployService:
             host = with_overrides(self._host(alias), slots=opts["slots"],
                                   tags=tuple(opts["tags"]) if opts["tags"] is not None else None, direct=opts["direct"])
             link = self._link(host, float(opts["connect_timeout"]))
+            previous = self._deployments().get(alias) or self._seen.get(alias)
             result = deploy_host(link, bundle, plan, report, self._asker(op, alias, opts, report), self._registered,
-                                 on_upgrade=self.scheduler.drain_agent)
+                                 on_upgrade=self.scheduler.drain_agent, previous=previous,
+                                 on_replaced=self.scheduler.retire_agent)
             link.supervise()
-            self._record(alias, {"host": host.to_wire(), "mode": result["mode"], "remote_port": result["port"],
-                                 "pid": result["pid"], "bundle": result["bundle"], "dir": result["dir"],
-                                 "deployed": time.time()})
+            record = {"host": host.to_wire(), "mode": result["mode"], "remote_port": result["port"],
+                      "pid": result["pid"], "bundle": result["bundle"], "dir": result["dir"],
+                      "python": result["python"], "python_setting": host.python, "deployed": time.time()}
+            with self.lock:
+                self._seen[alias] = {"dir": result["dir"], "python": result["python"], "python_setting": host.python}
+            self._record(alias, record)
             if result["noop"]:
                 return result, f"already running (pid {result['pid']}, {bundle.name}): nothing to do"
             return result, f"agent pid {result['pid']} up ({result['mode']}, {bundle.name})"

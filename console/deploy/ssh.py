@@ -219,6 +219,9 @@ class Link:
         self._supervisor: threading.Thread | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._sftp_transport: paramiko.Transport | None = None
+        self._shell: paramiko.Channel | None = None
+        self._shell_transport: paramiko.Transport | None = None
+        self._shell_lock = threading.Lock()
 
     # ---- the connection -------------------------------------------------------------------
 
@@ -286,32 +289,61 @@ class Link:
 
     # ---- commands and files ----------------------------------------------------------------------
 
-    def run(self, command: str, step: str, timeout: float = COMMAND_TIMEOUT, input: bytes | None = None) -> tuple[int, str, str]:
-        """Run a command on the host: (exit status, stdout, stderr)."""
+    def sh(self, script: str, step: str, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str, str]:
+        """Run a POSIX sh script in the link's own /bin/sh: (exit status, output, output).
+
+        One shell per connection, fed on its stdin, so the user's login shell and its rc files (which
+        can cost a sizeable fraction of a second) start once, not per command; each script runs in a
+        subshell, so its `exit` or `cd` cannot harm the next one."""
+        with self._shell_lock:
+            channel = self._shell_channel(step, timeout)
+            marker = f"__corral_end_{os.urandom(6).hex()}"
+            try:
+                channel.settimeout(timeout)
+                channel.sendall(f"(\n{script}\n) </dev/null 2>&1; echo; echo \"{marker} $?\"\n".encode())
+                buffer = bytearray()
+                while True:
+                    end = buffer.find(marker.encode())
+                    if end >= 0 and buffer.find(b"\n", end) >= 0:
+                        break
+                    chunk = channel.recv(65536)
+                    if not chunk:
+                        raise EOFError("the remote shell exited")
+                    buffer += chunk
+            except socket.timeout:
+                self._close_shell()
+                raise fail(self.host, step, f"the host did not finish a command within {timeout:g}s") from None
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                self._close_shell()
+                raise fail(self.host, step, f"the SSH connection failed while running a command: {exc or type(exc).__name__}",
+                           "deploy again once the host is reachable") from None
+        text = buffer.decode("utf-8", "replace")
+        out, _, tail = text.rpartition(marker)
+        status = int(tail.split()[0]) if tail.split() and tail.split()[0].isdigit() else 255
+        out = out[:-1] if out.endswith("\n") else out  # the echo that ends any unterminated last line
+        return status, out, out
+
+    def _shell_channel(self, step: str, timeout: float) -> paramiko.Channel:
         transport = self.transport
         if transport is None or not transport.is_active():
             raise fail(self.host, step, "the SSH connection is down", "deploy again once the host is reachable")
+        channel = self._shell
+        if channel is not None and self._shell_transport is transport and not channel.closed \
+                and not channel.exit_status_ready():
+            return channel
+        self._close_shell()
         try:
             channel = transport.open_session(timeout=timeout)
-            channel.settimeout(timeout)
-            channel.exec_command(command)
-            if input is not None:
-                channel.sendall(input)
-            channel.shutdown_write()
-            out = channel.makefile("rb").read()
-            err = channel.makefile_stderr("rb").read()
-            status = channel.recv_exit_status()
-            channel.close()
-        except socket.timeout:
-            raise fail(self.host, step, f"the host did not finish `{command[:40]}` within {timeout:g}s") from None
+            channel.exec_command("exec /bin/sh")
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise fail(self.host, step, f"the SSH connection failed while running a command: {exc or type(exc).__name__}",
-                       "deploy again once the host is reachable") from None
-        return status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+            raise fail(self.host, step, f"cannot start a shell on the host: {exc or type(exc).__name__}") from None
+        self._shell, self._shell_transport = channel, transport
+        return channel
 
-    def sh(self, script: str, step: str, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str, str]:
-        """Run a POSIX sh script sent on stdin (whatever the user's login shell is, nothing to quote twice)."""
-        return self.run("/bin/sh -s", step, timeout, input=script.encode())
+    def _close_shell(self) -> None:
+        if self._shell is not None:
+            self._shell.close()
+        self._shell = None
 
     def sftp(self, step: str) -> paramiko.SFTPClient:
         """The link's SFTP session (opened on first use, again after a reconnect): no shell, no login
@@ -397,6 +429,7 @@ class Link:
             return
         try:
             sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small request/reply messages
             while not self.closed.is_set():
                 ready, _, _ = select.select([sock, channel], [], [], 1.0)
                 if sock in ready:
@@ -489,9 +522,10 @@ class Probe:
     missing: list[str] = field(default_factory=list)
 
 
-def probe(link: Link, python: str, step: str = "python") -> Probe:
-    """Create the remote directory (0700) if needed; list bundles, the running agent and the Pythons."""
-    candidates = [python] if python else list(PYTHON_CANDIDATES)
+def probe(link: Link, python: str, step: str = "python", hint: str = "") -> Probe:
+    """Create the remote directory (0700) if needed; list bundles, the running agent and the Pythons
+    (the configured one; else `hint`, the interpreter chosen last time, then the usual names)."""
+    candidates = [python] if python else list(dict.fromkeys([hint, *PYTHON_CANDIDATES] if hint else PYTHON_CANDIDATES))
     script = f"""
 D={remote_dir_expr(link.host.remote_dir)}
 if [ ! -d "$D" ]; then mkdir -p -m 700 "$D" 2>/dev/null; fi
@@ -605,12 +639,22 @@ exit 0
     return directory, pid
 
 
+def quick_look(link: Link, directory: str, step: str) -> tuple[int, list[str]]:
+    """The agent recorded in `directory` and its command line, read over SFTP alone (no shell): (0, []) if none runs."""
+    raw = link.read(f"{directory}/agent.pid", step, limit=64)
+    pid = int(raw) if raw and raw.strip().isdigit() else 0
+    if not pid or not alive(link, pid, step):
+        return 0, []
+    data = link.read(f"/proc/{pid}/cmdline", step, limit=64 * 1024) or b""
+    return pid, [a for a in data.decode("utf-8", "replace").split("\0") if a]
+
+
 def alive(link: Link, pid: int, step: str) -> bool:
     """Whether the process runs (a zombie does not count), read from the host's /proc over SFTP."""
     try:
         stat = link.read(f"/proc/{pid}/stat", step, limit=4096)
     except DeployError:
-        status, _, _ = link.run(f"kill -0 {pid} 2>/dev/null", step, timeout=10)  # no /proc to read
+        status, _, _ = link.sh(f"kill -0 {pid} 2>/dev/null", step, timeout=10)  # no /proc to read
         return status == 0
     if stat is None:
         return False
@@ -686,7 +730,7 @@ def kill_agent(link: Link, pid: int, drain: bool, step: str) -> None:
     """Signal the agent: SIGTERM drains it; SIGINT then SIGTERM (two distinct signals, so neither is
     coalesced) make it kill its jobs and leave."""
     command = f"kill -TERM {pid}" if drain else f"kill -INT {pid}; kill -TERM {pid}"
-    link.run(command + " 2>/dev/null; true", step, timeout=10)
+    link.sh(command + " 2>/dev/null; true", step, timeout=10)
 
 
 def wait_gone(link: Link, pid: int, timeout: float | None, step: str, tick: Callable[[], None] | None = None) -> bool:
@@ -713,7 +757,7 @@ def stop_remote(link: Link, pid: int, drain: bool, report: Report, drain_timeout
     if drain:
         raise fail(link.host, step, f"the agent (pid {pid}) is still draining after {drain_timeout:g}s",
                    f"wait, or stop it at once with `corral stop {link.host.alias}`")
-    link.run(f"kill -KILL -{pid} 2>/dev/null; kill -KILL {pid} 2>/dev/null; true", step, timeout=10)
+    link.sh(f"kill -KILL -{pid} 2>/dev/null; kill -KILL {pid} 2>/dev/null; true", step, timeout=10)
     if not wait_gone(link, pid, 5.0, step):
         raise fail(link.host, step, f"the agent (pid {pid}) survived SIGKILL", "look at the host")
 
@@ -748,12 +792,20 @@ def _is_loopback(name: str) -> bool:
 def deploy_host(link: Link, bundle: Bundle, plan: DeployPlan, report: Report,
                 ask_host_key: Callable[[HostKeyUnknown], bool],
                 registered: Callable[[str, int], bool],
-                on_upgrade: Callable[[str], None] | None = None) -> dict[str, Any]:
+                on_upgrade: Callable[[str], None] | None = None,
+                previous: dict[str, Any] | None = None,
+                on_replaced: Callable[[str, str], None] | None = None) -> dict[str, Any]:
     """connect → hostkey → auth → python → upload → tunnel → authkey → start → ready, reporting each step.
 
-    Returns {"pid", "port", "mode", "bundle", "noop"}; raises DeployError naming the failing step.
+    on_upgrade(alias) is called before an agent that must be replaced is drained, on_replaced(alias,
+    reason) once it is gone (so the master frees its name for the new one).
+    `previous` is what the master recorded of its last deploy there (dir, python): with it, an agent
+    already running as asked is recognised over SFTP alone, and the Python chosen then is tried first.
+    Returns {"pid", "port", "mode", "bundle", "dir", "python", "noop"}; raises DeployError naming the
+    failing step.
     """
     host = link.host
+    mode = "direct" if host.direct else "tunnel"
     # connect, hostkey, auth
     if link.active():
         for step in ("connect", "hostkey", "auth"):
@@ -771,9 +823,24 @@ def deploy_host(link: Link, bundle: Bundle, plan: DeployPlan, report: Report,
         report("hostkey", "ok", f"known: {link.known.holder(host)}")
         report("auth", "ok", f"as {host.user}")
 
+    # The quick path: the agent deployed last time still runs exactly as asked.
+    before = previous or {}
+    if before.get("dir") and before.get("python") and before.get("python_setting", "") == host.python:
+        pid, argv = quick_look(link, before["dir"], "python")
+        wanted = Launch(python=before["python"], bundle=bundle.name, name=host.alias, slots=host.slots,
+                        tags=host.tags, started_by=f"ssh:{mode}")
+        running = Launch.parse(argv) if pid else None
+        if pid and wanted.same_agent(running) and running is not None and _already_connected(link, running, plan, mode):
+            report("python", "skip", f"agent pid {pid} runs on {running.python}")
+            for step in ("upload", "tunnel", "authkey", "start"):
+                report(step, "skip", f"agent pid {pid} already runs {bundle.name}")
+            _wait_ready(link, pid, before["dir"], plan.ready_timeout, report, registered, kill_on_fail=False)
+            return {"pid": pid, "port": link.remote_port if mode == "tunnel" else None, "mode": mode,
+                    "bundle": bundle.short, "dir": before["dir"], "python": before["python"], "noop": True}
+
     # python (one round trip also tells of the remote dir, its bundles and any running agent)
     report("python", "start", host.python or "looking for python3 (3.8+)")
-    found = probe(link, host.python)
+    found = probe(link, host.python, hint="" if host.python else str(before.get("python") or ""))
     python, version = choose_python(host, found)
     report("python", "ok", f"Python {version} at {python}")
     if found.dir_error or not found.dir:
@@ -781,7 +848,6 @@ def deploy_host(link: Link, bundle: Bundle, plan: DeployPlan, report: Report,
                    "set the host's remote_dir to a writable directory")
     directory = found.dir
 
-    mode = "direct" if host.direct else "tunnel"
     launch = Launch(python=python, bundle=bundle.name, name=host.alias, slots=host.slots, tags=host.tags,
                     started_by=f"ssh:{mode}")
     running = Launch.parse(found.argv) if found.pid else None
@@ -791,14 +857,16 @@ def deploy_host(link: Link, bundle: Bundle, plan: DeployPlan, report: Report,
             for step in ("upload", "tunnel", "authkey", "start"):
                 report(step, "skip", f"agent pid {found.pid} already runs {bundle.name}")
             _wait_ready(link, found.pid, directory, plan.ready_timeout, report, registered, kill_on_fail=False)
-            return {"pid": found.pid, "port": link.remote_port, "mode": mode, "bundle": bundle.short,
-                    "dir": directory, "noop": True}
+            return {"pid": found.pid, "port": link.remote_port if mode == "tunnel" else None, "mode": mode,
+                    "bundle": bundle.short, "dir": directory, "python": python, "noop": True}
     if found.pid:
         why = "a new bundle" if running is None or running.bundle != bundle.name else "new settings"
         report("upload", "info", f"upgrading agent pid {found.pid} ({why}): draining it first")
         if on_upgrade is not None:
             on_upgrade(host.alias)
         stop_remote(link, found.pid, True, report, plan.upgrade_drain_timeout)
+        if on_replaced is not None:
+            on_replaced(host.alias, f"replaced by a new deploy ({why})")
 
     # upload
     if bundle.name in found.bundles:
@@ -831,7 +899,7 @@ def deploy_host(link: Link, bundle: Bundle, plan: DeployPlan, report: Report,
     if stale:
         link.remove([f"{directory}/{b}" for b in stale], "ready")
     return {"pid": pid, "port": link.remote_port if mode == "tunnel" else None, "mode": mode,
-            "bundle": bundle.short, "dir": directory, "noop": False}
+            "bundle": bundle.short, "dir": directory, "python": python, "noop": False}
 
 
 def _already_connected(link: Link, running: Launch, plan: DeployPlan, mode: str) -> bool:
@@ -881,7 +949,7 @@ def _wait_ready(link: Link, pid: int, directory: str, timeout: float, report: Re
         if now - started > timeout:
             tail = log_tail(link, directory)
             if kill_on_fail:
-                link.run(f"kill -KILL {pid} 2>/dev/null; true", "ready", timeout=10)
+                link.sh(f"kill -KILL {pid} 2>/dev/null; true", "ready", timeout=10)
             raise fail(host, "ready", f"the agent (pid {pid}) never said ready within {timeout:g}s",
                        f"see its log, {directory}/agent.log", log_tail=tail)
         time.sleep(0.05)
