@@ -457,9 +457,9 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     rows = []
     for h in hosts:
         record = deployed.get(h.alias)
+        state = "-" if not record else "stopped" if record.get("stopped") else f"pid {record['pid']} ({record['mode']})"
         rows.append([h.alias, h.target, str(h.slots or "cpus"), ",".join(h.tags) or "-", h.python or "auto",
-                     h.remote_dir, "direct" if h.direct else "tunnel",
-                     f"pid {record['pid']} ({record['mode']})" if record else "-", h.source])
+                     h.remote_dir, "direct" if h.direct else "tunnel", state, h.source])
     _table(rows, ["ALIAS", "TARGET", "SLOTS", "TAGS", "PYTHON", "REMOTE DIR", "MODE", "DEPLOYED", "SOURCE"])
     if not hosts:
         print(f"(no hosts: add one with `corral hosts add ALIAS --hostname ...`, or to {inventory.config_path})")
@@ -488,10 +488,18 @@ def _hosts_remove(args: argparse.Namespace) -> int:
     except CorralError:  # no master recorded, or none answering: only the hosts file can change
         client = None
     if client is None:
-        if args.alias in _deployments(args) and not args.force:
-            raise CorralError(f"{args.alias} has an agent deployed, and no master is running to stop it",
+        record = _deployments(args).get(args.alias)
+        if record and not args.force:
+            what = "has its agent's bundle" if record.get("stopped") else "has an agent deployed"
+            raise CorralError(f"{args.alias} {what}, and no master is running to remove it",
                               "start the master (`corral master`) and run this again, or add --force to forget the host anyway")
         _inventory(args).remove(args.alias)
+        if record:
+            from .deploy.service import DEPLOYMENTS_NAME
+
+            path = StateDir(args.home_path).home / DEPLOYMENTS_NAME
+            path.write_text(json.dumps({k: v for k, v in _deployments(args).items() if k != args.alias}, indent=1))
+            print(f"corral hosts: {args.alias}'s files stay in {record.get('dir', '?')} on the host (--force)", file=sys.stderr)
         print(f"removed {args.alias}")
         return 0
     with client:

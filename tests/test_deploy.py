@@ -261,16 +261,25 @@ def test_direct_mode_dials_the_master_without_a_tunnel(ssh_cluster: Cluster, lab
 
 
 def test_removing_a_host_removes_its_agent_and_its_bundle(ssh_cluster: Cluster, lab: SshLab) -> None:
-    hosts = add_hosts(ssh_cluster, lab, ("h1", "127.0.0.2", "red"))
-    deploy(ssh_cluster, "h1")
+    hosts = add_hosts(ssh_cluster, lab, ("h1", "127.0.0.2", "red"), ("h2", "127.0.0.3", "blue"))
+    deploy(ssh_cluster, "h1", "h2")
     pid = remote_pid(hosts["h1"])
     assert (hosts["h1"].remote_dir / build().name).exists()
-    removed = ssh_cluster.corral("hosts", "remove", "h1", timeout=60)
-    assert removed.returncode == 0, removed.stderr
+    # h2's agent is stopped first: its bundle stays until the host is removed.
+    assert ssh_cluster.corral("stop", "h2", timeout=60).returncode == 0
+    assert (hosts["h2"].remote_dir / build().name).exists()
+    listing = ssh_cluster.corral("hosts").stdout
+    assert f"pid {pid} (tunnel)" in next(line for line in listing.splitlines() if line.startswith("h1 "))
+    assert "stopped" in next(line for line in listing.splitlines() if line.startswith("h2 "))
+    for alias in ("h1", "h2"):
+        removed = ssh_cluster.corral("hosts", "remove", alias, timeout=60)
+        assert removed.returncode == 0, removed.stderr
+        assert not hosts[alias].remote_dir.exists(), "corral's files are gone, and so the directory it made"
     assert not alive(pid)
-    assert not hosts["h1"].remote_dir.exists(), "corral's files are gone, and so the directory it made"
-    assert "h1" not in ssh_cluster.corral("hosts").stdout
+    listing = ssh_cluster.corral("hosts").stdout
+    assert "h1" not in listing and "h2" not in listing
     assert not processes_in(hosts["h1"].root)
+    assert not (ssh_cluster.home / "deployments.json").read_text().strip("{}\n ")
 
 
 def test_host_key_question_is_asked_and_answered_through_the_client(ssh_cluster: Cluster, lab: SshLab) -> None:

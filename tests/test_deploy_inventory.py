@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -107,8 +108,6 @@ def test_corral_hosts_add_list_remove(tmp_path: Path, env: Path) -> None:
     assert header.split() == ["ALIAS", "TARGET", "SLOTS", "TAGS", "PYTHON", "REMOTE", "DIR", "MODE", "DEPLOYED", "SOURCE"]
     assert row.split() == ["h1", "ops@127.0.0.2:2222", "3", "blue,red", "/usr/bin/python3", "/tmp/r", "direct", "-", "corral"]
     as_json = corral(tmp_path, env, "hosts", "--json")
-    import json
-
     (record,) = json.loads(as_json.stdout)
     assert record["slots"] == 3 and record["tags"] == ["blue", "red"] and record["identity"] == [str(key)]
     removed = corral(tmp_path, env, "hosts", "remove", "h1")
@@ -154,8 +153,11 @@ def test_removing_a_deployed_host_without_a_master_is_refused_unless_forced(tmp_
     assert corral(tmp_path, env, "hosts", "add", "h1", "--hostname", "127.0.0.2").returncode == 0
     (tmp_path / "home" / "deployments.json").write_text('{"h1": {"pid": 12, "mode": "tunnel"}}')
     done = corral(tmp_path, env, "hosts", "remove", "h1")
-    assert done.returncode == 1 and "no master is running to stop it" in done.stderr and "--force" in done.stderr
-    assert corral(tmp_path, env, "hosts", "remove", "h1", "--force").returncode == 0
+    assert done.returncode == 1 and "has an agent deployed, and no master is running" in done.stderr
+    assert "--force" in done.stderr
+    forced = corral(tmp_path, env, "hosts", "remove", "h1", "--force")
+    assert forced.returncode == 0 and forced.stdout == "removed h1\n"
+    assert json.loads((tmp_path / "home" / "deployments.json").read_text()) == {}
 
 
 def test_the_bundle_is_named_by_its_content_and_holds_only_the_agent(tmp_path: Path) -> None:

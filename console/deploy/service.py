@@ -168,8 +168,8 @@ class DeployService:
     def _on_link_state(self, link: "Link", state: str, message: str) -> None:
         if state == "down":
             log.warning("%s: SSH link down: %s", link.host.alias, message or "connection lost")
-        elif state == "up" and link.reconnects:
-            log.warning("%s: SSH link %s", link.host.alias, message or "re-established")
+        elif state == "up" and message:
+            log.warning("%s: SSH link %s", link.host.alias, message)
 
     def _registered(self, alias: str, pid: int) -> bool:
         return any(a["name"] == alias and a["pid"] == pid and a["state"] == "up" for a in self.scheduler.agent_list())
@@ -201,7 +201,7 @@ class DeployService:
 
     def resume(self) -> None:
         """In the background: re-open the links (and tunnel ports) of agents deployed by an earlier master."""
-        if not self._deployments():
+        if not any(not r.get("stopped") for r in self._deployments().values()):
             return
         threading.Thread(target=self._resume, name="deploy-resume", daemon=True).start()
 
@@ -209,15 +209,15 @@ class DeployService:
         for alias, record in self._deployments().items():
             if self._closed.is_set():
                 return
+            if record.get("stopped"):
+                continue
             try:
                 host = self._host(alias)
                 link = self._link(host, 10.0)
                 if record.get("mode") == "tunnel" and record.get("remote_port"):
                     link.remote_port = int(record["remote_port"])
-                link.open()
-                if link.remote_port:
-                    link.forward(link.remote_port)
-                log.warning("%s: SSH link re-opened after a master restart (tunnel port %s)", alias, link.remote_port)
+                link.open(message=f"re-opened after a master restart (tunnel port {link.remote_port})"
+                          if link.remote_port else "re-opened after a master restart")
             except DeployError as exc:
                 log.warning("%s: cannot re-open the SSH link yet: %s", alias, exc)
             except Exception:  # keep resuming the other hosts; the trace goes to the master's log
@@ -390,7 +390,7 @@ class DeployService:
         def work(op: Operation, alias: str, report: Callable[[str, str, str], None]) -> tuple[dict, str]:
             from .ssh import remove_files
 
-            deployed = alias in self._deployments() or alias in self._links
+            deployed = alias in self._deployments() or alias in self._links  # running, or stopped: files remain
             pid = 0
             if deployed:
                 try:
@@ -407,7 +407,7 @@ class DeployService:
                     report("remove", "info", f"ignored (--force): {exc.message}")
             else:
                 report("remove", "skip", "nothing deployed there")
-            self._drop(alias)
+            self._drop(alias, forget=True)
             self._forget(alias, report)
             return {"pid": pid}, "removed"
 
@@ -448,13 +448,18 @@ class DeployService:
         report("stop", "ok", f"agent pid {pid} is gone" + ("" if drain else "; its jobs went back to the queue"))
         return pid
 
-    def _drop(self, alias: str) -> None:
-        """No agent there any more: close the link (and its tunnel), forget the deployment."""
+    def _drop(self, alias: str, forget: bool = False) -> None:
+        """No agent there any more: close the link (and its tunnel). The record stays, marked stopped (what
+        is left on the host, for remove(), and the Python to try first next time), unless `forget`."""
         with self.lock:
             link = self._links.pop(alias, None)
         if link is not None:
             link.close()
-        self._record(alias, None)
+        record = self._deployments().get(alias)
+        if forget or record is None:
+            self._record(alias, None)
+        else:
+            self._record(alias, dict(record, stopped=time.time(), pid=0, remote_port=None))
 
     def _forget(self, alias: str, report: Callable[[str, str, str], None]) -> None:
         inventory = self._inventory()
@@ -484,7 +489,7 @@ class DeployService:
         out = []
         for host in self._inventory().hosts():
             wire = host.to_wire()
-            wire["deployed"] = deployed.get(host.alias)
+            wire["deployed"] = deployed.get(host.alias)  # with "stopped" (a time) once its agent was stopped
             wire["link"] = states.get(host.alias, "")
             out.append(wire)
         return out

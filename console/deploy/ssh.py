@@ -240,8 +240,9 @@ class Link:
             if self.on_state is not None:
                 self.on_state(self, state, message)
 
-    def open(self, on_tcp: Callable[[], None] | None = None) -> None:
-        """(Re)connect now; DeployError (HostKeyUnknown, HostKeyChanged...) if it cannot."""
+    def open(self, on_tcp: Callable[[], None] | None = None, message: str = "") -> None:
+        """(Re)connect now, re-opening the tunnel port if the link has one; DeployError (HostKeyUnknown,
+        HostKeyChanged...) if it cannot."""
         with self.lock:
             if self.client is not None:
                 self.client.close()
@@ -254,14 +255,21 @@ class Link:
             assert transport is not None
             transport.set_keepalive(KEEPALIVE_SECONDS)
             self.client = client
-            self._set_state("up")
+            if self.remote_port:
+                try:
+                    self.forward(self.remote_port)  # the port the running agent dials
+                except DeployError:
+                    client.close()  # connected but no tunnel (an old session may still hold the port)
+                    self.client = None
+                    raise
+            self._set_state("up", message)
 
-    def ensure(self) -> bool:
+    def ensure(self, on_tcp: Callable[[], None] | None = None) -> bool:
         """Connected (opening only if needed); True when this call opened it."""
         with self.lock:
             if self.active():
                 return False
-            self.open()
+            self.open(on_tcp)
             return True
 
     def _via_jump(self) -> Any:
@@ -469,19 +477,12 @@ class Link:
                     with self.lock:
                         if self.closed.is_set():
                             return
-                        self.open()
-                        if self.remote_port:
-                            self.forward(self.remote_port)
+                        self.open(message="re-established" + (f", tunnel port {self.remote_port}" if self.remote_port else ""))
                     self.reconnects += 1
                     self.last_error = ""
-                    self._set_state("up", f"re-established (tunnel port {self.remote_port})" if self.remote_port else "re-established")
                     break
                 except DeployError as exc:
                     self.last_error = exc.message
-                    with self.lock:
-                        if self.client is not None and self.remote_port:
-                            self.client.close()  # connected but no tunnel yet (the old session still holds the port)
-                            self.client = None
                     self._set_state("down", exc.message)
                     if self.closed.wait(backoff):
                         return
@@ -814,12 +815,12 @@ def deploy_host(link: Link, bundle: Bundle, plan: DeployPlan, report: Report,
         report("connect", "start", f"{host.target}" + (f" via {host.proxy_jump}" if host.proxy_jump else ""))
         on_tcp = lambda: report("connect", "ok", f"{host.hostname}:{host.port} answers")  # noqa: E731
         try:
-            link.open(on_tcp=on_tcp)
+            link.ensure(on_tcp=on_tcp)
         except HostKeyUnknown as exc:
             if not ask_host_key(exc):
                 raise
             link.known.add(exc.host_id, exc.key_type, exc.key_base64)  # type: ignore[attr-defined]
-            link.open()
+            link.ensure()
         report("hostkey", "ok", f"known: {link.known.holder(host)}")
         report("auth", "ok", f"as {host.user}")
 
