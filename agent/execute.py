@@ -72,7 +72,17 @@ def run_chunk(rows: List[tuple]) -> List[tuple]:
     """Pool task: run a chunk of tasks one after another, return their results as wire tuples."""
     _tell_agent(("chunk", os.getpid(), [row[0] for row in rows], time.time()))
     # Tuples in, tuples out: a NamedTuple pickles with its class, a plain tuple is cheaper.
-    return [tuple(execute(Task._make(row))) for row in rows]
+    return [_storable(tuple(execute(Task._make(row)))) for row in rows]
+
+
+def _storable(row: tuple) -> tuple:
+    """A result whose texts the master can journal: a callable may print lone surrogates (what
+    surrogateescape makes of undecodable bytes), which UTF-8 cannot hold; they become "?"."""
+    texts = row[5:9]
+    if all(text.isascii() for text in texts):
+        return row
+    clean = tuple(text.encode("utf-8", "replace").decode("utf-8") for text in texts)
+    return row[:5] + clean + row[9:]
 
 
 def _tell_agent(event: tuple) -> None:

@@ -132,6 +132,11 @@ class Agent:
         self.pool = self.ctx.Pool(self.info.slots, execute.init_worker,
                                   (events_writer, self.ctx.Lock(), self.cancel_ring, os.getpid()))
         threading.Thread(target=self._watch_events, name="events", daemon=True).start()
+        if self.spool_given is not None and not self.name_is_default:
+            # The name is fixed: read the spool before the first register, so its jobs are among
+            # those we say we hold (the master keeps them ours instead of re-queueing them).
+            self.spool = self.spool_given / f"{self.info.name}.pickle"
+            self._load_spool()
         backoff = 0.5
         try:
             while not self.stopping.is_set():
@@ -192,18 +197,19 @@ class Agent:
         return not held and not pending
 
     def _save_spool(self) -> None:
-        """Keep unreported results on disk while the master is away (atomic replace)."""
+        """Keep unreported results on disk while the master is away (atomic replace). Under the
+        results lock: one writer at a time, and the last one writes the newest rows."""
         with self.results_ready:
             rows = list(self.results)
-        if self.spool is None or not rows:
-            return
-        try:
-            self.spool.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.spool.with_suffix(".tmp")
-            tmp.write_bytes(pickle.dumps(rows))
-            os.replace(tmp, self.spool)
-        except OSError as exc:
-            log.warning("cannot write the spool %s: %s", self.spool, exc)
+            if self.spool is None or not rows:
+                return
+            try:
+                self.spool.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.spool.with_suffix(".tmp")
+                tmp.write_bytes(pickle.dumps(rows))
+                os.replace(tmp, self.spool)
+            except OSError as exc:
+                log.warning("cannot write the spool %s: %s", self.spool, exc)
 
     def _load_spool(self) -> None:
         """Queue the results a previous run of this agent could not hand in."""
@@ -421,6 +427,8 @@ class Agent:
         with self.results_ready:
             self.results.extend(rows)
             self.results_ready.notify()
+        if self.disconnected.is_set():
+            self._save_spool()  # the master is away: on disk now, in case this agent dies before it is back
 
     def _report_loop(self) -> None:
         """Send results as soon as there are any (what piles up meanwhile goes in the next call), and heartbeat."""

@@ -9,7 +9,7 @@ from multiprocessing.managers import BaseManager, RemoteError
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from agent.protocol import SCHEDULER_TYPEID, CorralError, JobSpec, JobState
+from agent.protocol import MAX_PAYLOAD_BYTES, SCHEDULER_TYPEID, BadJobSpec, CorralError, JobSpec, JobState
 
 from .state import StateDir
 
@@ -108,7 +108,13 @@ class Client:
             batch.append(wire)
             # Keep each message well under the master's cap on what it reads (MAX_MESSAGE_BYTES).
             if isinstance(wire, dict):
-                size += len(wire.get("payload") or b"") + len(wire.get("command") or "") + 256
+                job_bytes = len(wire.get("payload") or b"") + len(wire.get("command") or "")
+                if job_bytes > MAX_PAYLOAD_BYTES:
+                    # The master refuses it too, but one far over its limit would not even reach it
+                    # whole (it drops a message over MAX_MESSAGE_BYTES): say so here, send nothing more.
+                    raise BadJobSpec(f"job {len(ids) + len(batch)}: the job is {job_bytes} bytes;"
+                                     f" the limit is {MAX_PAYLOAD_BYTES}", "pass large data by path, not by value")
+                size += job_bytes + 256
             if len(batch) >= SUBMIT_BATCH or size >= SUBMIT_BYTES:
                 ids += self._call("submit", batch)
                 batch, size = [], 0

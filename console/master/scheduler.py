@@ -160,18 +160,33 @@ def validate(spec: Any, where: str) -> tuple:
 
 _RESULT_STATES = frozenset({DONE, FAILED, TIMEOUT, CANCELLED, RELEASED})
 _OPT_INT, _OPT_BYTES, _NUMBER = (int, type(None)), (bytes, type(None)), (int, float)
+_INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
+
+
+def _storable(text: str) -> bool:
+    """Whether SQLite can store this text (UTF-8): lone surrogates cannot be encoded."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_results(results: Any) -> None:
-    """Refuse a malformed report whole (an agent holding the authkey may still be buggy)."""
+    """Refuse a malformed report whole (an agent holding the authkey may still be buggy), and one the
+    journal could not store: nothing of it may change the master's state unless all of it is written."""
     if not isinstance(results, list):
         raise CorralError("malformed report: results must be a list")
     for row in results:
         if (type(row) not in (tuple, list) or len(row) != 11 or type(row[0]) is not int
-                or type(row[1]) is not int or row[2] not in _RESULT_STATES
+                or type(row[1]) is not int or type(row[2]) is not str or row[2] not in _RESULT_STATES
                 or type(row[3]) not in _OPT_INT or type(row[4]) not in _OPT_BYTES
                 or not all(type(text) is str for text in row[5:9])
-                or type(row[9]) not in _NUMBER or type(row[10]) not in _NUMBER):
+                or type(row[9]) not in _NUMBER or type(row[10]) not in _NUMBER
+                or row[0] not in _INT64 or row[1] not in _INT64 or (row[3] is not None and row[3] not in _INT64)
+                or not all(_storable(text) for text in row[5:9])):
             raise CorralError(f"malformed report: bad result row {str(row)[:200]}")
 
 
@@ -560,19 +575,27 @@ class Scheduler:
         now = time.time()
         finish_rows, requeue_rows, attempt_rows = [], [], []
         events = []
+        seen: set[tuple[int, int]] = set()
         for row in results:
             (job_id, attempt, state, exit_code, value, stdout, stderr, error, tb, started, ended) = row
+            if (job_id, attempt) in seen:
+                continue  # the same attempt twice in one report: the first one stands
+            seen.add((job_id, attempt))
             job = self.jobs.get(job_id)
             agent.running.discard(job_id)
             counted = job is not None and job.state == RUNNING and job.attempts == attempt and job.agent == agent.name
-            if not counted and job is not None and state == DONE and attempt < job.attempts:
+            if not counted and job is not None and state == DONE and (
+                    attempt < job.attempts or (attempt == job.attempts and job.state == QUEUED)):
                 # A late success of an attempt re-queued meanwhile (its agent was lost, then came
-                # back): the first attempt to finish wins, and the one still running is cancelled.
+                # back), whether dispatched again or still queued: the first attempt to finish
+                # wins, and the one still running is cancelled.
                 counted = True
                 other = self.agents.get(job.agent or "") if job.state == RUNNING else None
                 if other is not None:
                     other.cancel.add(job_id)
                 events.append(f"late result of {job_id} attempt {attempt} from {agent.name} wins")
+            if not counted and state != RELEASED and self._reported_before(job_id, attempt, agent.name, state, ended):
+                continue  # a report sent again (its reply was lost): this result is in the journal already
             # A clean, counted run needs no row of its own: the jobs row holds its whole story.
             if state != RELEASED and (stdout or stderr or error or not counted or state != DONE or attempt > 1):
                 attempt_rows.append((job_id, attempt, agent.name, state, started, ended, exit_code,
@@ -615,6 +638,15 @@ class Scheduler:
             self.work.notify_all()
         for line in events:
             self._emit(line)
+
+    def _reported_before(self, job_id: int, attempt: int, agent: str, state: str, ended: float) -> bool:
+        """Whether this result of a job is already in the journal: as its outcome (same agent, state
+        and end), or in its history (same attempt from the same agent). Only results that do not
+        count get here, which is rare: a read of the journal is fine."""
+        row = self.journal.job(job_id)
+        if row is not None and (row[11], row[15], row[18]) == (state, agent, ended):
+            return True
+        return any(a[0] == attempt and a[1] == agent for a in self.journal.attempts(job_id))
 
     def _requeue_lost(self, agent: AgentRecord, keep: set[int], reason: str) -> None:
         """Jobs an agent held and no longer runs go back to the queue (or end `lost` past max_lost)."""

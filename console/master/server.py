@@ -8,6 +8,8 @@ import logging
 import os
 import pickle
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -53,12 +55,49 @@ class PlainDataConnection:
         self._conn = conn
 
     def recv(self) -> Any:
-        return plain_loads(self._conn.recv_bytes(MAX_MESSAGE_BYTES))
+        try:
+            data = self._conn.recv_bytes(MAX_MESSAGE_BYTES)
+        except OSError as exc:
+            # Too big (its rest still fills the stream, so nothing after it can be read), or cut off
+            # mid-message: drop this peer. EOFError ends its thread, which closes the connection.
+            log.warning("dropped the connection from %s: %s (a message may hold at most %d MiB)",
+                        self._peer(), exc, MAX_MESSAGE_BYTES >> 20)
+            raise EOFError(str(exc)) from None
+        return plain_loads(data)
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
-        if not self._conn.poll(HANDSHAKE_SECONDS):
-            raise EOFError("peer sent nothing in time")
-        return self._conn.recv_bytes(maxlength)
+        """Only the handshake reads with recv_bytes: each of its messages must arrive whole within
+        HANDSHAKE_SECONDS, so a peer that stops half-way holds no connection and no thread."""
+        deadline = time.monotonic() + HANDSHAKE_SECONDS
+        size = struct.unpack("!i", self._read(4, deadline))[0]
+        if size < 0 or (maxlength is not None and size > maxlength):
+            raise OSError("bad message length")
+        return self._read(size, deadline)
+
+    def _read(self, count: int, deadline: float) -> bytes:
+        data = b""
+        while len(data) < count:
+            if not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                raise EOFError("the peer did not finish its handshake in time")
+            chunk = os.read(self._conn.fileno(), count - len(data))
+            if not chunk:
+                raise EOFError("the peer hung up during the handshake")
+            data += chunk
+        return data
+
+    def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
+        if len(buf) == len(connection.FAILURE) and bytes(buf) == connection.FAILURE:
+            # The handshake's verdict on a peer whose authkey is wrong: one line here too.
+            log.warning("refused a connection from %s: wrong authkey", self._peer())
+        self._conn.send_bytes(buf, offset, size)
+
+    def _peer(self) -> str:
+        try:
+            with socket.socket(fileno=os.dup(self._conn.fileno())) as sock:
+                host, port = sock.getpeername()[:2]
+            return f"{host}:{port}"
+        except OSError:
+            return "a peer"
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
