@@ -53,6 +53,7 @@ class PlainDataConnection:
 
     def __init__(self, conn: connection.Connection) -> None:
         self._conn = conn
+        self._refused = False
 
     def recv(self) -> Any:
         try:
@@ -89,7 +90,12 @@ class PlainDataConnection:
         if len(buf) == len(connection.FAILURE) and bytes(buf) == connection.FAILURE:
             # The handshake's verdict on a peer whose authkey is wrong: one line here too.
             log.warning("refused a connection from %s: wrong authkey", self._peer())
+            self._refused = True
         self._conn.send_bytes(buf, offset, size)
+
+    def send(self, obj: Any) -> None:
+        if not self._refused:  # a peer refused at the handshake gets no traceback of why
+            self._conn.send(obj)
 
     def _peer(self) -> str:
         try:
