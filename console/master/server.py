@@ -53,7 +53,7 @@ class PlainDataConnection:
 
     def __init__(self, conn: connection.Connection) -> None:
         self._conn = conn
-        self._refused = False
+        self._welcomed = False  # the peer passed our authkey challenge
 
     def recv(self) -> Any:
         try:
@@ -87,14 +87,15 @@ class PlainDataConnection:
         return data
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
-        if len(buf) == len(connection.FAILURE) and bytes(buf) == connection.FAILURE:
+        if len(buf) == len(connection.WELCOME) and bytes(buf) == connection.WELCOME:
+            self._welcomed = True
+        elif len(buf) == len(connection.FAILURE) and bytes(buf) == connection.FAILURE:
             # The handshake's verdict on a peer whose authkey is wrong: one line here too.
             log.warning("refused a connection from %s: wrong authkey", self._peer())
-            self._refused = True
         self._conn.send_bytes(buf, offset, size)
 
     def send(self, obj: Any) -> None:
-        if not self._refused:  # a peer refused at the handshake gets no traceback of why
+        if self._welcomed:  # a peer that failed the handshake gets no traceback of why
             self._conn.send(obj)
 
     def _peer(self) -> str:
