@@ -23,7 +23,7 @@ from console.tui.screens.quit import QuitScreen
 from console.tui.screens.submit import SubmitScreen
 from console.tui.widgets.stats import StatsHeader
 from console.tui.widgets.table import WindowTable
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster
 
 SIZE = (120, 36)
 TIMEOUT = 30.0  # generous: the machine is shared and slow
@@ -348,6 +348,8 @@ async def test_tab_help_and_command_palette(cluster: Cluster) -> None:
         assert app.focused is screen.finished_pane
         await pilot.press("tab")
         assert app.focused is screen.workers_pane
+        await pilot.press("c", "r")  # not the place for them: one line each, nothing else
+        assert any("tab to Dispatched" in n for n in notes(app)) and any("tab to Finished" in n for n in notes(app))
         await pilot.press("tab")
         assert app.focused is screen.dispatched_pane
         await pilot.press("question_mark")

@@ -763,8 +763,8 @@ class Scheduler:
     def _console_changed(self, since: Any) -> list[int] | None:
         """Job ids changed after `since`, newest change last; None when the window lost them or they are many."""
         changes = self.changes
-        if not _is_int(since) or since <= 0 or not changes or changes[0][0] > since + 1:
-            return None
+        if not _is_int(since) or since <= 0 or since > self.seq or not changes or changes[0][0] > since + 1:
+            return None  # nothing to compare with, a seq of an earlier master, or the log moved on
         ids: dict[int, None] = {}
         for seq, job_id in reversed(changes):
             if seq <= since:

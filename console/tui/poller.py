@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -13,8 +12,6 @@ from agent.protocol import CorralError
 
 from ..client import Client
 from .messages import MasterFound, MasterLost, SnapshotArrived
-
-log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25  # four looks a second: finished jobs show within a second of ending
 RETRY_SECONDS = 1.0  # between attempts to reach a master that stopped answering

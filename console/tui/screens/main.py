@@ -38,6 +38,9 @@ class MainScreen(Screen[None]):
         Binding("n", "submit", "Submit"),
         Binding("slash", "filter", "Filter"),
         Binding("escape", "close_filter", "Clear filter", show=False),
+        # The job panes bind c and r themselves; here they only catch the Workers pane, to say so.
+        Binding("c", "cancel", "Cancel", show=False),
+        Binding("r", "requeue", "Requeue", show=False),
         Binding("question_mark", "app.help", "Help"),
         Binding("q", "app.request_quit", "Quit"),
     ]
