@@ -39,8 +39,8 @@ class MainScreen(Screen[None]):
         Binding("slash", "filter", "Filter"),
         Binding("escape", "close_filter", "Clear filter", show=False),
         # The job panes bind c and r themselves; here they only catch the Workers pane, to say so.
-        Binding("c", "cancel", "Cancel", show=False),
-        Binding("r", "requeue", "Requeue", show=False),
+        Binding("c", "cancel", "", show=False),
+        Binding("r", "requeue", "", show=False),
         Binding("question_mark", "app.help", "Help"),
         Binding("q", "app.request_quit", "Quit"),
     ]
