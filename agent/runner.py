@@ -331,6 +331,9 @@ class Agent:
         except CorralError as exc:
             log.warning("master refused this agent: %s", exc)
             self.disconnected.set()
+        except Exception:  # noqa: BLE001 - any other failure: say so, and let the supervisor reconnect
+            log.exception("the take loop failed; reconnecting")
+            self.disconnected.set()
 
     def _dispatch(self, rows: List[tuple]) -> None:
         """Take in tasks from the master and feed the pool. Keep a task if a slot is free for it, or
@@ -463,6 +466,9 @@ class Agent:
             self.disconnected.set()
         except CorralError as exc:
             log.warning("master refused this agent's report: %s", exc)
+            self.disconnected.set()
+        except Exception:  # noqa: BLE001 - never die silently with results unreported: reconnect
+            log.exception("the report loop failed; reconnecting")
             self.disconnected.set()
 
     # ---- cancel, release, timeouts, dead workers -----------------------------------------

@@ -567,7 +567,9 @@ class Scheduler:
             agent = self._agent(session)
             if results:
                 self._apply_results(agent, results)
-            agent.credit = max(0, int(want))
+                # Only a report that freed slots renews the credit: a bare heartbeat must not grant
+                # a second credit for the slot a parked take() is already serving (priority order).
+                agent.credit = max(0, int(want))
             return self._serve_credit(agent)
 
     def _apply_results(self, agent: AgentRecord, results: list) -> None:
