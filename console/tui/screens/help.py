@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import ClassVar, Iterable
 
-from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -26,7 +25,7 @@ BUILT_IN = [
     ("tab / shift+tab", "next / previous pane (or field)"),
     ("ctrl+p", "command palette: every action by name"),
 ]
-FILTER_NOTE = ("/ then text", "show rows matching text; /!text hides them; esc clears")
+FILTER_NOTE = ("/ then text", "only rows matching text; /!text hides them")
 
 
 def _bindings(bindings: Iterable[BindingType]) -> list[Binding]:
@@ -58,15 +57,12 @@ class HelpScreen(ModalScreen[None]):
     def __init__(self, sections: list[tuple[str, list[Binding]]]) -> None:
         super().__init__()
         self.sections = sections
-        self.rows: list[tuple[str, str]] = []  # (keys, what they do), as shown
+        self.rows: list[tuple[str, str]] = []  # (keys, what they do) as shown; ("heading", "") for a section
 
     def compose(self) -> ComposeResult:
-        table = Table.grid(padding=(0, 2))
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column()
         everywhere: set[str] = set()
         for title, bindings in self.sections:
-            table.add_row(Text(title, style="underline"), "")
+            self.rows.append((title, ""))  # a section heading
             seen: set[str] = set()
             for binding in bindings:
                 keys = " / ".join(self.app.get_key_display(Binding(k, "")) for k in binding.key.split(","))
@@ -74,18 +70,23 @@ class HelpScreen(ModalScreen[None]):
                     continue  # shown once: a screen's shortcut to an app-wide key is the same key
                 seen.add(keys)
                 self.rows.append((keys, binding.description))
-                table.add_row(keys, binding.description)
             if title == "Everywhere":
                 everywhere = seen
             if title == "Main screen":
-                for row in (FILTER_NOTE, *BUILT_IN):
-                    self.rows.append(row)
-                    table.add_row(*row)
-            table.add_row("", "")
+                self.rows += [FILTER_NOTE, *BUILT_IN]
+        # Laid out once as plain Text (a Rich Table would be measured again every time it shows).
+        width = max(len(keys) for keys, what in self.rows if what) + 2
+        text = Text()
+        for keys, what in self.rows:
+            if not what:
+                text.append(f"\n{keys}\n", style="underline")
+            else:
+                text.append(f"{keys:<{width}}", style="bold")
+                text.append(f"{what}\n")
         with Vertical(id="help-dialog", classes="dialog"):
             yield Label("Keys", id="title")
             with VerticalScroll():
-                yield Static(table, id="keys")
+                yield Static(text, id="keys")
             yield Label("esc closes", classes="muted")
 
     def action_close(self) -> None:

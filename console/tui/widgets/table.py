@@ -12,6 +12,7 @@ from textual import events
 from textual.binding import Binding, BindingType
 from textual.geometry import Region, Size
 from textual.reactive import reactive
+from textual.cache import LRUCache
 from textual.strip import Strip
 from textual.widget import Widget
 
@@ -96,6 +97,9 @@ class WindowTable(Widget, can_focus=True):
         self._laid_out = -1  # the width the columns were laid out for
         self._shown: dict[int, tuple[tuple[str, ...], tuple[str | None, ...]]] = {}
         self._styles: dict[str, Style] = {}
+        # Rendered rows by what they show: rows slide down the screen as jobs flow, and a focus change
+        # repaints every line, but a row's text and state rarely change. Cleared when styles may have.
+        self._line_cache: LRUCache[tuple[Any, ...], Strip] = LRUCache(1024)
 
     # ---- what subclasses say about their rows ---------------------------------------------
 
@@ -318,10 +322,13 @@ class WindowTable(Widget, can_focus=True):
         # Styles resolved once per paint, not once per line: rich_style walks the CSS each time.
         get = self.get_component_rich_style
         cursor = "table--cursor" if self.has_focus else "table--cursor-blurred"
-        self._styles = {"base": self.rich_style, "header": get("table--header"), "cursor": get(cursor),
-                        "cursor-partial": get(cursor, partial=True), "marked": get("table--marked"),
-                        "placeholder": get("table--placeholder"), "muted": get("cell--muted"),
-                        "track": get("table--scrollbar"), "thumb": get("table--scrollbar-thumb")}
+        styles = {"base": self.rich_style, "header": get("table--header"), "cursor": get(cursor),
+                  "cursor-partial": get(cursor, partial=True), "marked": get("table--marked"),
+                  "placeholder": get("table--placeholder"), "muted": get("cell--muted"),
+                  "track": get("table--scrollbar"), "thumb": get("table--scrollbar-thumb")}
+        if styles != self._styles:  # a theme or CSS change: cached lines are stale
+            self._line_cache.clear()
+            self._styles = styles
         return super().render_lines(crop)
 
     def render_line(self, y: int) -> Strip:
@@ -359,18 +366,25 @@ class WindowTable(Widget, can_focus=True):
         return Strip([Segment(("█" if thumb else "▕") * SCROLLBAR, self._styles["thumb" if thumb else "track"])])
 
     def _render_row(self, row: tuple[Any, ...], is_cursor: bool, width: int, base: Style) -> Strip:
-        styles = self._styles
         marked = self.key_of(row) in self.marks
+        cells = self.cells(row, self.now)
+        key = (cells, self.classes_of(row), is_cursor, is_cursor and self.has_focus, marked, width)
+        strip = self._line_cache.get(key)
+        if strip is None:
+            strip = self._line_cache[key] = self._draw_row(cells, key[1], is_cursor, marked, width, base)
+        return strip
+
+    def _draw_row(self, cells: tuple[str, ...], classes: tuple[str | None, ...], is_cursor: bool, marked: bool,
+                  width: int, base: Style) -> Strip:
+        styles = self._styles
         line_style = base
         if marked:
             line_style += styles["marked"]
         if is_cursor:
             line_style += styles["cursor"]
         segments = [Segment("● " if marked else " " * GUTTER, line_style)]
-        cells = self.cells(row, self.now)
         get = self.get_component_rich_style
-        for i, (column, text, klass, cell_width) in enumerate(
-                zip(self.COLUMNS, cells, self.classes_of(row), self._widths)):
+        for i, (column, text, klass, cell_width) in enumerate(zip(self.COLUMNS, cells, classes, self._widths)):
             style = line_style
             if klass is not None:
                 style = line_style + get(klass, partial=True)
