@@ -48,6 +48,7 @@ class MainScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__()
         self.filter_target: WindowTable | None = None
+        self._stashed: tuple[dict[str, Any], dict[str, dict[str, Any]]] | None = None
 
     def compose(self) -> ComposeResult:
         yield StatsHeader(id="stats")
@@ -81,6 +82,12 @@ class MainScreen(Screen[None]):
     # ---- data in ------------------------------------------------------------------------
 
     def show_snapshot(self, snapshot: dict[str, Any], views: dict[str, dict[str, Any]]) -> None:
+        if not self.is_current:
+            # Under a dialog or the detail screen: keep only the latest, draw it on return. Repainting
+            # a hidden (or dimmed) screen four times a second only slows the screen in front.
+            self._stashed = (snapshot, views)
+            return
+        self._stashed = None
         now = snapshot["now"]
         self.query_one(StatsHeader).show(snapshot)
         for name, table in (("dispatched", self.dispatched_pane), ("finished", self.finished_pane)):
@@ -91,6 +98,10 @@ class MainScreen(Screen[None]):
             else:
                 table.tick(now)
         self.workers_pane.show_all([worker_row(a) for a in snapshot["agents"]], now)
+
+    def on_screen_resume(self) -> None:
+        if self._stashed is not None:
+            self.show_snapshot(*self._stashed)
 
     def master_lost(self) -> None:
         self.query_one(StatsHeader).connected = False
