@@ -367,6 +367,25 @@ async def test_tab_help_and_command_palette(cluster: Cluster) -> None:
         await until(pilot, lambda: isinstance(app.screen, SubmitScreen), "the palette to open the submit form")
 
 
+async def test_what_happened_under_a_dialog_is_there_when_it_closes(cluster: Cluster) -> None:
+    cluster.start_agent("alpha", slots=1)
+    app = CorralApp(home=cluster.home)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        with cluster.client() as c:
+            job = c.submit([{"command": "echo meanwhile"}])[0]
+            c.wait([job])
+        looks: list[Any] = []  # several more looks, the later ones bringing no rows (nothing changed)
+        await until(pilot, lambda: (looks.append(app.latest) if not looks or looks[-1] is not app.latest else None)
+                    or len(looks) >= 4, "more snapshots while the help is open")
+        assert row_of(main(app).finished_pane, job) is None  # the hidden screen was not redrawn
+        await pilot.press("escape")
+        await pilot.pause()
+        assert (r := row_of(main(app).finished_pane, job)) is not None and r[2] == "done"
+
+
 # ---- quit, detach, re-attach ------------------------------------------------------------
 
 

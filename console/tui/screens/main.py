@@ -82,9 +82,15 @@ class MainScreen(Screen[None]):
     # ---- data in ------------------------------------------------------------------------
 
     def show_snapshot(self, snapshot: dict[str, Any], views: dict[str, dict[str, Any]]) -> None:
-        if not self.is_current:
-            # Under a dialog or the detail screen: keep only the latest, draw it on return. Repainting
-            # a hidden (or dimmed) screen four times a second only slows the screen in front.
+        if not self.is_active:
+            # Under a dialog or the detail screen: keep the latest, draw it on return. Repainting a
+            # hidden screen four times a second only slows the screen in front. A later look that
+            # brought no rows (nothing changed) keeps the rows of the one before.
+            if self._stashed is not None:
+                old, old_views = self._stashed
+                for name in ("dispatched", "finished"):
+                    if name not in snapshot and name in old:
+                        snapshot, views = {**snapshot, name: old[name]}, {**views, name: old_views[name]}
             self._stashed = (snapshot, views)
             return
         self._stashed = None
