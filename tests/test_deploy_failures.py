@@ -129,7 +129,8 @@ def test_agent_that_exits_at_once_fails_without_waiting_out_the_timeout(ssh_clus
     assert len(errors) == 1 and "exited before it said ready" in errors[0]
     assert "  | fake agent: boom" in done.stderr.splitlines()
     ready = [line for line in done.stdout.splitlines() if line.split()[:2] == ["h1", "ready"]]
-    assert ready and "FAILED" in ready[-1]
+    assert ready and ready[-1].split()[2] == "FAILED"
+    assert ready[-1].split(None, 3)[3].startswith("the agent (pid "), "the step line does not repeat host and step"
 
 
 def test_unknown_alias_is_one_line_before_anything_starts(ssh_cluster: Cluster, lab: SshLab) -> None:

@@ -81,7 +81,10 @@ class Operation:
         with self.cond:
             self.hosts[host].update(state=FAILED, error=error.message, hint=error.hint, log_tail=error.log_tail,
                                     step=error.step or self.hosts[host]["step"])
-        self.event(host, error.step or self.hosts[host]["step"] or "?", "fail", error.message)
+        step = error.step or self.hosts[host]["step"] or "?"
+        prefix = f"{host}: {step}: "  # the event names host and step already
+        message = error.message[len(prefix):] if error.message.startswith(prefix) else error.message
+        self.event(host, step, "fail", message)
 
     def finish(self) -> None:
         with self.cond:
