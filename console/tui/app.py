@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 from textual import work
+from textual.worker import get_current_worker
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.reactive import reactive
@@ -17,26 +18,36 @@ from agent.protocol import CorralError, JobSpec
 
 from ..client import Client
 from .messages import (
+    AnswerHostKey,
     CancelJobs,
+    DeployAgents,
+    DeployHostsLoaded,
     JobLoaded,
     JobsCancelled,
     JobsRequeued,
     JobsSubmitted,
+    LoadDeployHosts,
     LoadJob,
     MasterFound,
     MasterLost,
+    OperationProgressed,
     RequeueJobs,
     SnapshotArrived,
+    StopAgents,
     SubmitJobs,
     WatchViews,
 )
 from .poller import POLL_SECONDS, Poller
 from .screens.detail import JobDetailScreen
 from .screens.help import HelpScreen, key_sections
+from .screens.hostkey import HostKeyScreen
 from .screens.main import MainScreen
+from .screens.progress import DeployProgressScreen, failure
 from .screens.quit import DETACH, STOP, QuitScreen
 
 log = logging.getLogger(__name__)
+
+PROGRESS_WAIT = 0.5  # each look at an operation's progress long-polls this long: a stopped worker ends soon
 
 
 class CorralApp(App[str]):
@@ -63,6 +74,7 @@ class CorralApp(App[str]):
         self.greeting = greeting
         self.poller = Poller(home, self.post_message, poll_interval)
         self.latest: dict[str, Any] | None = None
+        self.asked: set[tuple[str, str, str]] = set()  # (op id, alias, fingerprint) of host-key questions shown
 
     def get_default_screen(self) -> Screen:
         return MainScreen()
@@ -107,6 +119,40 @@ class CorralApp(App[str]):
         with Client(home=self.home) as client:
             self.post_message(JobLoaded(client.job(job_id)))
 
+    @work(thread=True, exclusive=True, exit_on_error=False, group="hosts")
+    def load_deploy_hosts(self) -> None:
+        with Client(home=self.home) as client:
+            self.post_message(DeployHostsLoaded(client.deploy_hosts()))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="deploy")
+    def deploy_agents(self, aliases: list[str], slots: int | None, tags: list[str] | None) -> None:
+        """Ask the master to deploy (interactive: unknown host keys become questions) and follow it to the end."""
+        with Client(home=self.home) as client:
+            self._follow(client, client.deploy(aliases, slots=slots, tags=tags, interactive=True))
+
+    @work(thread=True, exclusive=False, exit_on_error=False, group="stop")
+    def stop_agents(self, aliases: list[str], drain: bool) -> None:
+        """Not exclusive: a drain may take as long as its jobs, and a stop of another agent must not wait."""
+        with Client(home=self.home) as client:
+            self._follow(client, client.stop_agents(aliases, drain=drain))
+
+    @work(thread=True, exclusive=False, exit_on_error=False, group="hostkey")
+    def answer_host_key(self, op_id: str, alias: str, fingerprint: str, accept: bool) -> None:
+        with Client(home=self.home) as client:
+            client.answer_host_key(op_id, alias, fingerprint, accept)
+
+    def _follow(self, client: Client, op_id: str) -> None:
+        """Post the operation's progress as it changes until it is done (or this worker is cancelled)."""
+        worker = get_current_worker()
+        since = 0
+        while not worker.is_cancelled:
+            snapshot = client.deploy_progress(op_id, since, PROGRESS_WAIT)
+            if snapshot["events"] or snapshot["done"] or since == 0:
+                self.post_message(OperationProgressed(snapshot))
+            since = snapshot["next"]
+            if snapshot["done"]:
+                return
+
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The one place worker failures surface: one line, never a traceback."""
         if event.state != WorkerState.ERROR:
@@ -132,6 +178,20 @@ class CorralApp(App[str]):
 
     def on_load_job(self, message: LoadJob) -> None:
         self.load_job(message.job_id)
+
+    def on_load_deploy_hosts(self, message: LoadDeployHosts) -> None:
+        self.load_deploy_hosts()
+
+    def on_deploy_agents(self, message: DeployAgents) -> None:
+        self.push_screen(DeployProgressScreen(message.aliases))
+        self.deploy_agents(message.aliases, message.slots, message.tags)
+
+    def on_stop_agents(self, message: StopAgents) -> None:
+        self.notify(f"{'draining' if message.drain else 'stopping'} {', '.join(message.aliases)}")
+        self.stop_agents(message.aliases, message.drain)
+
+    def on_answer_host_key(self, message: AnswerHostKey) -> None:
+        self.answer_host_key(message.op_id, message.alias, message.fingerprint, message.accept)
 
     def on_watch_views(self, message: WatchViews) -> None:
         self.poller.set_views(message.views)
@@ -173,6 +233,31 @@ class CorralApp(App[str]):
         text = ", ".join(f"{old} → {new}" for old, new in pairs[:5]) + (" …" if len(pairs) > 5 else "")
         self.notify(f"requeued {text}")
         self.poller.wake()
+
+    def on_deploy_hosts_loaded(self, message: DeployHostsLoaded) -> None:
+        self.main.pick_hosts(message.hosts)
+
+    def on_operation_progressed(self, message: OperationProgressed) -> None:
+        snapshot = message.snapshot
+        if snapshot["kind"] == "deploy":
+            for screen in self.screen_stack:
+                if isinstance(screen, DeployProgressScreen) and screen.op_id in (None, snapshot["id"]):
+                    screen.show(snapshot)
+            for question in snapshot["questions"]:
+                key = (snapshot["id"], question["alias"], question["fingerprint"])
+                if key not in self.asked:
+                    self.asked.add(key)
+                    self.push_screen(HostKeyScreen(snapshot["id"], question),
+                                     lambda accept, key=key: self.post_message(AnswerHostKey(*key, bool(accept))))
+        if not snapshot["done"]:
+            return
+        self.poller.wake()
+        verb = {"deploy": "deployed", "stop": "stopped"}.get(snapshot["kind"], snapshot["kind"])
+        if snapshot["ok"]:
+            self.notify(f"{verb} {', '.join(snapshot['ok'])}")
+        for alias in snapshot["failed"]:
+            self.notify(failure(alias, snapshot["hosts"][alias]), title=f"{snapshot['kind']} failed",
+                        severity="error", timeout=15)
 
     def on_job_loaded(self, message: JobLoaded) -> None:
         now = self.latest["now"] if self.latest else 0.0

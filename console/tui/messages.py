@@ -62,7 +62,53 @@ class JobLoaded(Message):
         self.record = record
 
 
+class DeployHostsLoaded(Message):
+    """The inventory as the master sees it (Client.deploy_hosts()), for the deploy modal."""
+
+    def __init__(self, hosts: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.hosts = hosts
+
+
+class OperationProgressed(Message):
+    """A deploy or stop operation's latest progress (Client.deploy_progress(): events, hosts, questions, done)."""
+
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+
 # ---- requests: from screens and widgets, handled by the app or the main screen ---------
+
+
+class LoadDeployHosts(Message):
+    """Fetch the inventory, then open the deploy modal."""
+
+
+class DeployAgents(Message):
+    def __init__(self, aliases: list[str], slots: int | None, tags: list[str] | None) -> None:
+        super().__init__()
+        self.aliases = aliases
+        self.slots = slots
+        self.tags = tags
+
+
+class StopAgents(Message):
+    """Stop these hosts' agents over SSH; `drain`: let their running jobs finish first."""
+
+    def __init__(self, aliases: list[str], drain: bool) -> None:
+        super().__init__()
+        self.aliases = aliases
+        self.drain = drain
+
+
+class AnswerHostKey(Message):
+    def __init__(self, op_id: str, alias: str, fingerprint: str, accept: bool) -> None:
+        super().__init__()
+        self.op_id = op_id
+        self.alias = alias
+        self.fingerprint = fingerprint
+        self.accept = accept
 
 
 class SubmitJobs(Message):

@@ -14,9 +14,13 @@ from textual.widgets import Label, Static
 from ..widgets.dispatched import DispatchedTable
 from ..widgets.finished import FinishedTable
 from ..widgets.table import WindowTable
+from ..widgets.workers import WorkersTable
 from .confirm import ConfirmScreen
+from .deploy import DeployScreen
 from .detail import JobDetailScreen
+from .hostkey import HostKeyScreen
 from .main import MainScreen
+from .progress import DeployProgressScreen
 from .quit import QuitScreen
 from .submit import SubmitScreen
 
@@ -40,8 +44,12 @@ def key_sections(app_bindings: Iterable[BindingType]) -> list[tuple[str, list[Bi
         ("Any table", _bindings(WindowTable.BINDINGS)),
         ("Dispatched", _bindings(DispatchedTable.BINDINGS)),
         ("Finished", _bindings(FinishedTable.BINDINGS)),
+        ("Workers", _bindings(WorkersTable.BINDINGS)),
         ("Job detail", _bindings(JobDetailScreen.BINDINGS)),
         ("Submit form", _bindings(SubmitScreen.BINDINGS)),
+        ("Deploy form", _bindings(DeployScreen.BINDINGS)),
+        ("Deploy progress", _bindings(DeployProgressScreen.BINDINGS)),
+        ("Unknown host key", _bindings(HostKeyScreen.BINDINGS)),
         ("Confirm", _bindings(ConfirmScreen.BINDINGS)),
         ("Quit with jobs in flight", _bindings(QuitScreen.BINDINGS)),
     ]

@@ -11,7 +11,7 @@ from textual.widgets import Input
 
 from agent.protocol import JobSpec
 
-from ..messages import CancelJobs, RequeueJobs, SubmitJobs, WatchViews, WindowMoved
+from ..messages import CancelJobs, DeployAgents, LoadDeployHosts, RequeueJobs, StopAgents, SubmitJobs, WatchViews, WindowMoved
 from ..widgets.dispatched import DispatchedTable
 from ..widgets.finished import FinishedTable
 from ..widgets.keybar import KeyBar
@@ -19,6 +19,7 @@ from ..widgets.stats import StatsHeader
 from ..widgets.table import WindowTable
 from ..widgets.workers import WorkersTable, worker_row
 from .confirm import ConfirmScreen
+from .deploy import DeployRequest, DeployScreen
 from .detail import JobDetailScreen
 from .submit import SubmitScreen
 
@@ -36,6 +37,7 @@ class MainScreen(Screen[None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("n", "submit", "Submit"),
+        Binding("d", "deploy", "Deploy"),
         Binding("slash", "filter", "Filter"),
         Binding("escape", "close_filter", "Clear filter", show=False),
         # The job panes bind c and r themselves; here they only catch the Workers pane, to say so.
@@ -126,6 +128,45 @@ class MainScreen(Screen[None]):
         if not self.app.is_screen_installed("submit"):
             self.app.install_screen(SubmitScreen(), "submit")  # kept: built once, reset each time it shows
         self.app.push_screen("submit", submitted)
+
+    def action_deploy(self) -> None:
+        """The deploy modal needs the inventory first: the app fetches it, then calls pick_hosts()."""
+        self.post_message(LoadDeployHosts())
+
+    def pick_hosts(self, hosts: list[dict[str, Any]]) -> None:
+        def picked(request: DeployRequest | None) -> None:
+            if request is not None:
+                self.post_message(DeployAgents(list(request.aliases), request.slots,
+                                               list(request.tags) if request.tags is not None else None))
+
+        self.app.push_screen(DeployScreen(hosts), picked)
+
+    def action_stop_agent(self, drain: bool) -> None:
+        """k (stop, after a confirm) or D (drain) on the Workers pane's selected agent, over SSH."""
+        row = self.workers_pane.selected()
+        if row is None:
+            self.notify("no agent selected", severity="warning")
+            return
+        name, host, state, started_by = row[0], row[1], row[2], row[9]
+        if not str(started_by).startswith("ssh"):
+            self.notify(f"{name} was not deployed over SSH (started by {started_by}): stop it where it runs",
+                        severity="warning")
+            return
+        if state == "stopped":
+            self.notify(f"{name} is stopped already", severity="warning")
+            return
+        if drain:
+            self.post_message(StopAgents([name], drain=True))
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.post_message(StopAgents([name], drain=False))
+
+        busy = row[3]
+        self.app.push_screen(ConfirmScreen(f"Stop agent {name} on {host}?",
+                                           f"Its {busy} running job(s) are killed and go back to the queue. "
+                                           "D drains instead: running jobs finish first."), confirmed)
 
     def action_open(self) -> None:
         table = self.focused_table()

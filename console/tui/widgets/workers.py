@@ -1,13 +1,15 @@
-"""The Workers pane: each agent's name, state (up/lost/draining), slots busy/total, jobs done, heartbeat age, tags."""
+"""The Workers pane: each agent's name, host, state, slots busy/total, jobs done, heartbeat age, tags, who started it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
+
+from textual.binding import Binding, BindingType
 
 from ..format import age, count
 from .table import Column, WindowTable
 
-STATE_CLASSES = {"up": "cell--good", "lost": "cell--bad", "draining": "cell--warn"}
+STATE_CLASSES = {"up": "cell--good", "lost": "cell--bad", "draining": "cell--warn", "stopped": "cell--muted"}
 
 
 def worker_row(agent: dict[str, Any]) -> tuple[Any, ...]:
@@ -23,6 +25,11 @@ class WorkersTable(WindowTable):
     EMPTY = "no agents: start one with `corral agent`, or `corral` without --no-local-agent"
     PAGED = False
     AUTO_HEIGHT = True
+    BINDINGS: ClassVar[list[BindingType]] = [
+        # k is "up" in the other tables; here it stops, as in `corral stop` (up still moves the cursor).
+        Binding("k", "screen.stop_agent(False)", "Stop agent"),
+        Binding("D", "screen.stop_agent(True)", "Drain agent"),
+    ]
     COLUMNS = (
         Column("NAME", 12),
         Column("HOST", 10),
@@ -32,11 +39,12 @@ class WorkersTable(WindowTable):
         Column("FAILED", 6, right=True),
         Column("SEEN", 5, right=True),
         Column("TAGS", 6, flex=True),
+        Column("STARTED BY", 10),
     )
 
     def cells(self, row: tuple[Any, ...], now: float) -> tuple[str, ...]:
         name, host, state, busy, slots, done, failed, heartbeat, tags, _by = row
-        return (name, host, state, f"{busy}/{slots}", count(done), count(failed), age(heartbeat), tags or "-")
+        return (name, host, state, f"{busy}/{slots}", count(done), count(failed), age(heartbeat), tags or "-", _by)
 
     def classes_of(self, row: tuple[Any, ...]) -> tuple[str | None, ...]:
         out: list[str | None] = [None] * len(self.COLUMNS)
