@@ -132,3 +132,31 @@ def test_filtered_and_marked(demo: Cluster, snap_compare: Any) -> None:
         await _still(pilot)
 
     assert snap_compare(CorralApp(home=demo.home), terminal_size=(120, 36), run_before=run_before)
+
+
+@pytest.fixture
+def inventory(tmp_path: Path, demo: Cluster) -> Cluster:
+    """The demo master, and a hosts file of fixed hosts (the user's ~/.ssh/config is not read)."""
+    config = tmp_path / "ssh_config"
+    config.write_text("")
+    demo.env["CORRAL_SSH_CONFIG"] = str(config)
+    demo.stop()
+    demo.start_master()
+    for alias, hostname, port, slots, tags in (("gpu-a", "10.0.4.21", "22", "8", "gpu,cuda12"),
+                                               ("gpu-b", "10.0.4.22", "22", "8", "gpu,cuda12"),
+                                               ("batch-1", "batch1.lab.example", "2222", "32", "batch")):
+        done = demo.corral("hosts", "add", alias, "--hostname", hostname, "--port", port, "--user", "ops",
+                           "--slots", slots, "--tags", tags)
+        assert done.returncode == 0, done.stderr
+    return demo
+
+
+def test_deploy_modal(inventory: Cluster, snap_compare: Any) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await _ready(pilot)
+        await pilot.press("d")
+        await _until(pilot, lambda: pilot.app.screen.query("SelectionList"), "the deploy modal")
+        await pilot.press("space", "down", "space", "tab", *"4", "tab", *"gpu,night")
+        await _still(pilot)
+
+    assert snap_compare(CorralApp(home=inventory.home), terminal_size=(120, 30), run_before=run_before)

@@ -38,8 +38,8 @@ class WorkersTable(WindowTable):
         Column("DONE", 8, right=True),
         Column("FAILED", 6, right=True),
         Column("SEEN", 5, right=True),
-        Column("TAGS", 6, flex=True),
-        Column("STARTED BY", 10),
+        Column("TAGS", 4, flex=True),  # narrow, so STARTED still fits at 80 columns
+        Column("STARTED", 10),
     )
 
     def cells(self, row: tuple[Any, ...], now: float) -> tuple[str, ...]:
