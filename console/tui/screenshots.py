@@ -3,7 +3,9 @@
 A throw-away state directory gets the demo history (console.tui.demo), then the real start-up path starts a
 master and a local agent, a second agent with a `gpu` tag joins, and a feeder submits the same sequence of
 real shell jobs at a steady pace. The console runs headless at 120x34 and saves:
-main.svg (jobs flowing), submit.svg (the submit form), detail.svg (a finished job with output), help.svg.
+main.svg (jobs flowing), submit.svg (the submit form), detail.svg (a finished job with output), help.svg,
+and deploy.svg: `d` deploys to real OpenSSH servers on 127.0.0.x (tests/sshhosts.py, as the deploy tests and
+bench do; needs /usr/sbin/sshd), two that come up and one whose `python` setting names a missing binary.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from ..state import StateDir
 from .app import CorralApp
 from .demo import write_demo_journal
 from .launch import attach_or_start, stop_embedded
+from .screens.deploy import DeployScreen
 from .screens.detail import JobDetailScreen
+from .screens.progress import DeployProgressScreen
 from .screens.submit import SubmitScreen
 
 SIZE = (120, 34)
@@ -63,7 +67,43 @@ async def _until(pilot: Any, predicate: Callable[[], Any], timeout: float = 60.0
         await pilot.pause(0.05)
 
 
-async def session(home: Path, out: Path) -> list[Path]:
+# The deploy screenshot's hosts: (alias, loopback address, extra `corral hosts add` arguments).
+DEPLOY_HOSTS = (
+    ("edge-1", "127.0.0.2", ("--slots", "4", "--tags", "edge")),
+    ("edge-2", "127.0.0.3", ("--slots", "4", "--tags", "edge")),
+    ("legacy", "127.0.0.4", ("--slots", "2", "--python", "/opt/python2.7/bin/python")),
+)
+
+
+def start_ssh_hosts(root: Path, home: Path) -> Any:
+    """Real sshd hosts (tests/sshhosts.py, a development tool like this script) in corral's hosts file; the
+    master to be started sees only their ssh config and known_hosts. None, with a note, if sshd is missing."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.sshhosts import SshLab, sshd_missing
+
+    why = sshd_missing()
+    if why:
+        print(f"no deploy.svg: {why}", file=sys.stderr)
+        return None
+    lab = SshLab(root)
+    os.environ.update(lab.env())
+    os.environ.pop("SSH_AUTH_SOCK", None)
+    for alias, address, extra in DEPLOY_HOSTS:
+        host = lab.add_host(alias, address)
+        subprocess.run([sys.executable, "-m", "console", *lab.host_args(host, *extra)], check=True,
+                       env=dict(os.environ, CORRAL_HOME=str(home)), stdout=subprocess.DEVNULL)
+    return lab
+
+
+def stop_ssh_hosts(lab: Any) -> None:
+    from tests.sshhosts import kill_remote_agents
+
+    for host in lab.hosts.values():
+        kill_remote_agents(host)
+    lab.stop()
+
+
+async def session(home: Path, out: Path, deploy: bool = False) -> list[Path]:
     app = CorralApp(home=home, embedded=True)
     saved: list[Path] = []
 
@@ -103,6 +143,16 @@ async def session(home: Path, out: Path) -> list[Path]:
         await pilot.pause()
         save("help.svg")
         await pilot.press("escape")
+
+        if deploy:
+            main.dispatched_pane.focus()
+            await pilot.press("d")
+            await _until(pilot, lambda: isinstance(app.screen, DeployScreen))
+            await pilot.press("space", "down", "space", "down", "space", "enter")
+            await _until(pilot, lambda: isinstance(app.screen, DeployProgressScreen) and app.screen.done, timeout=120)
+            await pilot.pause()
+            save("deploy.svg")
+            await pilot.press("escape")
     return saved
 
 
@@ -117,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="corral-shots-") as tmp:
         home = Path(tmp) / "home"
         home.mkdir(mode=0o700)
+        lab = start_ssh_hosts(Path(tmp) / "lab", home)
         # The history ends two hours ago, so the live jobs are the newest.
         write_demo_journal(home / "corral.db", finished=60, queued=0, epoch=float(int(time.time()) - 7200))
         state = StateDir(home)
@@ -128,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         feeder = threading.Thread(target=feed, args=(home, stop), name="feeder", daemon=True)
         try:
             feeder.start()
-            saved = asyncio.run(session(home, args.out))
+            saved = asyncio.run(session(home, args.out, deploy=lab is not None))
         finally:
             stop.set()
             feeder.join(timeout=10)
@@ -136,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             gpu.send_signal(signal.SIGTERM)  # a second one: do not wait for its running jobs
             gpu.wait(timeout=30)
             stop_embedded(state)
+            if lab is not None:
+                stop_ssh_hosts(lab)
     for path in saved:
         print(path)
     return 0
