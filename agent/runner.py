@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import execute
+from .connection import SERIALIZER
 from .protocol import SCHEDULER_TYPEID, AgentInfo, CorralError, JobResult, JobState, NameTaken, Task
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Disconnected(Exception):
 
 def connect(address: Tuple[str, int], authkey: bytes) -> Any:
     """A fresh scheduler proxy on its own connection (proxies are per thread)."""
-    manager = SchedulerManager(address=address, authkey=authkey)
+    manager = SchedulerManager(address=address, authkey=authkey, serializer=SERIALIZER)
     manager.connect()
     return getattr(manager, SCHEDULER_TYPEID)()
 

@@ -9,6 +9,7 @@ from multiprocessing.managers import BaseManager, RemoteError
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from agent.connection import SERIALIZER
 from agent.protocol import MAX_PAYLOAD_BYTES, SCHEDULER_TYPEID, BadJobSpec, CorralError, JobSpec, JobState
 
 from .state import StateDir
@@ -58,7 +59,7 @@ class Client:
         self.state = StateDir(home)
         self.address = address or self.state.master_address()
         key = authkey or self.state.authkey()
-        manager = _ClientManager(address=self.address, authkey=key)
+        manager = _ClientManager(address=self.address, authkey=key, serializer=SERIALIZER)
         where = f"{self.address[0]}:{self.address[1]}"
         try:
             manager.connect()
@@ -232,7 +233,8 @@ class Client:
 
             manager = getattr(self._scheduler, "_manager", None)
             if manager is None or not hasattr(manager, DEPLOY_TYPEID):
-                manager = _DeployClientManager(address=self.address, authkey=bytes(self._scheduler._authkey))
+                manager = _DeployClientManager(address=self.address, authkey=bytes(self._scheduler._authkey),
+                                               serializer=SERIALIZER)
                 manager.connect()
             try:
                 proxy = getattr(manager, DEPLOY_TYPEID)()

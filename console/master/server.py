@@ -18,6 +18,7 @@ from multiprocessing.managers import BaseManager, Server
 from pathlib import Path
 from typing import Any
 
+from agent.connection import SERIALIZER
 from agent.protocol import SCHEDULER_TYPEID, CorralError
 from agent.statedir import MASTER_NAME
 
@@ -166,7 +167,7 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
         print(line, flush=True)
 
     _scheduler = Scheduler(journal, lease_seconds=lease, max_lost=max_lost, on_event=on_event if verbose else None)
-    server = CorralServer(MasterManager._registry, (host, port), authkey, "pickle")
+    server = CorralServer(MasterManager._registry, (host, port), authkey, SERIALIZER)
     bound_host, bound_port = server.address
     _deployer = DeployService(state, _scheduler, (bound_host, bound_port), authkey)
     _deployer.resume()
