@@ -148,6 +148,7 @@ async def _headless(flow: Flow, keys: int, seconds: float, step: Callable[[str],
     from textual import events
 
     from console.tui.app import CorralApp
+    from console.tui.screens.help import HelpScreen
 
     app = CorralApp(home=flow.home)
     loop = asyncio.get_running_loop()
@@ -160,28 +161,44 @@ async def _headless(flow: Flow, keys: int, seconds: float, step: Callable[[str],
         table.focus()
         await pilot.pause(2.0)  # settle: the flow is steady, the windows are fetched
 
-        async def press(key: str) -> float:
-            before = table.cursor
-            start = time.perf_counter()
+        cpu_spent: Dict[str, List[float]] = {"move": [], "help": []}
+
+        async def press(key: str, answered: Callable[[], bool], kind: str = "") -> float:
+            start, cpu = time.perf_counter(), time.thread_time()
             app._driver.send_message(events.Key(key, None))  # what the terminal driver does on input
             limit = Deadline(10, f"the console to answer {key}")
-            while table.cursor == before:
+            while not answered():
                 limit.check()
                 await asyncio.sleep(0.0005)
             painted: asyncio.Future[float] = loop.create_future()
-            table.call_after_refresh(lambda: painted.set_result(time.perf_counter()))
-            return await asyncio.wait_for(painted, 10) - start
+            app.screen.call_after_refresh(lambda: painted.set_result(time.perf_counter()))
+            took = await asyncio.wait_for(painted, 10) - start
+            if kind:  # the event loop's thread: the console's own work for this key (and whatever it queued behind)
+                cpu_spent[kind].append(time.thread_time() - cpu)
+            return took
 
-        step(f"headless: {keys} key presses")
+        async def move(key: str) -> float:
+            before = table.cursor
+            return await press(key, lambda: table.cursor != before, "move")
+
+        step(f"headless: {keys} cursor moves, then {keys // 10} help opens and closes")
         samples = []
         for i in range(keys):
-            samples.append(await press("down" if i % 2 == 0 else "up"))
+            samples.append(await move("down" if i % 2 == 0 else "up"))
+            await asyncio.sleep(0.1)
+        help_samples = []
+        for i in range(keys // 10 + 1):
+            opened = await press("question_mark", lambda: isinstance(app.screen, HelpScreen), "help" if i else "")
+            await asyncio.sleep(0.1)
+            closed = await press("q", lambda: not isinstance(app.screen, HelpScreen), "help" if i else "")
+            if i:  # the first builds the help screen: not counted, as in the terminal half
+                help_samples += [opened, closed]
             await asyncio.sleep(0.1)
         step(f"headless: CPU over {seconds:g}s of flow")
         done0, wall0, cpu0, flow0 = flow.finished(), time.monotonic(), time.process_time(), flow.cpu_seconds()
         presses = 0
         while time.monotonic() - wall0 < seconds:
-            await press("down" if presses % 2 == 0 else "up")
+            await move("down" if presses % 2 == 0 else "up")
             presses += 1
             await asyncio.sleep(0.2)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
@@ -190,7 +207,9 @@ async def _headless(flow: Flow, keys: int, seconds: float, step: Callable[[str],
         held = {"dispatched": len(app.main.dispatched_pane.rows), "finished": len(table.rows)}
         totals = {"dispatched": app.main.dispatched_pane.total, "finished": table.total}
         app.exit("detach")
-    return {"latency": _summary(samples), "cpu_cores": cpu / wall, "achieved_per_s": achieved, "flow_cores": flow_cores,
+    return {"latency": _summary(samples), "help_latency": _summary(help_samples),
+            "cpu_per_key_ms": {kind: percentile(v, 50) * 1e3 for kind, v in cpu_spent.items() if v},
+            "cpu_cores": cpu / wall, "achieved_per_s": achieved, "flow_cores": flow_cores,
             "rows_held": held, "rows_total": totals}
 
 
@@ -200,24 +219,38 @@ RESPONDER = r"""
 import os, sys, tty
 tty.setraw(0)
 os.write(1, b"\x1b[2J\x1b[Hready")
+tabs = 0
 while True:
     key = os.read(0, 1)
-    os.write(1, b"\x1b[2J\x1b[H" + (b"Everywhere" if key == b"?" else b"gone"))
+    tabs += key == b"\t"
+    answer = b"Everywhere" if key == b"?" else b"tab %d" % tabs if key == b"\t" else b"gone"
+    os.write(1, b"\x1b[2J\x1b[H" + answer)
 """
+
+
+def _corral_focus(tabs: int) -> Callable[[str], bool]:
+    """After `tabs` presses of tab from Dispatched: which pane's keys the key bar shows."""
+    pane = tabs % 3  # Dispatched (c Cancel), Finished (r Requeue), Workers (neither)
+    return lambda s: (("c Cancel" in s), ("r Requeue" in s)) == ((True, False), (False, True), (False, False))[pane]
+
+
+def _floor_focus(tabs: int) -> Callable[[str], bool]:
+    return lambda s: f"tab {tabs}" in s
 
 
 def _tmux(flow: Flow, keys: int, seconds: float, step: Callable[[str], None]) -> Dict[str, Any]:
     corral = Path(sys.executable).with_name("corral")
     command = " ".join(["env", f"CORRAL_HOME={flow.home}", "LANG=C.UTF-8",
                         str(corral) if corral.exists() else f"{sys.executable} -m console", "--no-local-agent"])
-    floor = _tmux_session(flow, "floor", f"{sys.executable} -c '{RESPONDER}'", "ready", keys, 0.0, step)
-    results = _tmux_session(flow, "corral", command, "Finished", keys, seconds, step)
-    results["floor"] = floor["latency"]
+    floor = _tmux_session(flow, "floor", f"{sys.executable} -c '{RESPONDER}'", "ready", _floor_focus, keys, 0.0,
+                          step)
+    results = _tmux_session(flow, "corral", command, "Finished", _corral_focus, keys, seconds, step)
+    results["floor"] = {"latency": floor["latency"], "help_latency": floor["help_latency"]}
     return results
 
 
-def _tmux_session(flow: Flow, name: str, command: str, ready: str, keys: int, seconds: float,
-                  step: Callable[[str], None]) -> Dict[str, Any]:
+def _tmux_session(flow: Flow, name: str, command: str, ready: str, focused: Callable[[int], Callable[[str], bool]],
+                  keys: int, seconds: float, step: Callable[[str], None]) -> Dict[str, Any]:
     socket = flow.home / f"tmux-{name}.sock"
 
     def tmux(*args: str) -> str:
@@ -228,34 +261,39 @@ def _tmux_session(flow: Flow, name: str, command: str, ready: str, keys: int, se
         deadline = Deadline(30, what)
         while not predicate(tmux("capture-pane", "-p", "-t", "bench")):
             deadline.check()
+            time.sleep(0.002)  # each capture is a tmux process: back to back, they would starve the pane
+
+    def timed(key: str, predicate: Callable[[str], bool], what: str) -> float:
+        start = time.perf_counter()
+        tmux("send-keys", "-t", "bench", key)
+        until(predicate, what)
+        return time.perf_counter() - start
 
     try:
         tmux("new-session", "-d", "-s", "bench", "-x", str(SIZE[0]), "-y", str(SIZE[1]), command)
         pid = int(tmux("display-message", "-p", "-t", "bench", "#{pane_pid}").strip())
         until(lambda s: ready in s, f"{name} in tmux to be ready")
         time.sleep(2.0)
-        step(f"tmux, {name}: {keys} x (? then q), after one not counted (the help is built on first use)")
+        step(f"tmux, {name}: {keys} tabs, then {keys} x (? then q) after one not counted (the help is built then)")
         samples = []
+        for n in range(1, keys + 1):
+            samples.append(timed("Tab", focused(n), "the focus to move"))
+            time.sleep(0.1)
+        help_samples = []
         for n in range(keys + 1):
-            start = time.perf_counter()
-            tmux("send-keys", "-t", "bench", "?")
-            until(lambda s: "Everywhere" in s, "the help to show")
-            samples.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            tmux("send-keys", "-t", "bench", "q")
-            until(lambda s: "Everywhere" not in s, "the help to close")
-            samples.append(time.perf_counter() - start)
-            if n == 0:
-                samples.clear()
+            opened = timed("?", lambda s: "Everywhere" in s, "the help to show")
+            closed = timed("q", lambda s: "Everywhere" not in s, "the help to close")
+            if n:
+                help_samples += [opened, closed]
             time.sleep(0.1)
         if not seconds:
-            return {"latency": _summary(samples)}
+            return {"latency": _summary(samples), "help_latency": _summary(help_samples)}
         step(f"tmux, {name}: CPU over {seconds:g}s of flow")
         cpu0, wall0 = _cpu_seconds(pid), time.monotonic()
         time.sleep(seconds)
         cpu, wall = _cpu_seconds(pid) - cpu0, time.monotonic() - wall0
         tmux("send-keys", "-t", "bench", "q")
-        return {"latency": _summary(samples), "cpu_cores": cpu / wall}
+        return {"latency": _summary(samples), "help_latency": _summary(help_samples), "cpu_cores": cpu / wall}
     finally:
         subprocess.run(["tmux", "-S", str(socket), "kill-server"], capture_output=True, timeout=30)
 
@@ -285,10 +323,14 @@ def report(results: Dict[str, Any], rate: float) -> str:
     lines = [f"console responsiveness: {JOURNAL_JOBS:,} jobs in the journal, {rate:,.0f} jobs/s submitted,"
              f" {head['achieved_per_s']:,.0f} jobs/s finished while measuring",
              f"{'':34}{'p50':>9}{'p99':>9}{'max':>9}{'n':>6}   target"]
-    rows = [("key → repaint, headless (↓/↑)", head["latency"], True)]
+    rows = [("headless: ↓/↑ cursor → repaint", head["latency"], True),
+            ("headless: ?/q help open/close", head["help_latency"], True)]
     if "tmux" in results:
-        rows.append(("key → screen, tmux 120x36 (?/q)", results["tmux"]["latency"], True))
-        rows.append(("  floor: raw-mode echo in tmux", results["tmux"]["floor"], False))
+        tmux, floor = results["tmux"], results["tmux"]["floor"]
+        rows += [("tmux: tab focus → screen", tmux["latency"], True),
+                 ("tmux: ?/q help open/close", tmux["help_latency"], True),
+                 ("  floor: raw-mode echo, tab", floor["latency"], False),
+                 ("  floor: raw-mode echo, ?/q", floor["help_latency"], False)]
     for label, lat, judged in rows:
         ok = ("ok" if lat["p99_ms"] < LATENCY_TARGET_MS else "MISSED") if judged else "(tmux + machine)"
         lines.append(f"{label:34}{lat['p50_ms']:>7.1f}ms{lat['p99_ms']:>7.1f}ms{lat['max_ms']:>7.1f}ms{lat['n']:>6}"
@@ -297,6 +339,9 @@ def report(results: Dict[str, Any], rate: float) -> str:
         if part:
             ok = "ok" if part["cpu_cores"] < CPU_TARGET else "MISSED"
             lines.append(f"{label:34}{part['cpu_cores']:>8.2f} of a core{'':15}< {CPU_TARGET} core: {ok}")
+    per_key = head["cpu_per_key_ms"]
+    lines.append(f"console CPU per key (median, its own thread): cursor move {per_key['move']:.1f} ms,"
+                 f" help open or close {per_key['help']:.1f} ms")
     lines.append(f"rows the console holds: {head['rows_held']} of {head['rows_total']}")
     before, after = results["loadavg_1min"]
     lines.append(f"1-minute load average of the {os.cpu_count()}-CPU machine: {before:.2f} at the start,"
