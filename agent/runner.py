@@ -128,11 +128,6 @@ class Agent:
 
     def run(self) -> int:
         """Run until drained (exit 0) or killed by a second signal (exit 1)."""
-        self.events, events_writer = self.ctx.Pipe(duplex=False)
-        self.cancel_ring = self.ctx.Array("q", 1 + CANCEL_RING, lock=False)
-        self.pool = self.ctx.Pool(self.info.slots, execute.init_worker,
-                                  (events_writer, self.ctx.Lock(), self.cancel_ring, os.getpid()))
-        threading.Thread(target=self._watch_events, name="events", daemon=True).start()
         if self.spool_given is not None and not self.name_is_default:
             # The name is fixed: read the spool before the first register, so its jobs are among
             # those we say we hold (the master keeps them ours instead of re-queueing them).
@@ -156,6 +151,8 @@ class Agent:
                     backoff = min(backoff * 2, BACKOFF_CAP_SECONDS)
                     continue
                 backoff = 0.5
+                if self.pool is None:
+                    self._start_pool()
                 if self.spool is None and self.spool_given is not None:
                     self.spool = self.spool_given / f"{self.info.name}.pickle"
                     self._load_spool()
@@ -166,6 +163,15 @@ class Agent:
         finally:
             self._shutdown_pool()
         return 1 if self.stopping.is_set() else 0
+
+    def _start_pool(self) -> None:
+        """The pool starts once registered: the master (and a deploy waiting for "ready") hears from
+        us before we pay for a forkserver and N workers, and no work is taken before they exist."""
+        self.events, events_writer = self.ctx.Pipe(duplex=False)
+        self.cancel_ring = self.ctx.Array("q", 1 + CANCEL_RING, lock=False)
+        self.pool = self.ctx.Pool(self.info.slots, execute.init_worker,
+                                  (events_writer, self.ctx.Lock(), self.cancel_ring, os.getpid()))
+        threading.Thread(target=self._watch_events, name="events", daemon=True).start()
 
     def _serve_session(self) -> None:
         """Take and report on this connection until it breaks, we are told to stop, or we drained."""
