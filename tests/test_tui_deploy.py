@@ -116,8 +116,9 @@ async def test_unknown_host_keys_are_asked_accept_deploys_reject_fails(ssh_clust
         await pilot.press("space", "down", "space", "enter")
         answered: list[str] = []
         for _ in range(2):
-            question = await until(pilot, lambda: isinstance(app.screen, HostKeyScreen) and app.screen.alias not in answered
-                                   and app.screen, "a host-key modal", DEPLOY_TIMEOUT)
+            question = await until(pilot, lambda: (isinstance(app.screen, HostKeyScreen) and app.screen.alias not in answered
+                                                   and app.screen) or progress_of(app).done, "a host-key modal", DEPLOY_TIMEOUT)
+            assert isinstance(question, HostKeyScreen), (answered, progress_of(app).hosts, errors(app))
             # The modal names the host, the key type and its SHA256 fingerprint, as ssh-keygen -lf does.
             assert question.fingerprint == expected[question.alias]
             shown = str(question.query_one("#fingerprint", Label).render())
@@ -125,7 +126,10 @@ async def test_unknown_host_keys_are_asked_accept_deploys_reject_fails(ssh_clust
             assert "ed25519" in str(question.query_one("#key-type", Label).render()).lower()
             assert lab.hosts[question.alias].address in str(question.query_one("#host", Label).render())
             answered.append(question.alias)
+            # A key pressed before a just-pushed modal has mounted may reach the screen below: wait for it.
+            await until(pilot, lambda: any(b.has_focus for b in question.query("#reject")), "the modal ready for keys")
             await pilot.press("a" if question.alias == "k1" else "r")
+            await until(pilot, lambda: app.screen is not question, "the modal to close")
         screen = progress_of(app)
         await until(pilot, lambda: screen.done, "the deploy to finish", DEPLOY_TIMEOUT)
         assert screen.hosts["k1"]["state"] == "ok" and bar(screen, "k1").progress == 1.0

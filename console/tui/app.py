@@ -296,6 +296,12 @@ class CorralApp(App[str]):
         """The command palette: the same actions as the keys."""
         if isinstance(screen, MainScreen):
             yield SystemCommand("Submit a job", "n: command, count, priority, timeout, retries, tags", screen.action_submit)
+            yield SystemCommand("Deploy agents over SSH", "d: pick hosts from the inventory; per-host progress",
+                                screen.action_deploy)
+            yield SystemCommand("Stop the selected agent", "k on Workers: over SSH, its running jobs re-queued",
+                                lambda: screen.action_stop_agent(False))
+            yield SystemCommand("Drain the selected agent", "D on Workers: running jobs finish, then it stops",
+                                lambda: screen.action_stop_agent(True))
             yield SystemCommand("Open job detail", "enter: the selected job's spec, attempts and output", screen.action_open)
             yield SystemCommand("Cancel jobs", "c: the selected or marked queued/running jobs", screen.action_cancel)
             yield SystemCommand("Requeue jobs", "r: the selected or marked finished jobs", screen.action_requeue)
