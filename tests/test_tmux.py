@@ -46,10 +46,11 @@ def tmux(tmp_path: Path) -> Callable[..., str]:
         subprocess.run(["tmux", "-S", str(socket), "kill-server"], capture_output=True, timeout=30)
 
 
-def _wait_screen(tmux: Callable[..., str], predicate: Callable[[str], bool], what: str) -> str:
+def _wait_screen(tmux: Callable[..., str], predicate: Callable[[str], bool], what: str, history: bool = False) -> str:
+    """The pane's text once predicate() holds; with `history`, lines scrolled off the top too."""
     deadline = time.monotonic() + TIMEOUT
     while True:
-        screen = tmux("capture-pane", "-p", "-t", "corral")
+        screen = tmux("capture-pane", "-p", "-t", "corral", *(["-S", "-100"] if history else []))
         if predicate(screen):
             return screen
         if time.monotonic() > deadline:
@@ -77,7 +78,9 @@ def test_submit_and_see_it_finish_in_80x24(tmp_path: Path, tmux: Callable[..., s
         assert " local " in finished and " 0 " in finished
         record = json.loads((home / "console.json").read_text())
         tmux("send-keys", "-t", "corral", "q")  # nothing in flight: corral stops what it started
-        screen = _wait_screen(tmux, lambda s: "stopped the master" in s, "corral to stop the master and exit")
+        # What corral prints after the app has the pane's last lines; tmux may scroll one off marking it dead.
+        screen = _wait_screen(tmux, lambda s: "stopped the master" in s and "Pane is dead" in s,
+                              "corral to stop the master and exit", history=True)
         assert "stopped the local agent" in screen
         for pid in (record["master_pid"], record["agent_pid"]):
             assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -22,6 +22,9 @@ from .confirm import ConfirmScreen
 from .deploy import DeployRequest, DeployScreen
 from .detail import JobDetailScreen
 from .submit import SubmitScreen
+
+if TYPE_CHECKING:
+    from ..app import CorralApp
 
 
 def parse_filter(text: str) -> tuple[str, bool]:
@@ -127,6 +130,8 @@ class MainScreen(Screen[None]):
 
         if not self.app.is_screen_installed("submit"):
             self.app.install_screen(SubmitScreen(), "submit")  # kept: built once, reset each time it shows
+            app = cast("CorralApp", self.app)
+            app.call_after_refresh(app.freeze_heap)
         self.app.push_screen("submit", submitted)
 
     def action_deploy(self) -> None:
