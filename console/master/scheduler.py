@@ -174,6 +174,10 @@ def _storable(text: str) -> bool:
     return True
 
 
+def _times(n: int) -> str:
+    return f"{n} time" if n == 1 else f"{n} times"
+
+
 def _check_results(results: Any) -> None:
     """Refuse a malformed report whole (an agent holding the authkey may still be buggy), and one the
     journal could not store: nothing of it may change the master's state unless all of it is written.
@@ -669,8 +673,8 @@ class Scheduler:
             if job.lost > self.max_lost:
                 del self.jobs[job_id]
                 self._final(job_id, LOST)
-                finish_rows.append((job.lost, now, f"its agent was lost {job.lost} times ({reason})", job_id))
-                self._emit(f"lost {job_id}: its agent was lost {job.lost} times")
+                finish_rows.append((job.lost, now, f"its agent was lost {_times(job.lost)} ({reason})", job_id))
+                self._emit(f"lost {job_id}: its agent was lost {_times(job.lost)}")
             else:
                 job.state, job.agent = QUEUED, None
                 self._enqueue(job)
