@@ -24,6 +24,7 @@ _cancel_seen = -1
 _cancel_ids: frozenset = frozenset()
 _current_job: Optional[int] = None  # the callable job running now, the only one a signal may interrupt
 _functions: Dict[str, Callable[..., Any]] = {}
+LIVE_SECONDS = 0.5  # how often a running shell job's output tails go to the agent (when they changed)
 
 
 class JobInterrupted(BaseException):
@@ -162,7 +163,7 @@ def _run_shell(task: Task, started: float) -> JobResult:
         )
     _tell_agent(("pgid", task.job_id, proc.pid, time.time()))
     deadline = started + task.timeout if task.timeout else None
-    timed_out, stdout, stderr = _pump(proc, deadline)
+    timed_out, stdout, stderr = _pump(proc, deadline, task.job_id)
     returncode = proc.wait()
     ended = time.time()
     if timed_out:
@@ -188,8 +189,9 @@ def _run_shell(task: Task, started: float) -> JobResult:
     )
 
 
-def _pump(proc: subprocess.Popen, deadline: Optional[float]) -> Tuple[bool, _Tail, _Tail]:
+def _pump(proc: subprocess.Popen, deadline: Optional[float], job_id: int = 0) -> Tuple[bool, _Tail, _Tail]:
     """Read the process's output until it ends or the deadline passes: (timed out, stdout, stderr).
+    While it runs, the tails go to the agent every LIVE_SECONDS when they changed (live output).
 
     When the shell itself exits, whatever it left running in its group (a daemon, `cmd &`) is
     killed: those children would otherwise hold the pipes open and outlive the job.
@@ -200,9 +202,13 @@ def _pump(proc: subprocess.Popen, deadline: Optional[float]) -> Tuple[bool, _Tai
         selector.register(stream, selectors.EVENT_READ)
     timed_out = False
     drain_until: Optional[float] = None
+    next_live, changed = time.time() + LIVE_SECONDS, False
     try:
         while selector.get_map():
             now = time.time()
+            if changed and now >= next_live:
+                _tell_agent(("output", job_id, tails[proc.stdout].text(), tails[proc.stderr].text()))
+                next_live, changed = now + LIVE_SECONDS, False
             if drain_until is not None and now >= drain_until:
                 break
             if deadline is not None and now >= deadline and not timed_out:
@@ -216,6 +222,7 @@ def _pump(proc: subprocess.Popen, deadline: Optional[float]) -> Tuple[bool, _Tai
                 chunk = os.read(key.fd, 65536)
                 if chunk:
                     tails[key.fileobj].add(chunk)
+                    changed = True
                 else:
                     selector.unregister(key.fileobj)
             if drain_until is None and proc.poll() is not None:

@@ -55,13 +55,14 @@ def connect(address: Tuple[str, int], authkey: bytes) -> Any:
 class _Running:
     """What the agent knows of one job it holds."""
 
-    __slots__ = ("task", "worker", "pgid", "started")
+    __slots__ = ("task", "worker", "pgid", "started", "output")
 
     def __init__(self, task: Task) -> None:
         self.task = task
         self.worker = 0  # pool worker pid once its chunk started
         self.pgid = 0  # the shell's process group, for shell jobs
         self.started = 0.0
+        self.output: Optional[Tuple[str, str]] = None  # the latest (stdout, stderr) tails while it runs
 
 
 class Agent:
@@ -105,6 +106,7 @@ class Agent:
         self.disconnected = threading.Event()
         self.released: Set[int] = set()  # jobs handed back unstarted while draining
         self.cancel_requested: Set[int] = set()
+        self.live_changed: Set[int] = set()  # jobs whose output tails changed since the last report
         self.stop_signals = 0
         # forkserver: the agent has threads, and fork() from a threaded process can deadlock;
         # forkserver workers start from a clean single-threaded server, and cheaply.
@@ -457,7 +459,12 @@ class Agent:
                 with self.lock:
                     running = list(self.held)
                     wanted = 0 if self.draining.is_set() else max(0, self._wanted())
-                rows, cancel = scheduler.report(self.session, batch, running, wanted)
+                    live = {j: self.held[j].output for j in self.live_changed if j in self.held}
+                    self.live_changed.clear()
+                if live:
+                    rows, cancel = scheduler.report(self.session, batch, running, wanted, live)
+                else:
+                    rows, cancel = scheduler.report(self.session, batch, running, wanted)
                 with self.results_ready:
                     del self.results[: len(batch)]
                     emptied = not self.results
@@ -557,6 +564,12 @@ class Agent:
                 if self.verbose:
                     for job_id in ids:
                         print(f"Run job: {job_id}", flush=True)
+            elif kind == "output":
+                _, job_id, out, err = event
+                running = self.held.get(job_id)
+                if running is not None:
+                    running.output = (out, err)
+                    self.live_changed.add(job_id)
             elif kind == "pgid":
                 _, job_id, pgid, _ = event
                 running = self.held.get(job_id)

@@ -465,3 +465,28 @@ async def test_tables_hold_a_window_not_every_job(cluster: Cluster) -> None:
         await pilot.press("pageup")
         await until(pilot, lambda: dispatched.selected() is not None, "rows a page up")
         assert dispatched.selected()[0] == 20_000 - dispatched._visible()[1]
+
+
+async def test_detail_follows_a_running_jobs_output_live(cluster: Cluster) -> None:
+    """stdout/stderr of a running shell job show in its detail while it runs, not only at its end."""
+    cluster.start_agent("alpha", slots=1)
+    with cluster.client() as c:
+        # Computed by the shell, so the text on screen cannot come from the command line itself.
+        job = c.submit([{"command": "echo out-$((40+2)); echo err-$((50+5)) >&2; sleep 30; echo out-$((60+6))"}])[0]
+    app = CorralApp(home=cluster.home)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app)
+        dispatched = main(app).dispatched_pane
+        await until(pilot, lambda: (r := row_of(dispatched, job)) and r[2] == "running", "the job running")
+        await select(pilot, dispatched, job)
+        await pilot.press("enter")
+        detail = app.screen
+        assert isinstance(detail, JobDetailScreen)
+        await until(pilot, lambda: "out-42" in str(detail.query_one("#detail-text").render()),
+                    "the job's first line, live")
+        text = str(detail.query_one("#detail-text").render())
+        assert "err-55" in text and "stdout (live" in text and "out-66" not in text
+        assert detail.record["state"] == "running"
+    with cluster.client() as c:
+        c.cancel([job])
+        assert c.wait([job], timeout=20) == {job: "cancelled"}

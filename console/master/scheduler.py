@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 from agent.protocol import (
     FINAL_STATES,
     MAX_PAYLOAD_BYTES,
+    OUTPUT_TAIL_BYTES,
     PROTOCOL_VERSION,
     BadJobSpec,
     CorralError,
@@ -217,6 +218,7 @@ class Scheduler:
         self.agents: dict[str, AgentRecord] = {}
         self.sessions: dict[str, AgentRecord] = {}
         self.recent_final: OrderedDict[int, str] = OrderedDict()
+        self.live_output: dict[int, tuple[str, str]] = {}  # running job id -> its latest (stdout, stderr)
         self.finished_times: deque[float] = deque(maxlen=100_000)
         self.seq = 0  # bumped on every change, for incremental snapshots
         self.changes: deque[tuple[int, int]] = deque(maxlen=200_000)  # (seq, job id)
@@ -280,6 +282,9 @@ class Scheduler:
             self._changed(job.id)
             rows.append((job.attempts, agent.name, now, job.id))
         self.journal.write([(Journal.DISPATCH, rows)])
+        if self.live_output:  # a new attempt starts with no output of its own yet
+            for job in jobs:
+                self.live_output.pop(job.id, None)
         if self.on_event is not None:
             for job in jobs:
                 self._emit(f"dispatched {job.id} → {agent.name}")
@@ -470,6 +475,8 @@ class Scheduler:
             live = self.jobs.get(job_id)
             if live is not None:  # the journal may lag a running job's in-memory state by nothing; be exact
                 record["state"], record["agent"], record["attempts"] = live.state, live.agent, live.attempts
+                if live.state == RUNNING and job_id in self.live_output:
+                    record["live_stdout"], record["live_stderr"] = self.live_output[job_id]
         return record
 
     def list_jobs(self, states: list | None = None, limit: int = 1000) -> list[dict]:
@@ -571,11 +578,18 @@ class Scheduler:
                 self.work.wait(remaining)
                 agent.last_seen = time.time()
 
-    def report(self, session: str, results: list, running: list, want: int = 0) -> tuple[list[tuple], list[int]]:
-        """Results in, new work out, in one round trip; also the heartbeat. Returns (tasks, ids to cancel)."""
+    def report(self, session: str, results: list, running: list, want: int = 0,
+               live: dict | None = None) -> tuple[list[tuple], list[int]]:
+        """Results in, new work out, in one round trip; also the heartbeat. Returns (tasks, ids to cancel).
+        `live` maps running job ids to their latest (stdout, stderr) tails, for the console to follow."""
         with self.lock:
             agent = self._agent(session)
+            if live:
+                self._take_live_output(agent, live)
             if results:
+                for row in results if type(results) is list else ():
+                    if type(row) in (tuple, list) and row:
+                        self.live_output.pop(row[0], None)
                 self._apply_results(agent, results)
                 # Only a report that freed slots renews the credit: a bare heartbeat must not grant
                 # a second credit for the slot a parked take() is already serving (priority order).
@@ -650,6 +664,22 @@ class Scheduler:
             self.work.notify_all()
         for line in events:
             self._emit(line)
+
+    def _take_live_output(self, agent: AgentRecord, live: Any) -> None:
+        """Keep (in memory only) the output tails of jobs running on this agent; drop the malformed."""
+        if type(live) is not dict:
+            raise CorralError("malformed report: live output must map job ids to (stdout, stderr)")
+        limit = 2 * OUTPUT_TAIL_BYTES
+        for job_id, tails in live.items():
+            job = self.jobs.get(job_id) if type(job_id) is int else None
+            if (job is None or job.state != RUNNING or job.agent != agent.name or type(tails) not in (tuple, list)
+                    or len(tails) != 2 or not all(type(t) is str and len(t) <= limit for t in tails)):
+                continue
+            self.live_output[job_id] = (tails[0], tails[1])
+            self._changed(job_id)  # the console reloads a job detail it shows when its job changed
+        if len(self.live_output) > 10_000:  # jobs that left RUNNING by a path that did not clear theirs
+            for stale in [j for j in self.live_output if (self.jobs.get(j) is None or self.jobs[j].state != RUNNING)]:
+                del self.live_output[stale]
 
     def _reported_before(self, job_id: int, attempt: int, agent: str, state: str, ended: float) -> bool:
         """Whether this result of a job is already in the journal: as its outcome (same agent, state

@@ -91,7 +91,14 @@ def render_record(record: dict[str, Any], now: float) -> Text:
         if a["error"]:
             out.append(f"error: {a['error']}\n", style="red")
         if a_state == "running":
-            out.append("its stdout and stderr arrive when the attempt ends\n", style="dim")
+            live = [(label, record.get(f"live_{label}") or "") for label in ("stdout", "stderr")]
+            if not any(text for _, text in live):
+                out.append("no output yet (a running shell job's output follows here live)\n", style="dim")
+                continue
+            for label, text in live:
+                out.append(f"{label} (live, last 64 KiB)\n", style="dim underline")
+                out.append((text if text.endswith("\n") else text + "\n") if text else "(empty)\n",
+                           style="" if text else "dim")
             continue
         for label in ("stdout", "stderr", "traceback"):
             text = a[label]
