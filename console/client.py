@@ -87,8 +87,12 @@ class Client:
             del tls.connection
 
     def _call(self, method: str, *args: Any) -> Any:
+        return self._invoke(self._scheduler, method, args)
+
+    def _invoke(self, proxy: Any, method: str, args: tuple) -> Any:
+        """One call on a master proxy; its failures become the client's errors (one line each)."""
         try:
-            return getattr(self._scheduler, method)(*args)
+            return getattr(proxy, method)(*args)
         except CorralError:
             raise
         except RemoteError as exc:
@@ -245,15 +249,7 @@ class Client:
         return proxy
 
     def _deploy_call(self, method: str, *args: Any) -> Any:
-        try:
-            return getattr(self._deployer(), method)(*args)
-        except CorralError:
-            raise
-        except RemoteError as exc:
-            raise CorralError(f"the master failed on {method}(): {str(exc).strip().splitlines()[-1]}") from None
-        except (ConnectionError, OSError, EOFError) as exc:
-            raise MasterUnreachable(f"lost the master at {self.address[0]}:{self.address[1]} ({exc})",
-                                    "is it still running? `corral status`") from None
+        return self._invoke(self._deployer(), method, args)
 
     def deploy(self, aliases: Sequence[str], slots: int | None = None, tags: Sequence[str] | None = None,
                accept_new: bool = False, direct: bool | None = None, interactive: bool = False,
