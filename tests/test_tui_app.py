@@ -79,6 +79,12 @@ async def select(pilot: Pilot, table: WindowTable, job_id: int) -> None:
     assert table.selected()[0] == job_id
 
 
+async def select_running(pilot: Pilot, dispatched: WindowTable, job_id: int) -> None:
+    """Wait until `job_id` runs, then put Dispatched's cursor on it."""
+    await until(pilot, lambda: (r := row_of(dispatched, job_id)) and r[2] == "running", f"job {job_id} running")
+    await select(pilot, dispatched, job_id)
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
     """A fresh state directory; whatever a console started in it is stopped afterwards."""
@@ -221,8 +227,7 @@ async def test_detail_follows_a_running_job_to_its_output(cluster: Cluster) -> N
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot, app)
         dispatched = main(app).dispatched_pane
-        await until(pilot, lambda: (r := row_of(dispatched, job)) and r[2] == "running", "the job running")
-        await select(pilot, dispatched, job)
+        await select_running(pilot, dispatched, job)
         await pilot.press("enter")
         detail = app.screen
         assert isinstance(detail, JobDetailScreen) and detail.job_id == job
@@ -248,8 +253,7 @@ async def test_cancel_asks_first(cluster: Cluster) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot, app)
         dispatched = main(app).dispatched_pane
-        await until(pilot, lambda: (r := row_of(dispatched, job)) and r[2] == "running", "the job running")
-        await select(pilot, dispatched, job)
+        await select_running(pilot, dispatched, job)
         await pilot.press("c")
         assert isinstance(app.screen, ConfirmScreen) and f"job {job}" in app.screen.question
         await pilot.press("n")  # declined: nothing happens
@@ -477,8 +481,7 @@ async def test_detail_follows_a_running_jobs_output_live(cluster: Cluster) -> No
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot, app)
         dispatched = main(app).dispatched_pane
-        await until(pilot, lambda: (r := row_of(dispatched, job)) and r[2] == "running", "the job running")
-        await select(pilot, dispatched, job)
+        await select_running(pilot, dispatched, job)
         await pilot.press("enter")
         detail = app.screen
         assert isinstance(detail, JobDetailScreen)

@@ -587,9 +587,10 @@ class Scheduler:
             if live:
                 self._take_live_output(agent, live)
             if results:
-                for row in results if type(results) is list else ():
-                    if type(row) in (tuple, list) and row:
-                        self.live_output.pop(row[0], None)
+                if self.live_output and type(results) is list:  # ended jobs' live tails go (rarely any)
+                    for row in results:
+                        if type(row) in (tuple, list) and row:
+                            self.live_output.pop(row[0], None)
                 self._apply_results(agent, results)
                 # Only a report that freed slots renews the credit: a bare heartbeat must not grant
                 # a second credit for the slot a parked take() is already serving (priority order).
