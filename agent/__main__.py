@@ -1,4 +1,4 @@
-"""`python -m agent` and the zipapp's entry point: parse arguments, then run the agent until stopped."""
+"""`python -m corral.agent` and the zipapp's entry point: parse arguments, then run the agent until stopped."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import uuid
 from pathlib import Path
 from typing import List, Optional
 
-from .protocol import AgentInfo, CorralError
+from .errors import CorralError
+
+from .protocol import AgentInfo
 from .runner import Agent, default_name, install_signal_handlers, python_version
 from .statedir import authkey_path, default_home, parse_address, read_authkey, read_master_address
 
 
-def build_parser(prog: str = "python -m agent", add_help: bool = True) -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m corral.agent", add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, add_help=add_help,
                                      description="Run a corral agent: take jobs from a master and run them.")
     parser.add_argument("--connect", metavar="HOST:PORT", help="the master's address (default: the one in the state directory)")

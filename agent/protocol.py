@@ -37,38 +37,6 @@ FINAL_STATES = frozenset(
 )
 
 
-class CorralError(Exception):
-    """An error an operator can act on: a message and a hint of what to do."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message, hint)
-        self.message = message
-        self.hint = hint
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.hint})" if self.hint else self.message
-
-
-class BadJobSpec(CorralError):
-    """A submission the master refuses: nothing of it was queued."""
-
-
-class UnknownJob(CorralError):
-    """A job id the master has never issued."""
-
-
-class UnknownAgent(CorralError):
-    """An agent session the master does not know (it restarted, or the lease ran out): register again."""
-
-
-class NameTaken(CorralError):
-    """Another live agent already goes by this name."""
-
-
-class ProtocolMismatch(CorralError):
-    """An agent or client speaking another version of this protocol."""
-
-
 @dataclass(frozen=True)
 class JobSpec:
     """What a submitter asks for. Exactly one of `command` (shell) or `func` (module:function)."""

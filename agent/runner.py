@@ -19,7 +19,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import execute
 from .connection import SERIALIZER
-from .protocol import SCHEDULER_TYPEID, AgentInfo, CorralError, JobResult, JobState, NameTaken, Task
+from .errors import CorralError, NameTaken
+from .protocol import SCHEDULER_TYPEID, AgentInfo, JobResult, JobState, Task
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Optional, Tuple
 
-from .protocol import CorralError
+from .errors import CorralError
 
 AUTHKEY_NAME = "authkey"
 MASTER_NAME = "master.json"

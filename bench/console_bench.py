@@ -45,8 +45,8 @@ CPU_TARGET = 0.5
 
 FEEDER = r"""
 import pickle, sys, time
-from agent.protocol import JobSpec
-from console.client import Client
+from corral.agent.protocol import JobSpec
+from corral.console.client import Client
 rate, batch = float(sys.argv[1]), int(sys.argv[2])
 with Client() as client:
     i, start = 0, time.monotonic()
@@ -72,7 +72,7 @@ class Flow:
     """Master, agents and feeder for one run, all in sessions of their own under a private CORRAL_HOME."""
 
     def __init__(self, home: Path, rate: float) -> None:
-        from console.state import StateDir
+        from corral.console.state import StateDir
 
         self.home = home
         self.rate = rate
@@ -81,16 +81,16 @@ class Flow:
         self.env = dict(os.environ, CORRAL_HOME=str(home), PYTHONPATH=str(REPO_ROOT))
 
     def start(self) -> None:
-        from console.client import Client
-        from console.tui.demo import write_demo_journal
-        from console.tui.launch import attach_or_start
+        from corral.console.client import Client
+        from corral.console.tui.demo import write_demo_journal
+        from corral.console.tui.launch import attach_or_start
 
         self.home.mkdir(mode=0o700, parents=True)
         write_demo_journal(self.home / "corral.db", finished=JOURNAL_JOBS, queued=0,
                            epoch=float(int(time.time()) - JOURNAL_JOBS * 7 - 60))
         attach_or_start(self.state, local_agent=False)
         for n in range(2):
-            self._spawn([sys.executable, "-m", "agent", "--name", f"bench-{n}", "--slots", "2"], f"agent-{n}.log")
+            self._spawn([sys.executable, "-m", "corral.agent", "--name", f"bench-{n}", "--slots", "2"], f"agent-{n}.log")
         deadline = Deadline(60, "agents to register")
         with Client(home=self.home) as client:
             while sum(a["state"] == "up" for a in client.agents()) < 2:
@@ -128,14 +128,14 @@ class Flow:
         return total
 
     def finished(self) -> int:
-        from console.client import Client
+        from corral.console.client import Client
 
         with Client(home=self.home) as client:
             counts = client.snapshot(0, {})["counts"]
         return sum(counts[s] for s in ("done", "failed", "timeout", "cancelled", "lost"))
 
     def stop(self) -> None:
-        from console.tui.launch import stop_embedded
+        from corral.console.tui.launch import stop_embedded
 
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -147,8 +147,8 @@ class Flow:
 async def _headless(flow: Flow, keys: int, seconds: float, step: Callable[[str], None]) -> Dict[str, Any]:
     from textual import events
 
-    from console.tui.app import CorralApp
-    from console.tui.screens.help import HelpScreen
+    from corral.console.tui.app import CorralApp
+    from corral.console.tui.screens.help import HelpScreen
 
     app = CorralApp(home=flow.home)
     loop = asyncio.get_running_loop()
@@ -241,7 +241,7 @@ def _floor_focus(tabs: int) -> Callable[[str], bool]:
 def _tmux(flow: Flow, keys: int, seconds: float, step: Callable[[str], None]) -> Dict[str, Any]:
     corral = Path(sys.executable).with_name("corral")
     command = " ".join(["env", f"CORRAL_HOME={flow.home}", "LANG=C.UTF-8",
-                        str(corral) if corral.exists() else f"{sys.executable} -m console", "--no-local-agent"])
+                        str(corral) if corral.exists() else f"{sys.executable} -m corral", "--no-local-agent"])
     floor = _tmux_session(flow, "floor", f"{sys.executable} -c '{RESPONDER}'", "ready", _floor_focus, keys, 0.0,
                           step)
     results = _tmux_session(flow, "corral", command, "Finished", _corral_focus, keys, seconds, step)

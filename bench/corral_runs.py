@@ -92,7 +92,7 @@ class CorralCluster:
         return "\n".join(text.splitlines()[-lines:])
 
     def start_master(self) -> None:
-        self.master = self._spawn(["-m", "console", "master"], "bench-master.log")
+        self.master = self._spawn(["-m", "corral", "master"], "bench-master.log")
         deadline = Deadline(self.params.start_budget, "corral master to write master.json")
         info_path = self.home / "master.json"
         while True:
@@ -114,7 +114,7 @@ class CorralCluster:
         for i in range(count):
             name = f"a{i + 1}"
             self.agents.append(
-                self._spawn(["-m", "agent", "--slots", str(slots), "--name", name], f"bench-agent-{name}.log")
+                self._spawn(["-m", "corral.agent", "--slots", str(slots), "--name", name], f"bench-agent-{name}.log")
             )
 
     def check_alive(self) -> None:
@@ -128,7 +128,7 @@ class CorralCluster:
             raise RuntimeError(f"corral master exited with {self.master.returncode}")
 
     def client(self) -> Any:
-        from console.client import Client  # imported late: --only pool,seed must not need corral
+        from corral.console.client import Client  # imported late: --only pool,seed must not need corral
 
         deadline = Deadline(self.params.start_budget, "corral Client to connect")
         while True:
@@ -203,7 +203,7 @@ class Watchdog:
 
 
 def _job_spec() -> Any:
-    from agent.protocol import JobSpec
+    from corral.agent.protocol import JobSpec
 
     return JobSpec
 

@@ -22,8 +22,8 @@ from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
-from agent.protocol import JobSpec
-from console.master.server import plain_loads
+from corral.agent.protocol import JobSpec
+from corral.console.master.server import plain_loads
 
 IDENT = "7f3a2c41d2b0"  # an object id, as the server hands them out
 SESSION = "9c1e0f7a6b5d4c3b2a1908f7e6d5c4b3"

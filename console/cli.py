@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -12,8 +13,10 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from agent.protocol import CorralError, JobSpec, JobState
-from agent.statedir import parse_address
+from corral.agent.errors import CorralError
+
+from corral.agent.protocol import JobSpec, JobState
+from corral.agent.statedir import parse_address
 
 from .client import Client
 from .state import StateDir
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", action="store_true", help="fsync every journal commit (survives power loss; slower)")
     p.add_argument("-v", "--verbose", action="store_true", help="print one line per event")
 
-    from agent.__main__ import build_parser as agent_parser
+    from corral.agent.__main__ import build_parser as agent_parser
 
     p = sub.add_parser("agent", help="run an agent on this machine (foreground)", parents=[agent_parser(add_help=False)])
 
@@ -201,7 +204,11 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def cmd_master(args: argparse.Namespace) -> int:
-    from .master.server import is_loopback, serve
+    from .deploy import DEPLOY_TYPEID
+    from .deploy.service import EXPOSED, DeployService
+    from .master.server import is_loopback, register_service, serve
+
+    register_service(DEPLOY_TYPEID, EXPOSED)
 
     host, port = parse_address(args.listen, allow_any_port=True)
     if not is_loopback(host):
@@ -211,11 +218,12 @@ def cmd_master(args: argparse.Namespace) -> int:
         print(f"corral master: WARNING: listening on {host}:{port}; anyone who can reach it and holds the authkey can run jobs",
               file=sys.stderr)
     state = StateDir(args.home_path)
-    return serve(state, host, port, verbose=args.verbose, lease=args.lease, max_lost=args.max_lost, fsync=args.fsync)
+    return serve(state, host, port, verbose=args.verbose, lease=args.lease, max_lost=args.max_lost, fsync=args.fsync,
+                 services={DEPLOY_TYPEID: functools.partial(DeployService, state)})
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from agent.__main__ import run_agent
+    from corral.agent.__main__ import run_agent
 
     if args.home_path is not None:
         os.environ["CORRAL_HOME"] = str(args.home_path)
@@ -479,7 +487,7 @@ def _hosts_add(args: argparse.Namespace) -> int:
 
 
 def _hosts_remove(args: argparse.Namespace) -> int:
-    from .client import AuthFailed
+    from .errors import AuthFailed
 
     try:
         client: Client | None = _client(args)

@@ -9,30 +9,16 @@ from multiprocessing.managers import BaseManager, RemoteError
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from agent.connection import SERIALIZER
-from agent.protocol import MAX_PAYLOAD_BYTES, SCHEDULER_TYPEID, BadJobSpec, CorralError, JobSpec, JobState
+from corral.agent.connection import SERIALIZER
+from corral.agent.errors import BadJobSpec, CorralError
+from corral.agent.protocol import MAX_PAYLOAD_BYTES, SCHEDULER_TYPEID, JobSpec, JobState
 
+from .errors import AuthFailed, JobFailed, MapTimeout, MasterUnreachable
 from .state import StateDir
 
 SUBMIT_BATCH = 10_000  # jobs per submit() round trip
 SUBMIT_BYTES = 16 * 1024 * 1024  # ... or about this many bytes of commands and arguments
 WAIT_POLL_SECONDS = 1.0  # each wait() call on the master is a long poll this long
-
-
-class MasterUnreachable(CorralError):
-    """No master answers at the recorded address, or the connection to it broke."""
-
-
-class AuthFailed(CorralError):
-    """The master refused our authkey."""
-
-
-class JobFailed(CorralError):
-    """A job whose value was asked for did not end `done`."""
-
-
-class MapTimeout(CorralError):
-    """Client.map's timeout passed before every job was final."""
 
 
 class _ClientManager(BaseManager):

@@ -9,8 +9,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from agent.protocol import CorralError
-from agent.statedir import AUTHKEY_NAME, MASTER_NAME, default_home, read_authkey, read_master_address
+from corral.agent.errors import CorralError
+from corral.agent.statedir import AUTHKEY_NAME, MASTER_NAME, default_home, read_authkey, read_master_address
 
 
 class StateDir:

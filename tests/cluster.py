@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from console.client import Client
+from corral.console.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,8 +40,8 @@ class Cluster:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def corral(self, *args: str, timeout: float = 60, check: bool = False, input: str | None = None) -> subprocess.CompletedProcess:
-        """Run the real `corral` CLI (as `python -m console`) against this cluster."""
-        return subprocess.run([sys.executable, "-m", "console", *args], env=self.env, cwd=REPO,
+        """Run the real `corral` CLI (as `python -m corral`) against this cluster."""
+        return subprocess.run([sys.executable, "-m", "corral", *args], env=self.env, cwd=REPO,
                               capture_output=True, text=True, timeout=timeout, check=check, input=input)
 
     def start_master(self, *args: str) -> subprocess.Popen:
@@ -49,7 +49,7 @@ class Cluster:
         if master_json.exists():
             master_json.unlink()
         log = open(self.logs / "master.log", "ab")
-        self.master = subprocess.Popen([sys.executable, "-m", "console", "master", *args], env=self.env,
+        self.master = subprocess.Popen([sys.executable, "-m", "corral", "master", *args], env=self.env,
                                        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: master_json.exists() or self.master.poll() is not None, what="master.json")
         assert self.master.poll() is None, (self.logs / "master.log").read_text()
@@ -62,7 +62,7 @@ class Cluster:
     def start_agent(self, name: str, slots: int = 2, tags: str = "", *extra: str, wait: bool = True,
                     verbose: bool = True) -> subprocess.Popen:
         log = open(self.logs / f"agent-{name}.log", "ab")
-        args = [sys.executable, "-m", "agent", *(["-v"] if verbose else []), "--name", name, "--slots", str(slots), *extra]
+        args = [sys.executable, "-m", "corral.agent", *(["-v"] if verbose else []), "--name", name, "--slots", str(slots), *extra]
         if tags:
             args += ["--tags", tags]
         proc = subprocess.Popen(args, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

@@ -17,8 +17,8 @@ AGENT_FILES = sorted((REPO / "agent").glob("*.py"))
 
 def test_agent_imports_nothing_outside_the_stdlib() -> None:
     probe = (
-        "import sys, agent.runner, agent.execute, agent.protocol, agent.statedir, agent.__main__\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'paramiko', 'rich', 'console'))\n"
+        "import sys, corral.agent.runner, corral.agent.execute, corral.agent.protocol, corral.agent.statedir, corral.agent.__main__\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'paramiko', 'rich', 'console') or m.startswith('corral.console'))\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
@@ -53,7 +53,7 @@ def _python38() -> str | None:
 def test_agent_runs_jobs_under_python_3_8(cluster: Cluster) -> None:
     python38 = _python38()
     log = open(cluster.logs / "agent-py38.log", "ab")
-    proc = subprocess.Popen([python38, "-m", "agent", "-v", "--name", "py38", "--slots", "2"], env=cluster.env,
+    proc = subprocess.Popen([python38, "-m", "corral.agent", "-v", "--name", "py38", "--slots", "2"], env=cluster.env,
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     cluster.agents["py38"] = proc
     from tests.cluster import wait_for

@@ -27,7 +27,7 @@ def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
 
 def corral_in(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, CORRAL_HOME=str(home), PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "console", *args], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "corral", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -181,7 +181,7 @@ def test_unknown_job_ids(cluster: Cluster) -> None:
 
 
 def test_bad_specs_through_the_python_api(cluster: Cluster) -> None:
-    from agent.protocol import BadJobSpec
+    from corral.agent.errors import BadJobSpec
 
     with cluster.client() as c:
         for spec, needle in [

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from console.deploy.bundle import build
+from corral.console.deploy.bundle import build
 from tests.cluster import Cluster, wait_for
 from tests.sshhosts import SshHost, SshLab, lab, processes_in, ssh_cluster  # noqa: F401 (fixtures)
 
@@ -170,7 +170,7 @@ def test_stop_drain_lets_the_running_job_finish_and_starts_no_more(ssh_cluster: 
             {"command": "echo second", "tags": ["red"]}])
         wait_for(lambda: started.exists(), timeout=30, what="the first job to start")
     # The first job runs until the drain has begun: it finishes during the drain, not before it.
-    stop = subprocess.Popen([sys.executable, "-m", "console", "stop", "h1", "--drain"], env=ssh_cluster.env,
+    stop = subprocess.Popen([sys.executable, "-m", "corral", "stop", "h1", "--drain"], env=ssh_cluster.env,
                             cwd=str(Path(__file__).resolve().parent.parent), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines = []

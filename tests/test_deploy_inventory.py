@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from console.deploy import DeployError
-from console.deploy.bundle import AGENT_DIR, build
-from console.deploy.inventory import Entry, Inventory, dump_hosts, load_hosts_file
-from console.deploy.ssh import Launch, remote_dir_expr
+from corral.console.errors import DeployError
+from corral.console.deploy.bundle import AGENT_DIR, build
+from corral.console.deploy.inventory import Entry, Inventory, dump_hosts, load_hosts_file
+from corral.console.deploy.ssh import Launch, remote_dir_expr
 from tests.cluster import Cluster
 
 
@@ -165,7 +165,7 @@ def test_the_bundle_is_named_by_its_content_and_holds_only_the_agent(tmp_path: P
     assert build() is bundle
     with zipfile.ZipFile(io.BytesIO(bundle.data)) as z:
         names = sorted(n for n in z.namelist() if not n.endswith("/"))
-    assert names == sorted(["__main__.py"] + [f"agent/{p.name}" for p in AGENT_DIR.glob("*.py")])
+    assert names == sorted(["__main__.py", "corral/__init__.py"] + [f"corral/agent/{p.name}" for p in AGENT_DIR.glob("*.py")])
     assert bundle.data.startswith(b"#!/usr/bin/env python3\n")
     copy = tmp_path / "agent"
     shutil.copytree(AGENT_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import JobSpec
+from corral.agent.protocol import JobSpec
 from tests.cluster import REPO, Cluster, wait_for
 from tests.faultkit import (
     Namespace,
@@ -321,7 +321,7 @@ def test_partitioned_host_loses_its_lease_and_rejoins(tmp_path: Path) -> None:
             assert host == ns.host_addr
             log = open(cluster.logs / "agent-far.log", "ab")
             far = subprocess.Popen(
-                ["ip", "netns", "exec", ns.name, sys.executable, "-m", "agent", "-v", "--connect",
+                ["ip", "netns", "exec", ns.name, sys.executable, "-m", "corral.agent", "-v", "--connect",
                  f"{host}:{port}", "--name", "far", "--slots", "2", "--tags", "far"],
                 env=cluster.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
             with cluster.client() as c:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import OUTPUT_TAIL_BYTES, JobSpec
+from corral.agent.protocol import OUTPUT_TAIL_BYTES, JobSpec
 from tests.cluster import Cluster, wait_for
 
 

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import OUTPUT_TAIL_BYTES, SCHEDULER_TYPEID, AgentInfo, BadJobSpec, CorralError, JobSpec
-from agent.runner import connect as agent_connect
-from console.master.server import HANDSHAKE_SECONDS
+from corral.agent.errors import BadJobSpec, CorralError
+
+from corral.agent.protocol import OUTPUT_TAIL_BYTES, SCHEDULER_TYPEID, AgentInfo, JobSpec
+from corral.agent.runner import connect as agent_connect
+from corral.console.master.server import HANDSHAKE_SECONDS
 from tests.cluster import REPO, Cluster, wait_for
 from tests.faultkit import descendants, journal_outcomes, rss_peak_kb, running_cluster
 
@@ -227,7 +229,7 @@ def test_wrong_authkey_is_refused_with_one_line_on_each_side(cluster: Cluster, t
     env = dict(cluster.env, CORRAL_HOME=str(other))
     log = cluster.logs / "master.log"
     before = log.read_text()
-    result = subprocess.run([sys.executable, "-m", "console", "status"], env=env, cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "corral", "status"], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     one_line(result, "refused our authkey")
     said = wait_for(lambda: log.read_text()[len(before):].strip(), timeout=10, what="the master's line")
@@ -261,7 +263,7 @@ def test_authkey_never_in_ps_logs_or_status(tmp_path: Path) -> None:
         cluster.start_agent("a", slots=1)
         # One more the way an operator starts it: `corral agent`.
         log = open(cluster.logs / "agent-cli.log", "ab")
-        cli_agent = subprocess.Popen([sys.executable, "-m", "console", "agent", "-v", "--name", "cli", "--slots", "1"],
+        cli_agent = subprocess.Popen([sys.executable, "-m", "corral", "agent", "-v", "--name", "cli", "--slots", "1"],
                                      env=cluster.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         with cluster.client() as c:
             wait_for(lambda: {"a", "cli"} <= {a["name"] for a in c.agents()}, timeout=30, what="both agents")
@@ -281,7 +283,7 @@ def test_authkey_never_in_ps_logs_or_status(tmp_path: Path) -> None:
                 seen[f"/proc/{pid}/environ"] = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
             except OSError:
                 pass  # a pool worker came and went
-        assert "-m console master" in seen["ps -eo args"] and "-m agent" in seen["ps -eo args"]
+        assert "-m corral master" in seen["ps -eo args"] and "-m corral.agent" in seen["ps -eo args"]
         assert "dispatched" in seen["master.log"]  # the verbose log is really there
         leaked = [where for where, text in seen.items() if key in text]
         assert not leaked, f"the authkey appears in: {leaked}"
@@ -290,8 +292,8 @@ def test_authkey_never_in_ps_logs_or_status(tmp_path: Path) -> None:
 # ---- bounded input and output ----------------------------------------------------------------
 
 def test_huge_submissions_are_refused_with_a_message(cluster: Cluster) -> None:
-    from console.master.scheduler import MAX_SUBMIT
-    from console.master.server import MAX_MESSAGE_BYTES
+    from corral.console.master.scheduler import MAX_SUBMIT
+    from corral.console.master.server import MAX_MESSAGE_BYTES
 
     with cluster.client() as c:
         # More jobs in one call than the documented 100,000 (Client.submit batches below it; any

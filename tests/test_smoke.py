@@ -27,7 +27,7 @@ def test_agents_without_names_on_one_host_get_distinct_names(cluster: Cluster) -
 
     from tests.cluster import REPO, wait_for
 
-    procs = [subprocess.Popen([sys.executable, "-m", "agent", "--slots", "1"], env=cluster.env, cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, "-m", "corral.agent", "--slots", "1"], env=cluster.env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
     cluster.agents.update({f"unnamed{i}": p for i, p in enumerate(procs)})
     with cluster.client() as c:

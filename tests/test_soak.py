@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import JobSpec
+from corral.agent.protocol import JobSpec
 from tests.faultkit import FINAL, journal_outcomes, running_cluster
 
 JOBS = 20_000

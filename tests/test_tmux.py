@@ -13,8 +13,8 @@ from typing import Callable
 
 import pytest
 
-from console.state import StateDir
-from console.tui.launch import stop_embedded
+from corral.console.state import StateDir
+from corral.console.tui.launch import stop_embedded
 
 REQUIRE_ENV = "CORRAL_REQUIRE_TMUX"
 TIMEOUT = 60.0  # a cold start of master, agent and Textual on a busy two-core machine
@@ -23,7 +23,7 @@ TIMEOUT = 60.0  # a cold start of master, agent and Textual on a busy two-core m
 def _corral() -> list[str]:
     """The `corral` entry point of this environment, else the module."""
     script = Path(sys.executable).with_name("corral")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "console"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "corral"]
 
 
 @pytest.fixture

@@ -12,17 +12,17 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from console.state import StateDir
-from console.tui.app import CorralApp
-from console.tui.launch import attach_or_start, stop_embedded
-from console.tui.screens.confirm import ConfirmScreen
-from console.tui.screens.detail import JobDetailScreen
-from console.tui.screens.help import HelpScreen
-from console.tui.screens.main import MainScreen
-from console.tui.screens.quit import QuitScreen
-from console.tui.screens.submit import SubmitScreen
-from console.tui.widgets.stats import StatsHeader
-from console.tui.widgets.table import WindowTable
+from corral.console.state import StateDir
+from corral.console.tui.app import CorralApp
+from corral.console.tui.launch import attach_or_start, stop_embedded
+from corral.console.tui.screens.confirm import ConfirmScreen
+from corral.console.tui.screens.detail import JobDetailScreen
+from corral.console.tui.screens.help import HelpScreen
+from corral.console.tui.screens.main import MainScreen
+from corral.console.tui.screens.quit import QuitScreen
+from corral.console.tui.screens.submit import SubmitScreen
+from corral.console.tui.widgets.stats import StatsHeader
+from corral.console.tui.widgets.table import WindowTable
 from tests.cluster import Cluster
 
 SIZE = (120, 36)

@@ -9,13 +9,13 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input, Label, ProgressBar, SelectionList
 
-from console.deploy import STEPS
-from console.tui.app import CorralApp
-from console.tui.screens.confirm import ConfirmScreen
-from console.tui.screens.deploy import DeployScreen
-from console.tui.screens.hostkey import HostKeyScreen
-from console.tui.screens.main import MainScreen
-from console.tui.screens.progress import DeployProgressScreen
+from corral.console.deploy import STEPS
+from corral.console.tui.app import CorralApp
+from corral.console.tui.screens.confirm import ConfirmScreen
+from corral.console.tui.screens.deploy import DeployScreen
+from corral.console.tui.screens.hostkey import HostKeyScreen
+from corral.console.tui.screens.main import MainScreen
+from corral.console.tui.screens.progress import DeployProgressScreen
 from tests.cluster import Cluster, wait_for
 from tests.sshhosts import SshLab, lab, ssh_cluster  # noqa: F401 (fixtures)
 from tests.test_deploy import add_hosts, agent, alive, deploy, remote_pid

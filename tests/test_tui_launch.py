@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from console.state import StateDir
-from console.tui.launch import attach_or_start, stop_embedded
+from corral.console.state import StateDir
+from corral.console.tui.launch import attach_or_start, stop_embedded
 from tests.cluster import Cluster
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from console.tui.app import CorralApp
-from console.tui.screens.detail import JobDetailScreen
+from corral.console.tui.app import CorralApp
+from corral.console.tui.screens.detail import JobDetailScreen
 from tests.cluster import Cluster
 from tests.test_tui_app import SIZE, loaded, main, row_of, select, until
 

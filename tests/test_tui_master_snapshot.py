@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.protocol import CorralError
+from corral.agent.errors import CorralError
 from tests.cluster import Cluster, wait_for
 
 D = {"dispatched": {"offset": 0, "limit": 10}, "finished": {"offset": 0, "limit": 10}}

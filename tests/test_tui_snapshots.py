@@ -14,8 +14,8 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from console.tui.app import CorralApp
-from console.tui.demo import write_demo_journal
+from corral.console.tui.app import CorralApp
+from corral.console.tui.demo import write_demo_journal
 from tests.cluster import Cluster
 
 FINISHED, QUEUED = 60, 25

@@ -1,4 +1,4 @@
-"""The agent as a zipapp (built with zipapp from the agent/ package), named by the hash of its content."""
+"""The agent as a zipapp (corral/__init__.py and the corral/agent package), named by the hash of its content."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ import zipapp
 from dataclasses import dataclass
 from pathlib import Path
 
-import agent
+import corral
+import corral.agent
 
-AGENT_DIR = Path(agent.__file__).resolve().parent
+AGENT_DIR = Path(corral.agent.__file__).resolve().parent
+# The umbrella package's __init__ is stdlib-only at import, so the zipapp carries it as it is.
+UMBRELLA_INIT = Path(corral.__file__).resolve()
 HASH_CHARS = 12
 
 # The archive's entry point: run the agent and exit with its code (zipapp's own template drops it).
-MAIN_PY = "import sys\nfrom agent.__main__ import main\nsys.exit(main())\n"
+MAIN_PY = "import sys\nfrom corral.agent.__main__ import main\nsys.exit(main())\n"
 
 _cache: dict[str, "Bundle"] = {}
 _lock = threading.Lock()
@@ -40,9 +43,10 @@ class Bundle:
 
 
 def _sources(source: Path) -> list[tuple[str, bytes]]:
-    """The package's .py files, sorted by name: what the bundle holds besides its entry point."""
+    """corral/__init__.py and the agent package's .py files, sorted by name: what the bundle holds besides
+    its entry point."""
     files = sorted(p for p in source.glob("*.py") if p.is_file())
-    return [(f"agent/{p.name}", p.read_bytes()) for p in files]
+    return [("corral/__init__.py", UMBRELLA_INIT.read_bytes())] + [(f"corral/agent/{p.name}", p.read_bytes()) for p in files]
 
 
 def content_hash(sources: list[tuple[str, bytes]]) -> str:
@@ -64,7 +68,7 @@ def build(source: Path = AGENT_DIR) -> Bundle:
             return cached
         with tempfile.TemporaryDirectory(prefix="corral-bundle-") as tmp:
             stage = Path(tmp) / "app"
-            (stage / "agent").mkdir(parents=True)
+            (stage / "corral" / "agent").mkdir(parents=True)
             for name, data in sources:
                 (stage / name).write_bytes(data)
             (stage / "__main__.py").write_text(MAIN_PY)

@@ -10,7 +10,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import STEPS, DeployError
+from ..errors import DeployError
+from . import STEPS
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import paramiko
 
-from . import DeployError
+from ..errors import DeployError
 
 if sys.version_info >= (3, 11):
     import tomllib

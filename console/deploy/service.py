@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import DeployError, HostKeyUnknown
+from ..errors import DeployError, HostKeyUnknown
 from .fleet import Operation, start
 
 if TYPE_CHECKING:  # paramiko is imported only once something is deployed: the master starts fast

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import paramiko
 
-from . import DeployError, HostKeyChanged, HostKeyUnknown
+from ..errors import DeployError, HostKeyChanged, HostKeyUnknown
 from .bundle import Bundle
 from .inventory import Host, default_identities, user_known_hosts
 

@@ -11,19 +11,8 @@ import uuid
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Sequence
 
-from agent.protocol import (
-    FINAL_STATES,
-    MAX_PAYLOAD_BYTES,
-    OUTPUT_TAIL_BYTES,
-    PROTOCOL_VERSION,
-    BadJobSpec,
-    CorralError,
-    JobState,
-    NameTaken,
-    ProtocolMismatch,
-    UnknownAgent,
-    UnknownJob,
-)
+from corral.agent.errors import BadJobSpec, CorralError, NameTaken, ProtocolMismatch, UnknownAgent, UnknownJob
+from corral.agent.protocol import FINAL_STATES, MAX_PAYLOAD_BYTES, OUTPUT_TAIL_BYTES, PROTOCOL_VERSION, JobState
 
 from .store import Journal, encode_env, encode_tags
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -16,15 +17,13 @@ import time
 from multiprocessing import connection
 from multiprocessing.managers import BaseManager, Server
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Protocol, Sequence, Tuple
 
-from agent.connection import SERIALIZER
-from agent.protocol import SCHEDULER_TYPEID, CorralError
-from agent.statedir import MASTER_NAME
+from corral.agent.connection import SERIALIZER
+from corral.agent.errors import CorralError
+from corral.agent.protocol import SCHEDULER_TYPEID
+from corral.agent.statedir import MASTER_NAME
 
-from ..deploy import DEPLOY_TYPEID
-from ..deploy.service import EXPOSED as DEPLOY_EXPOSED
-from ..deploy.service import DeployService
 from ..state import StateDir
 from .scheduler import Scheduler
 from .store import Journal
@@ -127,12 +126,26 @@ def get_scheduler() -> Scheduler:
     return _scheduler
 
 
-_deployer: DeployService | None = None
+class Service(Protocol):
+    """Something served beside the scheduler (the deploy service): made once the master's address is
+    known, started before the master is announced, shut down when it stops."""
+
+    def resume(self) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
-def get_deployer() -> DeployService:
-    assert _deployer is not None, "the master has no deploy service yet"
-    return _deployer
+# (scheduler, the master's bound address, authkey) -> the service; given by whoever runs the master, so
+# master/ knows nothing of what is served beside it (no import from master/ into deploy/).
+ServiceFactory = Callable[[Scheduler, Tuple[str, int], bytes], Service]
+
+_services: dict[str, Service] = {}
+
+
+def get_service(typeid: str) -> Service:
+    service = _services.get(typeid)
+    assert service is not None, f"the master serves no {typeid}"
+    return service
 
 
 class MasterManager(BaseManager):
@@ -149,7 +162,9 @@ MasterManager.register(
 )
 
 
-MasterManager.register(DEPLOY_TYPEID, callable=get_deployer, exposed=DEPLOY_EXPOSED)
+def register_service(typeid: str, exposed: Sequence[str]) -> None:
+    """Serve a service under `typeid` beside the scheduler (before serve() builds the server)."""
+    MasterManager.register(typeid, callable=functools.partial(get_service, typeid), exposed=tuple(exposed))
 
 
 def is_loopback(host: str) -> bool:
@@ -157,9 +172,11 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
-          lease: float = 10.0, max_lost: int = 3, fsync: bool = False) -> int:
-    """Run the master until SIGTERM/SIGINT. Returns the exit code."""
-    global _scheduler, _deployer
+          lease: float = 10.0, max_lost: int = 3, fsync: bool = False,
+          services: Mapping[str, ServiceFactory] | None = None) -> int:
+    """Run the master until SIGTERM/SIGINT. Returns the exit code. `services` maps a typeid registered
+    with register_service() to the factory of what it serves."""
+    global _scheduler
     authkey = state.ensure_authkey()
     journal = Journal(state.journal_path, fsync=fsync)
 
@@ -169,8 +186,9 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
     _scheduler = Scheduler(journal, lease_seconds=lease, max_lost=max_lost, on_event=on_event if verbose else None)
     server = CorralServer(MasterManager._registry, (host, port), authkey, SERIALIZER)
     bound_host, bound_port = server.address
-    _deployer = DeployService(state, _scheduler, (bound_host, bound_port), authkey)
-    _deployer.resume()
+    for typeid, factory in (services or {}).items():
+        _services[typeid] = factory(_scheduler, (bound_host, bound_port), authkey)
+        _services[typeid].resume()
     state.write_master({"host": bound_host, "port": bound_port, "pid": os.getpid(), "started": time.time()})
     stop = threading.Event()
 
@@ -188,7 +206,8 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
             _scheduler.expire_leases()
             journal.checkpoint()
     finally:
-        _deployer.shutdown()
+        for service in _services.values():
+            service.shutdown()
         state.clear_master(os.getpid())
         with _scheduler.lock:
             journal.close()

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from agent.protocol import CorralError
+from corral.agent.errors import CorralError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

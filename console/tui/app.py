@@ -15,7 +15,9 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
-from agent.protocol import CorralError, JobSpec
+from corral.agent.errors import CorralError
+
+from corral.agent.protocol import JobSpec
 
 from ..client import Client
 from .messages import (

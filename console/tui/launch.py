@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.protocol import CorralError
+from corral.agent.errors import CorralError
 
-from ..client import AuthFailed, Client
+from ..client import Client
+from ..errors import AuthFailed
 from ..state import StateDir
 
 CONSOLE_RECORD = "console.json"  # the master and local agent a console started, so a later one may stop them
@@ -95,7 +96,7 @@ def _spawn(state: StateDir, args: list[str], log_name: str) -> subprocess.Popen:
 
 
 def _start_master(state: StateDir, timeout: float) -> None:
-    proc = _spawn(state, ["-m", "console", "--home", str(state.home), "master"], "master.log")
+    proc = _spawn(state, ["-m", "corral", "--home", str(state.home), "master"], "master.log")
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -116,7 +117,7 @@ def _start_master(state: StateDir, timeout: float) -> None:
 
 def _start_agent(state: StateDir, slots: int, timeout: float) -> int:
     log_name = f"agent-{LOCAL_AGENT}.log"
-    proc = _spawn(state, ["-m", "agent", "--slots", str(slots), "--name", LOCAL_AGENT, "--started-by", "console"],
+    proc = _spawn(state, ["-m", "corral.agent", "--slots", str(slots), "--name", LOCAL_AGENT, "--started-by", "console"],
                   log_name)
     deadline = time.monotonic() + timeout
     with Client(home=state.home) as client:

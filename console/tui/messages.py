@@ -6,7 +6,7 @@ from typing import Any
 
 from textual.message import Message
 
-from agent.protocol import JobSpec
+from corral.agent.protocol import JobSpec
 
 # ---- facts: from the worker threads, to the app ---------------------------------------
 

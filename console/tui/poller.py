@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from textual.message import Message
 
-from agent.protocol import CorralError
+from corral.agent.errors import CorralError
 
 from ..client import Client
 from .messages import MasterFound, MasterLost, SnapshotArrived

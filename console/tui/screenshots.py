@@ -1,4 +1,4 @@
-"""`python -m console.tui.screenshots`: the README's SVG screenshots from one scripted session at a fixed size.
+"""`python -m corral.console.tui.screenshots`: the README's SVG screenshots from one scripted session at a fixed size.
 
 A throw-away state directory gets the demo history (console.tui.demo), then the real start-up path starts a
 master and a local agent, a second agent with a `gpu` tag joins, and a feeder submits the same sequence of
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.protocol import JobSpec
+from corral.agent.protocol import JobSpec
 
 from ..client import Client
 from ..state import StateDir
@@ -90,7 +90,7 @@ def start_ssh_hosts(root: Path, home: Path) -> Any:
     os.environ.pop("SSH_AUTH_SOCK", None)
     for alias, address, extra in DEPLOY_HOSTS:
         host = lab.add_host(alias, address)
-        subprocess.run([sys.executable, "-m", "console", *lab.host_args(host, *extra)], check=True,
+        subprocess.run([sys.executable, "-m", "corral", *lab.host_args(host, *extra)], check=True,
                        env=dict(os.environ, CORRAL_HOME=str(home)), stdout=subprocess.DEVNULL)
     return lab
 
@@ -157,7 +157,7 @@ async def session(home: Path, out: Path, deploy: bool = False) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m console.tui.screenshots", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m corral.console.tui.screenshots", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "screenshots",
                         help="where the SVGs go (default: the repository's screenshots/)")
     args = parser.parse_args(argv)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         write_demo_journal(home / "corral.db", finished=60, queued=0, epoch=float(int(time.time()) - 7200))
         state = StateDir(home)
         attach_or_start(state, local_agent=True, slots=4)
-        gpu = subprocess.Popen([sys.executable, "-m", "agent", "--name", "gpu-1", "--slots", "2", "--tags", "gpu"],
+        gpu = subprocess.Popen([sys.executable, "-m", "corral.agent", "--name", "gpu-1", "--slots", "2", "--tags", "gpu"],
                                env=dict(os.environ, CORRAL_HOME=str(home)), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
         stop = threading.Event()

@@ -9,7 +9,7 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import Input
 
-from agent.protocol import JobSpec
+from corral.agent.protocol import JobSpec
 
 from ..messages import CancelJobs, DeployAgents, LoadDeployHosts, RequeueJobs, StopAgents, SubmitJobs, WatchViews, WindowMoved
 from ..widgets.dispatched import DispatchedTable

@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label
 
-from agent.protocol import JobSpec
+from corral.agent.protocol import JobSpec
 
 MAX_COUNT = 100_000  # copies from one form; beyond this, a script with the Client is the better tool
 MAX_RETRIES = 100  # as the master's

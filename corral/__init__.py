@@ -1,0 +1,35 @@
+"""corral, a cluster operations console for the terminal: `from corral import Client` is the Python entry point."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+__version__ = "0.1.0"
+
+# One import name for the two wings: corral.console (operator side) and corral.agent (stdlib only, the
+# part that goes over the wire). Installed, they sit inside this package (pyproject's package-dir maps the
+# repository's console/ and agent/ folders here). In a checkout they sit beside this folder instead, so
+# the repository root is searched too: the checkout and the wheel import the same names.
+_here = os.path.dirname(os.path.abspath(__file__))
+_checkout = os.path.dirname(_here)
+if not os.path.exists(os.path.join(_here, "agent")) and os.path.isfile(os.path.join(_checkout, "agent", "__init__.py")):
+    __path__.append(_checkout)  # type: ignore[name-defined]  # noqa: F821 - a package's own __path__
+
+# What `from corral import X` gives, imported on first use: importing corral itself stays stdlib-only
+# (the agent's zipapp carries this file too).
+_EXPORTS = {
+    "Client": "corral.console.client",
+    "JobSpec": "corral.agent.protocol",
+    "CorralError": "corral.agent.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'corral' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
