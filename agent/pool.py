@@ -65,8 +65,10 @@ class JobPool:
     results go to `report` (the outbox). One lock guards the held jobs.
     """
 
-    def __init__(self, slots: int, report: Report, draining: threading.Event, verbose: bool = False) -> None:
+    def __init__(self, slots: int, report: Report, draining: threading.Event, verbose: bool = False,
+                 hard_kill_grace: float = HARD_KILL_GRACE_SECONDS) -> None:
         self.slots = slots
+        self.hard_kill_grace = hard_kill_grace
         self.report = report
         self.draining = draining
         self.verbose = verbose
@@ -302,7 +304,7 @@ class JobPool:
                 task = held.task
                 if not held.worker:
                     continue
-                if task.func is not None and task.timeout and now - held.started > task.timeout + HARD_KILL_GRACE_SECONDS:
+                if task.func is not None and task.timeout and now - held.started > task.timeout + self.hard_kill_grace:
                     _signal(held.worker, signal.SIGKILL)
                     error, state = f"timed out after {task.timeout:g}s; its worker was killed", _TIMEOUT
                 elif held.worker not in self.workers:
