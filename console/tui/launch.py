@@ -203,7 +203,7 @@ def stop_embedded(state: StateDir, timeout: float = STOP_SECONDS) -> list[str]:
     record = _read_record(state)
     done = []
     agent_pid = record.get("agent_pid")
-    if agent_pid and _alive(agent_pid) and _ours(agent_pid, "agent"):
+    if agent_pid and _alive(agent_pid) and _ours(agent_pid, "corral.agent"):
         # First SIGTERM drains (unstarted jobs go back to the queue); the second kills running jobs,
         # which the journal still holds as running, so they run again next time.
         _terminate(agent_pid, timeout / 2, (signal.SIGTERM, signal.SIGTERM))
