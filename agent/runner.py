@@ -197,18 +197,20 @@ class Agent:
             self.disconnected.set()
 
     def _take(self, scheduler: Any) -> None:
-        assert self.pool is not None
+        pool = self.pool
+        assert pool is not None
         while not (self.draining.is_set() or self.stopping.is_set() or self.disconnected.is_set()):
             # Even when full, the long poll is how cancels reach us at once. `wanted` is our
             # credit on the master: each report() renews it as slots free up, and this parked
             # take() then receives new work the moment it is submitted.
-            rows, cancel = scheduler.take(self.session, self.pool.wanted(), TAKE_WAIT_SECONDS)
-            self._received(rows, cancel)
+            rows, cancel = scheduler.take(self.session, pool.wanted(), TAKE_WAIT_SECONDS)
+            _received(pool, rows, cancel)
 
     def _report(self, scheduler: Any) -> None:
         """Send results as soon as there are any (what piles up meanwhile goes in the next call),
         and a heartbeat every HEARTBEAT_SECONDS without."""
-        assert self.pool is not None
+        pool = self.pool
+        assert pool is not None
         next_beat = 0.0
         while not (self.stopping.is_set() or self.disconnected.is_set()):
             batch = self.outbox.wait(max(0.0, next_beat - time.time()))
@@ -216,7 +218,7 @@ class Agent:
                 if self.draining.is_set() and self._drained():
                     return
                 continue
-            holding = self.pool.holding(draining=self.draining.is_set())
+            holding = pool.holding(draining=self.draining.is_set())
             rows = [tuple(result) for result in batch]
             if holding.live:
                 tasks, cancel = scheduler.report(self.session, rows, holding.running, holding.wanted, holding.live)
@@ -224,15 +226,7 @@ class Agent:
                 tasks, cancel = scheduler.report(self.session, rows, holding.running, holding.wanted)
             self.outbox.acknowledge(len(batch))
             next_beat = time.time() + HEARTBEAT_SECONDS
-            self._received(tasks, cancel)
-
-    def _received(self, rows: List[Tuple[Any, ...]], cancel: List[int]) -> None:
-        """What a take() or report() brought back: ids to cancel, and packed tasks to run."""
-        assert self.pool is not None
-        if cancel:
-            self.pool.cancel(cancel)
-        if rows:
-            self.pool.accept([Task._make(row) for row in rows])
+            _received(pool, tasks, cancel)
 
     def _queue_results(self, results: List[JobResult]) -> None:
         """The pool's way out: settled results wait in the outbox for the report loop."""
@@ -257,7 +251,8 @@ class Agent:
         pending = self.outbox.wait(0)
         # A job we killed may have ended (killed by signal 9) before the pool went: that is our
         # doing, not the job's failure, so it too is handed back to run again.
-        results += [result._replace(state=RELEASED) if result.job_id in killed else result for result in pending]
+        results = results + [result._replace(state=RELEASED) if result.job_id in killed else result
+                             for result in pending]
         if not results or not self.session:
             return
         try:
@@ -266,6 +261,14 @@ class Agent:
             log.warning("could not hand back %d jobs (%s); the master re-queues them after the lease", len(results), exc)
         else:
             self.outbox.acknowledge(len(pending))
+
+
+def _received(pool: JobPool, rows: List[Tuple[Any, ...]], cancel: List[int]) -> None:
+    """What a take() or report() brought back: ids to cancel, and packed tasks to run."""
+    if cancel:
+        pool.cancel(cancel)
+    if rows:
+        pool.accept([Task._make(row) for row in rows])
 
 
 def next_name(name: str) -> str:
