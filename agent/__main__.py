@@ -11,8 +11,7 @@ import uuid
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import CorralError
-
+from .errors import CorralError, NameTaken
 from .protocol import AgentInfo
 from .runner import Agent, default_name, install_signal_handlers, python_version
 from .statedir import authkey_path, default_home, parse_address, read_authkey, read_master_address
@@ -63,7 +62,11 @@ def run_agent(args: argparse.Namespace) -> int:
     install_signal_handlers(agent)
     if args.verbose:
         print(f"Connect to server {address[0]}:{address[1]}...", flush=True)
-    return agent.run()
+    try:
+        return agent.run()
+    except NameTaken as exc:
+        print(f"corral agent: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -49,5 +49,6 @@ class Listener(connection.Listener):
         return nodelay(super().accept())
 
 
-# managers looks serializers up by name, for the server, the manager and every proxy alike.
-managers.listener_client[SERIALIZER] = (Listener, Client)
+# managers looks serializers up by name, for the server, the manager and every proxy alike (the table
+# has no public setter, and typeshed does not list it).
+managers.listener_client[SERIALIZER] = (Listener, Client)  # type: ignore[attr-defined]

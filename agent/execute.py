@@ -12,16 +12,21 @@ import signal
 import subprocess
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from .protocol import OUTPUT_TAIL_BYTES, JobResult, JobState, Task, tail_text
 
 # Set by init_worker() in each pool worker process.
-_events: Any = None  # pipe to the agent: ("chunk", pid, ids, t) / ("pgid", job_id, pgid, t)
+# The pipe to the agent carries tagged tuples (agent/pool.py reads them, in order):
+#   ("worker", pid)                  a worker is up (the pool replaces dead ones by itself)
+#   ("chunk", pid, job_ids, t)       this worker starts a chunk of these jobs
+#   ("pgid", job_id, pgid, t)        a shell job's process group, for cancel
+#   ("output", job_id, stdout, stderr)  a running shell job's latest output tails
+_events: Any = None
 _events_lock: Any = None  # workers share the pipe; a message may exceed the size written atomically
 _cancelled: Any = None  # shared int64 array: [0] is a version counter, [1:] a ring of job ids to cancel
 _cancel_seen = -1
-_cancel_ids: frozenset = frozenset()
+_cancel_ids: FrozenSet[int] = frozenset()
 _current_job: Optional[int] = None  # the callable job running now, the only one a signal may interrupt
 _functions: Dict[str, Callable[..., Any]] = {}
 LIVE_SECONDS = 0.5  # how often a running shell job's output tails go to the agent (when they changed)
@@ -45,6 +50,7 @@ def init_worker(events: Any, events_lock: Any, cancelled: Any, agent_pid: int) -
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, _on_cancel_signal)
     signal.signal(signal.SIGALRM, _on_timeout_signal)
+    _tell_agent(("worker", os.getpid()))  # how the agent learns which workers exist, to see them die
 
 
 def _on_cancel_signal(signum: int, frame: Any) -> None:
@@ -69,24 +75,28 @@ def _is_cancelled(job_id: int) -> bool:
     return job_id in _cancel_ids
 
 
-def run_chunk(rows: List[tuple]) -> List[tuple]:
-    """Pool task: run a chunk of tasks one after another, return their results as wire tuples."""
-    _tell_agent(("chunk", os.getpid(), [row[0] for row in rows], time.time()))
-    # Tuples in, tuples out: a NamedTuple pickles with its class, a plain tuple is cheaper.
-    return [_storable(tuple(execute(Task._make(row)))) for row in rows]
+def run_chunk(rows: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
+    """Pool task: run a chunk of tasks (packed Task tuples) one after another, return their results
+    packed too. Tuples in, tuples out: a NamedTuple pickles with its class, a plain tuple is cheaper."""
+    tasks = [Task._make(row) for row in rows]
+    _tell_agent(("chunk", os.getpid(), [task.job_id for task in tasks], time.time()))
+    return [tuple(_storable(execute(task))) for task in tasks]
 
 
-def _storable(row: tuple) -> tuple:
+def _storable(result: JobResult) -> JobResult:
     """A result whose texts the master can journal: a callable may print lone surrogates (what
     surrogateescape makes of undecodable bytes), which UTF-8 cannot hold; they become "?"."""
-    texts = row[5:9]
-    if all(text.isascii() for text in texts):
-        return row
-    clean = tuple(text.encode("utf-8", "replace").decode("utf-8") for text in texts)
-    return row[:5] + clean + row[9:]
+    if result.stdout.isascii() and result.stderr.isascii() and result.error.isascii() and result.traceback.isascii():
+        return result
+    return result._replace(stdout=_utf8(result.stdout), stderr=_utf8(result.stderr),
+                           error=_utf8(result.error), traceback=_utf8(result.traceback))
 
 
-def _tell_agent(event: tuple) -> None:
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _tell_agent(event: Tuple[Any, ...]) -> None:
     """Written synchronously (no feeder thread, unlike a multiprocessing.Queue): a job that kills
     its worker right after must not take the news of which worker ran it down with it."""
     if _events is not None:
@@ -130,7 +140,8 @@ class _Tail:
         return tail_text(bytes(self.data))
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
+    """SIGKILL a whole process group (a shell job and all it started); gone already is fine."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -189,17 +200,19 @@ def _run_shell(task: Task, started: float) -> JobResult:
     )
 
 
-def _pump(proc: subprocess.Popen, deadline: Optional[float], job_id: int = 0) -> Tuple[bool, _Tail, _Tail]:
+def _pump(proc: "subprocess.Popen[bytes]", deadline: Optional[float], job_id: int = 0) -> Tuple[bool, _Tail, _Tail]:
     """Read the process's output until it ends or the deadline passes: (timed out, stdout, stderr).
     While it runs, the tails go to the agent every LIVE_SECONDS when they changed (live output).
 
     When the shell itself exits, whatever it left running in its group (a daemon, `cmd &`) is
     killed: those children would otherwise hold the pipes open and outlive the job.
     """
-    tails = {proc.stdout: _Tail(), proc.stderr: _Tail()}
+    assert proc.stdout is not None and proc.stderr is not None  # both are pipes (_run_shell)
+    streams: List[IO[bytes]] = [proc.stdout, proc.stderr]
+    out, err = _Tail(), _Tail()
     selector = selectors.DefaultSelector()
-    for stream in tails:
-        selector.register(stream, selectors.EVENT_READ)
+    selector.register(proc.stdout, selectors.EVENT_READ, out)
+    selector.register(proc.stderr, selectors.EVENT_READ, err)
     timed_out = False
     drain_until: Optional[float] = None
     next_live, changed = time.time() + LIVE_SECONDS, False
@@ -207,13 +220,13 @@ def _pump(proc: subprocess.Popen, deadline: Optional[float], job_id: int = 0) ->
         while selector.get_map():
             now = time.time()
             if changed and now >= next_live:
-                _tell_agent(("output", job_id, tails[proc.stdout].text(), tails[proc.stderr].text()))
+                _tell_agent(("output", job_id, out.text(), err.text()))
                 next_live, changed = now + LIVE_SECONDS, False
             if drain_until is not None and now >= drain_until:
                 break
             if deadline is not None and now >= deadline and not timed_out:
                 timed_out = True
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
                 drain_until = now + 0.5
             wait = 0.1
             if deadline is not None and not timed_out:
@@ -221,13 +234,13 @@ def _pump(proc: subprocess.Popen, deadline: Optional[float], job_id: int = 0) ->
             for key, _ in selector.select(wait):
                 chunk = os.read(key.fd, 65536)
                 if chunk:
-                    tails[key.fileobj].add(chunk)
+                    key.data.add(chunk)
                     changed = True
                 else:
                     selector.unregister(key.fileobj)
             if drain_until is None and proc.poll() is not None:
                 # The shell is gone; its group must go too, then read what is left.
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
                 drain_until = time.time() + 0.5
         if proc.poll() is None:
             # Pipes closed but the shell still runs (it closed its own stdout): wait for it.
@@ -236,26 +249,26 @@ def _pump(proc: subprocess.Popen, deadline: Optional[float], job_id: int = 0) ->
                 proc.wait(remaining)
             except subprocess.TimeoutExpired:
                 timed_out = True
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
     finally:
         selector.close()
-        for stream in tails:
+        for stream in streams:
             stream.close()
-    return timed_out, tails[proc.stdout], tails[proc.stderr]
+    return timed_out, out, err
 
 
 def _resolve(name: str) -> Callable[..., Any]:
-    func = _functions.get(name)
-    if func is None:
+    """A job's callable by its "module:qualified.name" (imported once per worker)."""
+    found = _functions.get(name)
+    if found is None:
         module_name, _, attr = name.partition(":")
-        module = importlib.import_module(module_name)
-        func = module
+        target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
-            func = getattr(func, part)
-        if not callable(func):
+            target = getattr(target, part)
+        if not callable(target):
             raise TypeError(f"{name} is not callable")
-        _functions[name] = func
-    return func
+        found = _functions[name] = target
+    return found
 
 
 class _CappedBuffer(io.StringIO):

@@ -36,6 +36,10 @@ FINAL_STATES = frozenset(
     {JobState.DONE, JobState.FAILED, JobState.TIMEOUT, JobState.CANCELLED, JobState.LOST}
 )
 
+# A result's state, never a job's: the agent hands back an attempt it never started (draining, or
+# more work than it can start soon), and the master queues the job again.
+RELEASED = "released"
+
 
 @dataclass(frozen=True)
 class JobSpec:
