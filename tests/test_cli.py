@@ -98,6 +98,20 @@ def test_cancel_and_requeue_from_cli(cluster: Cluster) -> None:
     assert ran == "once\n"
 
 
+def test_output_into_a_reader_that_stops_early(cluster: Cluster) -> None:
+    """`corral jobs --json | head -1`: the first line, a quiet stderr, and the pipe status `seq | head -1` has."""
+    cluster.corral("submit", "--count", "2000", "--tag", "nobody", "--", "true", check=True)
+    # ~1 MB of JSON, far more than a pipe holds: corral is still writing when head has gone.
+    piped = '"$@" | head -1; echo "${PIPESTATUS[0]}"'
+    corral = subprocess.run(["bash", "-c", piped, "-", sys.executable, "-m", "corral", "jobs", "--json", "--limit", "2000"],
+                            env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    seq = subprocess.run(["bash", "-c", piped, "-", "seq", "10000000"], capture_output=True, text=True, timeout=60)
+    assert corral.stderr == ""
+    line, status = corral.stdout.split()
+    assert line == "["
+    assert status == seq.stdout.split()[1] == "141"  # 128 + SIGPIPE, as for any tool whose reader went away
+
+
 def test_verbose_master_prints_seed_style_lines(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path / "home")
     cluster.start_master("-v")
