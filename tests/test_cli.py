@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,16 @@ def test_agent_bad_arguments(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_master_refuses_non_loopback_listen(tmp_path: Path) -> None:
     one_line_error(corral_in(tmp_path / "h", "master", "--listen", "0.0.0.0:7100"), "loopback only", "--allow-remote")
+
+
+def test_master_on_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = corral_in(tmp_path / "h", "master", "--listen", f"127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert one_line_error(done) == "corral master: Address already in use"
 
 
 def test_show_a_silent_job_has_its_attempt(cluster: Cluster) -> None:

@@ -12,7 +12,7 @@ from corral.agent.errors import CorralError
 from ..state import StateDir
 from . import cluster, hosts, jobs
 from .args import build_parser
-from .render import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PIPE, error_line
+from .render import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PIPE, error_line, os_error_text
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -45,6 +45,11 @@ def _run(args: argparse.Namespace) -> int:
         return COMMANDS[args.cmd](args)
     except CorralError as exc:
         print(error_line(prog, exc), file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        raise  # stdout's reader has gone: main's to handle
+    except OSError as exc:  # the machine said no where no CorralError did (a port in use, a full disk): one line too
+        print(f"{prog}: {os_error_text(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

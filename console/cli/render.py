@@ -28,6 +28,12 @@ def error_line(prog: str, exc: CorralError) -> str:
     return f"{prog}: {exc.message}{hint}"
 
 
+def os_error_text(exc: OSError) -> str:
+    """An OSError as words: `Permission denied: /path`, `Address already in use` (no errno, no traceback)."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text}: {exc.filename}" if exc.filename else text
+
+
 def job_exit_code(record: Record) -> int:
     """A final job as an exit status: 0 done, 124 timed out, the job's own code, 128+N for signal N, else 1."""
     state, code = record["state"], record["exit_code"]

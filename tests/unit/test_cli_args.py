@@ -11,7 +11,8 @@ import pytest
 from corral.console.cli import main
 from corral.console.cli.args import (_count, _env_pair, _home, _job_id, _port, _retries, _seconds, _state, _whole,
                                      build_parser)
-from corral.console.cli.render import EXIT_TIMEOUT, EXIT_USAGE, job_exit_code, jsonable, table, value_repr
+from corral.console.cli.render import (EXIT_TIMEOUT, EXIT_USAGE, job_exit_code, jsonable, os_error_text, table,
+                                       value_repr)
 
 
 def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -129,6 +130,12 @@ def test_main_turns_a_corral_error_into_one_line(tmp_path: Path, monkeypatch: py
     assert capsys.readouterr().err == "corral submit: no command given — put it after --, e.g. corral submit -- echo hello\n"
     assert main(["call", "m:f", "not-json"]) == 1
     assert capsys.readouterr().err == "corral call: argument 'not-json' is not JSON — quote strings as JSON: '\"text\"'\n"
+
+
+def test_os_errors_read_as_words() -> None:
+    assert os_error_text(PermissionError(13, "Permission denied", "/srv/h/hosts")) == "Permission denied: /srv/h/hosts"
+    assert os_error_text(OSError(98, "Address already in use")) == "Address already in use"
+    assert os_error_text(OSError()) == "OSError"
 
 
 # ---- what the commands print ------------------------------------------------------------------
