@@ -284,7 +284,3 @@ class Client:
     def deploy_hosts(self) -> list[Record]:
         """The inventory as the master sees it, with each host's deployment record and link state."""
         return cast("list[Record]", self._deploy_call("hosts"))
-
-    def deploy_operations(self) -> list[Record]:
-        """The master's recent deploy/stop/remove operations."""
-        return cast("list[Record]", self._deploy_call("operations"))
