@@ -17,6 +17,9 @@ from .errors import AuthFailed
 from .state import StateDir
 
 LOCAL_AGENT = "local"
+# An argument of each child's command line: a pid read back from console.json must still have it to be stopped.
+MASTER_COMMAND = "master"  # python -m corral --home DIR master
+AGENT_MODULE = "corral.agent"  # python -m corral.agent --name local ...
 START_SECONDS = 30.0  # a master or an agent that is not up by then is not coming up
 STOP_SECONDS = 10.0
 
@@ -89,7 +92,7 @@ def _spawn(state: StateDir, args: list[str], log_name: str) -> subprocess.Popen[
 
 
 def _start_master(state: StateDir, timeout: float) -> None:
-    proc = _spawn(state, ["-m", "corral", "--home", str(state.home), "master"], "master.log")
+    proc = _spawn(state, ["-m", "corral", "--home", str(state.home), MASTER_COMMAND], "master.log")
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -110,7 +113,7 @@ def _start_master(state: StateDir, timeout: float) -> None:
 
 def _start_agent(state: StateDir, slots: int, timeout: float) -> int:
     log_name = f"agent-{LOCAL_AGENT}.log"
-    proc = _spawn(state, ["-m", "corral.agent", "--slots", str(slots), "--name", LOCAL_AGENT, "--started-by", "console"],
+    proc = _spawn(state, ["-m", AGENT_MODULE, "--slots", str(slots), "--name", LOCAL_AGENT, "--started-by", "console"],
                   log_name)
     deadline = time.monotonic() + timeout
     with Client(home=state.home) as client:
@@ -150,7 +153,7 @@ def _alive(pid: int) -> bool:
 
 
 def _ours(pid: int, word: str) -> bool:
-    """Whether `pid` still is a corral process (pids get reused): its command line names `word`."""
+    """Whether `pid` still is the corral process we started (pids get reused): `word` is one of its arguments."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return word.encode() in f.read().split(b"\0")
@@ -179,13 +182,13 @@ def stop_embedded(state: StateDir, timeout: float = STOP_SECONDS) -> list[str]:
     record = state.console_record()
     done = []
     agent_pid = record.get("agent_pid")
-    if agent_pid and _alive(agent_pid) and _ours(agent_pid, "agent"):
+    if agent_pid and _alive(agent_pid) and _ours(agent_pid, AGENT_MODULE):
         # First SIGTERM drains (unstarted jobs go back to the queue); the second kills running jobs,
         # which the journal still holds as running, so they run again next time.
         _terminate(agent_pid, timeout / 2, (signal.SIGTERM, signal.SIGTERM))
         done.append(f"stopped the local agent (pid {agent_pid})")
     master_pid = record.get("master_pid")
-    if master_pid and _alive(master_pid) and _ours(master_pid, "master"):
+    if master_pid and _alive(master_pid) and _ours(master_pid, MASTER_COMMAND):
         _terminate(master_pid, timeout)
         done.append(f"stopped the master (pid {master_pid})")
     state.clear_console()
