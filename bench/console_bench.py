@@ -1,7 +1,7 @@
 """`python -m bench.console_bench`: the console's responsiveness with 100,000 jobs in the journal and ~2,000 jobs/s flowing.
 
 Method (also in bench/README.md, "Console responsiveness"):
-- A fresh CORRAL_HOME gets 100,000 finished jobs written into its journal (console.tui.demo), then the real
+- A fresh CORRAL_HOME gets 100,000 finished jobs written into its journal (scripts/demo.py), then the real
   start-up path starts a master (no local agent) and the bench starts 2 agents x 2 slots, cwd and PYTHONPATH
   the repo root so their pool workers import bench.jobs.
 - A feeder *process* submits `bench.jobs:inc` callables at the target rate (--rate per second, in batches
@@ -82,8 +82,8 @@ class Flow:
 
     def start(self) -> None:
         from corral.console.client import Client
-        from corral.console.tui.demo import write_demo_journal
-        from corral.console.tui.launch import attach_or_start
+        from corral.console.local import attach_or_start
+        from scripts.demo import write_demo_journal
 
         self.home.mkdir(mode=0o700, parents=True)
         write_demo_journal(self.home / "corral.db", finished=JOURNAL_JOBS, queued=0,
@@ -135,7 +135,7 @@ class Flow:
         return sum(counts[s] for s in ("done", "failed", "timeout", "cancelled", "lost"))
 
     def stop(self) -> None:
-        from corral.console.tui.launch import stop_embedded
+        from corral.console.local import stop_embedded
 
         for proc in reversed(self.procs):
             if proc.poll() is None:

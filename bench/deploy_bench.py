@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.cluster import Cluster
-from tests.sshhosts import SshHost, SshLab, _children, kill_remote_agents, processes_in, sshd_missing
+from scripts.sshlab import SshHost, SshLab, descendants, kill_remote_agents, processes_in, sshd_missing
 
 TARGETS = {("fresh", 8): 3.0, ("unchanged", 8): 1.0}  # seconds, from issue 4
 
@@ -33,7 +33,7 @@ def _cpu(pid: int, children: bool = False) -> float:
 def _cpu_split(cluster: Cluster, hosts: list[SshHost]) -> dict[str, float]:
     """CPU seconds so far of the master, of the hosts' sshd (sessions, shells, probes) and of their agents."""
     assert cluster.master is not None
-    sshd = sum(_cpu(h.proc.pid, True) + sum(_cpu(p, True) for p in _children(h.proc.pid)) for h in hosts if h.proc)
+    sshd = sum(_cpu(h.proc.pid, True) + sum(_cpu(p, True) for p in descendants(h.proc.pid)) for h in hosts if h.proc)
     agents = sum(_cpu(p, True) for h in hosts if h.remote_dir.exists() for p in processes_in(h.remote_dir))
     return {"master": _cpu(cluster.master.pid), "sshd": sshd, "agents": agents}
 

@@ -7,12 +7,13 @@ import time
 from multiprocessing import AuthenticationError
 from multiprocessing.managers import BaseManager, RemoteError
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 from corral.agent.connection import SERIALIZER
 from corral.agent.errors import BadJobSpec, CorralError
 from corral.agent.protocol import MAX_PAYLOAD_BYTES, SCHEDULER_TYPEID, JobSpec, JobState
 
+from .deploy import DEPLOY_TYPEID
 from .errors import AuthFailed, JobFailed, MapTimeout, MasterUnreachable
 from .state import StateDir
 
@@ -21,14 +22,19 @@ SUBMIT_BYTES = 16 * 1024 * 1024  # ... or about this many bytes of commands and 
 WAIT_POLL_SECONDS = 1.0  # each wait() call on the master is a long poll this long
 
 
+Record = dict[str, Any]  # a job, agent, status or operation as the master sends it (see the README's JSON section)
+Outcome = tuple[int, str, int | None, bytes | None, str | None]  # (id, state, exit_code, value, error)
+
+
 class _ClientManager(BaseManager):
-    pass
+    """Our end of the master's BaseManager: the two names it serves, the scheduler and the deploy service."""
 
 
 _ClientManager.register(SCHEDULER_TYPEID)
+_ClientManager.register(DEPLOY_TYPEID)
 
 
-def _spec_wire(spec: JobSpec | dict) -> dict:
+def _spec_wire(spec: JobSpec | Record) -> Record:
     return spec.to_wire() if isinstance(spec, JobSpec) else spec
 
 
@@ -45,11 +51,12 @@ class Client:
         self.state = StateDir(home)
         self.address = address or self.state.master_address()
         key = authkey or self.state.authkey()
-        manager = _ClientManager(address=self.address, authkey=key, serializer=SERIALIZER)
+        self._manager = _ClientManager(address=self.address, authkey=key, serializer=SERIALIZER)
+        self._deploy: Any = None  # the deploy service's proxy, made on first use (most clients never deploy)
         where = f"{self.address[0]}:{self.address[1]}"
         try:
-            manager.connect()
-            self._scheduler = getattr(manager, SCHEDULER_TYPEID)()
+            self._manager.connect()
+            self._scheduler: Any = getattr(self._manager, SCHEDULER_TYPEID)()
         except AuthenticationError:
             raise AuthFailed(f"the master at {where} refused our authkey ({self.state.authkey_path})",
                              "use the authkey file of that master's state directory") from None
@@ -64,18 +71,22 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        # Proxies to one address share a per-thread connection (BaseProxy._address_to_local):
-        # close it and forget it, so another Client in this thread reconnects instead of failing.
-        tls = getattr(self._scheduler, "_tls", None)
-        conn = getattr(tls, "connection", None)
-        if conn is not None:
-            conn.close()
+        # Proxies to one address share a per-thread connection (BaseProxy._address_to_local), the
+        # scheduler's and the deploy service's alike: close it and forget it, so another Client in this
+        # thread reconnects instead of failing. multiprocessing has no public way to do this.
+        tls: Any = getattr(self._scheduler, "_tls", None)
+        if getattr(tls, "connection", None) is not None:
+            tls.connection.close()
             del tls.connection
+
+    def _lost(self, exc: BaseException) -> MasterUnreachable:
+        return MasterUnreachable(f"lost the master at {self.address[0]}:{self.address[1]} ({exc})",
+                                 "is it still running? `corral status`")
 
     def _call(self, method: str, *args: Any) -> Any:
         return self._invoke(self._scheduler, method, args)
 
-    def _invoke(self, proxy: Any, method: str, args: tuple) -> Any:
+    def _invoke(self, proxy: Any, method: str, args: tuple[Any, ...]) -> Any:
         """One call on a master proxy; its failures become the client's errors (one line each)."""
         try:
             return getattr(proxy, method)(*args)
@@ -84,15 +95,14 @@ class Client:
         except RemoteError as exc:
             raise CorralError(f"the master failed on {method}(): {str(exc).strip().splitlines()[-1]}") from None
         except (ConnectionError, OSError, EOFError) as exc:
-            raise MasterUnreachable(f"lost the master at {self.address[0]}:{self.address[1]} ({exc})",
-                                    "is it still running? `corral status`") from None
+            raise self._lost(exc) from None
 
     # ---- submitting ---------------------------------------------------------------------
 
-    def submit(self, specs: Iterable[JobSpec | dict]) -> list[int]:
+    def submit(self, specs: Iterable[JobSpec | Record]) -> list[int]:
         """Queue jobs; returns their ids once the master has journaled them."""
         ids: list[int] = []
-        batch: list[dict] = []
+        batch: list[Record] = []
         size = 0
         for spec in specs:
             wire = _spec_wire(spec)
@@ -116,7 +126,8 @@ class Client:
     def submit_command(self, command: str, **options: Any) -> int:
         return self.submit([JobSpec(command=command, **options)])[0]
 
-    def submit_call(self, func: str, args: Sequence[Any] = (), kwargs: dict | None = None, **options: Any) -> int:
+    def submit_call(self, func: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+                    **options: Any) -> int:
         payload = pickle.dumps((tuple(args), dict(kwargs or {})))
         return self.submit([JobSpec(func=func, payload=payload, **options)])[0]
 
@@ -131,7 +142,7 @@ class Client:
             return []
         deadline = None if timeout is None else time.monotonic() + timeout
         ids: list[int] = []
-        outcomes: dict[int, tuple] = {}
+        outcomes: dict[int, Outcome] = {}
         for start in range(0, len(payloads), SUBMIT_BATCH):
             last = start + SUBMIT_BATCH >= len(payloads)
             new_ids, finished = self._call("submit_map", template, payloads[start : start + SUBMIT_BATCH],
@@ -166,16 +177,16 @@ class Client:
             pending = [j for j in pending if j not in states]
         return states
 
-    def outcomes(self, ids: Sequence[int]) -> list[tuple]:
+    def outcomes(self, ids: Sequence[int]) -> list[Outcome]:
         """(id, state, exit_code, value bytes, error) per job, in order."""
-        return self._call("outcomes", list(ids))
+        return cast("list[Outcome]", self._call("outcomes", list(ids)))
 
     def values(self, ids: Sequence[int]) -> list[Any]:
         """The return values of finished callables, in order; JobFailed if one did not end done."""
         return self._unpack(self.outcomes(ids))
 
     @staticmethod
-    def _unpack(outcomes: Sequence[tuple]) -> list[Any]:
+    def _unpack(outcomes: Sequence[Outcome]) -> list[Any]:
         out = []
         for job_id, state, _exit, value, error in outcomes:
             if state != JobState.DONE.value:
@@ -185,57 +196,43 @@ class Client:
 
     # ---- looking and acting ---------------------------------------------------------------
 
-    def job(self, job_id: int) -> dict:
-        return self._call("job", job_id)
+    def job(self, job_id: int) -> Record:
+        return cast(Record, self._call("job", job_id))
 
-    def jobs(self, states: Sequence[str] | None = None, limit: int = 1000) -> list[dict]:
-        return self._call("list_jobs", list(states) if states else None, limit)
+    def jobs(self, states: Sequence[str] | None = None, limit: int = 1000) -> list[Record]:
+        return cast("list[Record]", self._call("list_jobs", list(states) if states else None, limit))
 
-    def status(self) -> dict:
-        return self._call("status")
+    def status(self) -> Record:
+        return cast(Record, self._call("status"))
 
-    def agents(self) -> list[dict]:
-        return self._call("agent_list")
+    def agents(self) -> list[Record]:
+        return cast("list[Record]", self._call("agent_list"))
 
     def cancel(self, ids: Sequence[int]) -> dict[int, str]:
-        return self._call("cancel", list(ids))
+        return cast("dict[int, str]", self._call("cancel", list(ids)))
 
     def requeue(self, ids: Sequence[int]) -> list[int]:
-        return self._call("requeue", list(ids))
+        return cast("list[int]", self._call("requeue", list(ids)))
 
-    def hello(self) -> dict:
-        return self._call("hello")
+    def hello(self) -> Record:
+        return cast(Record, self._call("hello"))
 
     # ---- the console ------------------------------------------------------------------------
 
-    def snapshot(self, since: int = 0, views: dict | None = None) -> dict:
+    def snapshot(self, since: int = 0, views: Record | None = None) -> Record:
         """Counts, agents, rates, and the rows of the windows in `views` if anything changed since `since`
         (see Scheduler.snapshot)."""
-        return self._call("snapshot", since, views or {})
+        return cast(Record, self._call("snapshot", since, views or {}))
 
     # ---- SSH deployment (the master's deploy service; see console/deploy/service.py) ---------------
 
-    def _deployer(self) -> Any:
-        """A proxy for the master's deploy service, on this Client's manager (made on first use)."""
-        proxy = getattr(self, "_deploy_proxy", None)
-        if proxy is None:
-            from .deploy import DEPLOY_TYPEID
-
-            manager = getattr(self._scheduler, "_manager", None)
-            if manager is None or not hasattr(manager, DEPLOY_TYPEID):
-                manager = _DeployClientManager(address=self.address, authkey=bytes(self._scheduler._authkey),
-                                               serializer=SERIALIZER)
-                manager.connect()
-            try:
-                proxy = getattr(manager, DEPLOY_TYPEID)()
-            except (ConnectionError, OSError, EOFError) as exc:
-                raise MasterUnreachable(f"lost the master at {self.address[0]}:{self.address[1]} ({exc})",
-                                        "is it still running? `corral status`") from None
-            self._deploy_proxy = proxy
-        return proxy
-
     def _deploy_call(self, method: str, *args: Any) -> Any:
-        return self._invoke(self._deployer(), method, args)
+        if self._deploy is None:
+            try:
+                self._deploy = getattr(self._manager, DEPLOY_TYPEID)()
+            except (ConnectionError, OSError, EOFError) as exc:
+                raise self._lost(exc) from None
+        return self._invoke(self._deploy, method, args)
 
     def deploy(self, aliases: Sequence[str], slots: int | None = None, tags: Sequence[str] | None = None,
                accept_new: bool = False, direct: bool | None = None, interactive: bool = False,
@@ -246,28 +243,29 @@ class Client:
         hostkey_timeout, drain_timeout (seconds)."""
         opts = dict(options, slots=slots, tags=list(tags) if tags is not None else None, accept_new=accept_new,
                     direct=direct, interactive=interactive)
-        return self._deploy_call("deploy", list(aliases), opts)
+        return cast(str, self._deploy_call("deploy", list(aliases), opts))
 
     def stop_agents(self, aliases: Sequence[str], drain: bool = False, **options: Any) -> str:
         """Ask the master to stop these hosts' agents over SSH (drain: let running jobs finish first;
         otherwise they are killed and re-queued); returns an operation id."""
-        return self._deploy_call("stop", list(aliases), drain, options)
+        return cast(str, self._deploy_call("stop", list(aliases), drain, options))
 
     def remove_hosts(self, aliases: Sequence[str], force: bool = False) -> str:
         """Stop the hosts' agents, remove their bundles and files, drop them from corral's hosts file."""
-        return self._deploy_call("remove", list(aliases), {"force": force})
+        return cast(str, self._deploy_call("remove", list(aliases), {"force": force}))
 
-    def deploy_progress(self, op_id: str, since: int = 0, wait: float = 0.0) -> dict:
+    def deploy_progress(self, op_id: str, since: int = 0, wait: float = 0.0) -> Record:
         """An operation's events after sequence `since` (long-polling up to `wait` s), each host's state
         ({alias: {state, step, message, progress 0..1, error, hint, log_tail}}), open host-key questions,
         `next` (pass it as `since`), `done`, `ok` and `failed`."""
-        return self._deploy_call("progress", op_id, since, float(wait))
+        return cast(Record, self._deploy_call("progress", op_id, since, float(wait)))
 
     def answer_host_key(self, op_id: str, alias: str, fingerprint: str, accept: bool) -> bool:
         """Accept (into corral's known_hosts) or reject the unknown host key a deploy is waiting on."""
-        return self._deploy_call("answer_host_key", op_id, alias, fingerprint, bool(accept))
+        return bool(self._deploy_call("answer_host_key", op_id, alias, fingerprint, bool(accept)))
 
-    def follow_operation(self, op_id: str, on_event: Any = None, poll: float = 1.0) -> dict:
+    def follow_operation(self, op_id: str, on_event: Callable[[Record], None] | None = None,
+                         poll: float = 1.0) -> Record:
         """Call on_event(event) for each event of an operation as it happens; return its final snapshot."""
         since = 0
         while True:
@@ -279,28 +277,10 @@ class Client:
             if snap["done"]:
                 return snap
 
-    def ssh_links(self) -> list[dict]:
+    def ssh_links(self) -> list[Record]:
         """The SSH connections the master holds: alias, target, state, since, remote_port, reconnects, error."""
-        return self._deploy_call("links")
+        return cast("list[Record]", self._deploy_call("links"))
 
-    def deploy_hosts(self) -> list[dict]:
+    def deploy_hosts(self) -> list[Record]:
         """The inventory as the master sees it, with each host's deployment record and link state."""
-        return self._deploy_call("hosts")
-
-    def deploy_operations(self) -> list[dict]:
-        """The master's recent deploy/stop/remove operations."""
-        return self._deploy_call("operations")
-
-
-class _DeployClientManager(BaseManager):
-    pass
-
-
-def _register_deploy() -> None:
-    from .deploy import DEPLOY_TYPEID
-
-    _ClientManager.register(DEPLOY_TYPEID)
-    _DeployClientManager.register(DEPLOY_TYPEID)
-
-
-_register_deploy()
+        return cast("list[Record]", self._deploy_call("hosts"))

@@ -1,16 +1,21 @@
-"""The state directory on the operator's machine: created 0700, authkey 0600, master.json written atomically."""
+"""The state directory on the operator's machine: created 0700, authkey 0600, its JSON records written atomically."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
 import stat
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from corral.agent.errors import CorralError
 from corral.agent.statedir import AUTHKEY_NAME, MASTER_NAME, default_home, read_authkey, read_master_address
+
+CONSOLE_NAME = "console.json"  # the master and local agent a console started, so a later one may stop them
+START_LOCK_NAME = "start.lock"  # held while a console decides whether to start a master
 
 
 class StateDir:
@@ -69,21 +74,60 @@ class StateDir:
     def master_address(self) -> tuple[str, int]:
         return read_master_address(self.home)
 
+    @property
+    def console_path(self) -> Path:
+        return self.home / CONSOLE_NAME
+
+    # ---- master.json: the running master's address and pid ---------------------------------
+
     def master_record(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.master_path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return _read_record(self.master_path)
 
     def write_master(self, record: dict[str, Any]) -> None:
-        tmp = self.master_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.master_path)
+        _write_record(self.master_path, record)
 
     def clear_master(self, pid: int) -> None:
         """Remove master.json if it is still ours (a newer master may have replaced it)."""
         if self.master_record().get("pid") == pid:
-            try:
-                self.master_path.unlink()
-            except FileNotFoundError:
-                pass
+            _unlink(self.master_path)
+
+    # ---- console.json: what a console started (console/local.py) -------------------------------
+
+    def console_record(self) -> dict[str, Any]:
+        return _read_record(self.console_path)
+
+    def write_console(self, record: dict[str, Any]) -> None:
+        _write_record(self.console_path, record)
+
+    def clear_console(self) -> None:
+        _unlink(self.console_path)
+
+    @contextmanager
+    def start_lock(self) -> Iterator[None]:
+        """Held by one process at a time (flock), so two consoles never both start a master."""
+        with open(self.home / START_LOCK_NAME, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A JSON object file; {} if it is missing or is not one (a record half-written by a crash reads as none)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write then rename: a reader sees the old record or the new one, never half of one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

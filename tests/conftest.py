@@ -1,4 +1,4 @@
-"""Shared fixtures: a real cluster (master + agents as processes) in a temporary state directory."""
+"""Shared fixtures: a real cluster (master + agents as processes) in a temporary state directory; real sshd hosts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from typing import Iterator
 
 import pytest
 
+from scripts.sshlab import SshLab, kill_remote_agents, sshd_missing
 from tests.cluster import Cluster
+
+REQUIRE_SSHD_ENV = "CORRAL_REQUIRE_SSHD"
 
 
 @pytest.fixture
@@ -20,6 +23,44 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+def require_sshd() -> None:
+    """Skip the calling test where sshd is missing; with CORRAL_REQUIRE_SSHD=1 (CI) that is a failure."""
+    why = sshd_missing()
+    if not why:
+        return
+    if os.environ.get(REQUIRE_SSHD_ENV) == "1":
+        pytest.fail(f"{why}, and {REQUIRE_SSHD_ENV}=1 says these tests must run")
+    pytest.skip(f"{why}; CI sets {REQUIRE_SSHD_ENV}=1 to make this a failure")
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[SshLab]:
+    """A client key, ssh config and known_hosts of the test's own (scripts/sshlab.py); hosts are added by the test."""
+    require_sshd()
+    the_lab = SshLab(tmp_path / "lab")
+    try:
+        yield the_lab
+    finally:
+        for host in the_lab.hosts.values():
+            kill_remote_agents(host)
+        the_lab.stop()
+
+
+@pytest.fixture
+def ssh_cluster(tmp_path: Path, lab: SshLab) -> Iterator[Cluster]:
+    """A running master that sees the lab's ssh config and known_hosts (never the machine's ~/.ssh)."""
+    cluster = Cluster(tmp_path / "home")
+    cluster.env.update(lab.env())
+    cluster.env.pop("SSH_AUTH_SOCK", None)
+    cluster.start_master()
+    try:
+        yield cluster
+    finally:
+        for host in lab.hosts.values():
+            kill_remote_agents(host)
+        cluster.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,20 @@ def test_cancel_and_requeue_from_cli(cluster: Cluster) -> None:
     cluster.corral("cancel", new_id)
     ran = cluster.corral("submit", "--wait", "--", "echo once").stdout
     assert ran == "once\n"
+
+
+def test_output_into_a_reader_that_stops_early(cluster: Cluster) -> None:
+    """`corral jobs --json | head -1`: the first line, a quiet stderr, and the pipe status `seq | head -1` has."""
+    cluster.corral("submit", "--count", "2000", "--tag", "nobody", "--", "true", check=True)
+    # ~1 MB of JSON, far more than a pipe holds: corral is still writing when head has gone.
+    piped = '"$@" | head -1; echo "${PIPESTATUS[0]}"'
+    corral = subprocess.run(["bash", "-c", piped, "-", sys.executable, "-m", "corral", "jobs", "--json", "--limit", "2000"],
+                            env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    seq = subprocess.run(["bash", "-c", piped, "-", "seq", "10000000"], capture_output=True, text=True, timeout=60)
+    assert corral.stderr == ""
+    line, status = corral.stdout.split()
+    assert line == "["
+    assert status == seq.stdout.split()[1] == "141"  # 128 + SIGPIPE, as for any tool whose reader went away
 
 
 def test_verbose_master_prints_seed_style_lines(tmp_path: Path) -> None:
@@ -208,6 +223,16 @@ def test_agent_bad_arguments(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_master_refuses_non_loopback_listen(tmp_path: Path) -> None:
     one_line_error(corral_in(tmp_path / "h", "master", "--listen", "0.0.0.0:7100"), "loopback only", "--allow-remote")
+
+
+def test_master_on_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = corral_in(tmp_path / "h", "master", "--listen", f"127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert one_line_error(done) == "corral master: Address already in use"
 
 
 def test_show_a_silent_job_has_its_attempt(cluster: Cluster) -> None:

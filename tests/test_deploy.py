@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from corral.console.deploy.bundle import build
+from scripts.sshlab import SshHost, SshLab, processes_in
 from tests.cluster import Cluster, wait_for
-from tests.sshhosts import SshHost, SshLab, lab, processes_in, ssh_cluster  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.sshd
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.sshlab import SshLab, free_port, keygen, processes_in
 from tests.cluster import Cluster
-from tests.sshhosts import SshLab, free_port, keygen, lab, processes_in, ssh_cluster  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.sshd
 

@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 
 from corral.console.state import StateDir
-from corral.console.tui.launch import stop_embedded
+from corral.console.local import stop_embedded
 
 REQUIRE_ENV = "CORRAL_REQUIRE_TMUX"
 TIMEOUT = 60.0  # a cold start of master, agent and Textual on a busy two-core machine

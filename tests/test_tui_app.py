@@ -14,7 +14,7 @@ from textual.widgets import Input
 
 from corral.console.state import StateDir
 from corral.console.tui.app import CorralApp
-from corral.console.tui.launch import attach_or_start, stop_embedded
+from corral.console.local import attach_or_start, stop_embedded
 from corral.console.tui.screens.confirm import ConfirmScreen
 from corral.console.tui.screens.detail import JobDetailScreen
 from corral.console.tui.screens.help import HelpScreen

@@ -16,8 +16,8 @@ from corral.console.tui.screens.deploy import DeployScreen
 from corral.console.tui.screens.hostkey import HostKeyScreen
 from corral.console.tui.screens.main import MainScreen
 from corral.console.tui.screens.progress import DeployProgressScreen
+from scripts.sshlab import SshLab
 from tests.cluster import Cluster, wait_for
-from tests.sshhosts import SshLab, lab, ssh_cluster  # noqa: F401 (fixtures)
 from tests.test_deploy import add_hosts, agent, alive, deploy, remote_pid
 from tests.test_tui_app import errors, until
 
@@ -146,7 +146,7 @@ async def test_unknown_host_keys_are_asked_accept_deploys_reject_fails(ssh_clust
 async def test_a_changed_host_key_is_refused_never_offered(ssh_cluster: Cluster, lab: SshLab, tmp_path: Path) -> None:
     host = lab.add_host("x1", "127.0.0.2", trust=False)
     assert ssh_cluster.corral(*lab.host_args(host)).returncode == 0
-    from tests.sshhosts import keygen
+    from scripts.sshlab import keygen
 
     other = keygen(tmp_path / "impostor")  # the user's known_hosts holds another key for this address
     lab.known_hosts.write_text(f"[{host.address}]:{host.port} {' '.join(other.split()[:2])}\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from corral.console.state import StateDir
-from corral.console.tui.launch import attach_or_start, stop_embedded
+from corral.console.local import attach_or_start, stop_embedded
 from tests.cluster import Cluster
 
 

@@ -1,6 +1,6 @@
 """Snapshot tests (pytest-textual-snapshot) of the console's screens: a real master over a deterministic journal.
 
-The journal (console.tui.demo) holds fixed jobs with fixed times and no agent runs them, so every cell is the
+The journal (scripts/demo.py) holds fixed jobs with fixed times and no agent runs them, so every cell is the
 same on every run; the clock is pinned to UTC. Update after an intended change: pytest --snapshot-update.
 """
 
@@ -15,7 +15,7 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 
 from corral.console.tui.app import CorralApp
-from corral.console.tui.demo import write_demo_journal
+from scripts.demo import write_demo_journal
 from tests.cluster import Cluster
 
 FINISHED, QUEUED = 60, 25

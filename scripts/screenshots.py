@@ -1,11 +1,12 @@
-"""`python -m corral.console.tui.screenshots`: the README's SVG screenshots from one scripted session at a fixed size.
+"""`python -m scripts.screenshots`: the README's SVG screenshots from one scripted session at a fixed size.
 
-A throw-away state directory gets the demo history (console.tui.demo), then the real start-up path starts a
+A throw-away state directory gets the demo history (scripts/demo.py), then the real start-up path starts a
 master and a local agent, a second agent with a `gpu` tag joins, and a feeder submits the same sequence of
 real shell jobs at a steady pace. The console runs headless at 120x34 and saves:
 main.svg (jobs flowing), submit.svg (the submit form), detail.svg (a finished job with output), help.svg,
-and deploy.svg: `d` deploys to real OpenSSH servers on 127.0.0.x (tests/sshhosts.py, as the deploy tests and
+and deploy.svg: `d` deploys to real OpenSSH servers on 127.0.0.x (scripts/sshlab.py, as the deploy tests and
 bench do; needs /usr/sbin/sshd), two that come up and one whose `python` setting names a missing binary.
+Run it from the repository's root (scripts/ is the repository's, not the installed package's).
 """
 
 from __future__ import annotations
@@ -23,16 +24,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from corral.agent.protocol import JobSpec
+from corral.console.client import Client
+from corral.console.local import attach_or_start, stop_embedded
+from corral.console.state import StateDir
+from corral.console.tui.app import CorralApp
+from corral.console.tui.screens.deploy import DeployScreen
+from corral.console.tui.screens.detail import JobDetailScreen
+from corral.console.tui.screens.progress import DeployProgressScreen
+from corral.console.tui.screens.submit import SubmitScreen
 
-from ..client import Client
-from ..state import StateDir
-from .app import CorralApp
 from .demo import write_demo_journal
-from .launch import attach_or_start, stop_embedded
-from .screens.deploy import DeployScreen
-from .screens.detail import JobDetailScreen
-from .screens.progress import DeployProgressScreen
-from .screens.submit import SubmitScreen
+from .sshlab import SshLab, kill_remote_agents, sshd_missing
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZE = (120, 34)
 FLOW_SECONDS = 6.0  # long enough for the sparkline and both tables to fill
@@ -75,12 +79,9 @@ DEPLOY_HOSTS = (
 )
 
 
-def start_ssh_hosts(root: Path, home: Path) -> Any:
-    """Real sshd hosts (tests/sshhosts.py, a development tool like this script) in corral's hosts file; the
-    master to be started sees only their ssh config and known_hosts. None, with a note, if sshd is missing."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.sshhosts import SshLab, sshd_missing
-
+def start_ssh_hosts(root: Path, home: Path) -> SshLab | None:
+    """Real sshd hosts in corral's hosts file; the master to be started sees only their ssh config and
+    known_hosts. None, with a note, if sshd is missing."""
     why = sshd_missing()
     if why:
         print(f"no deploy.svg: {why}", file=sys.stderr)
@@ -95,9 +96,7 @@ def start_ssh_hosts(root: Path, home: Path) -> Any:
     return lab
 
 
-def stop_ssh_hosts(lab: Any) -> None:
-    from tests.sshhosts import kill_remote_agents
-
+def stop_ssh_hosts(lab: SshLab) -> None:
     for host in lab.hosts.values():
         kill_remote_agents(host)
     lab.stop()
@@ -157,8 +156,8 @@ async def session(home: Path, out: Path, deploy: bool = False) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m corral.console.tui.screenshots", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "screenshots",
+    parser = argparse.ArgumentParser(prog="python -m scripts.screenshots", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "screenshots",
                         help="where the SVGs go (default: the repository's screenshots/)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -169,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         home.mkdir(mode=0o700)
         lab = start_ssh_hosts(Path(tmp) / "lab", home)
         # The history ends two hours ago, so the live jobs are the newest.
-        write_demo_journal(home / "corral.db", finished=60, queued=0, epoch=float(int(time.time()) - 7200))
         state = StateDir(home)
+        write_demo_journal(state.journal_path, finished=60, queued=0, epoch=float(int(time.time()) - 7200))
         attach_or_start(state, local_agent=True, slots=4)
         gpu = subprocess.Popen([sys.executable, "-m", "corral.agent", "--name", "gpu-1", "--slots", "2", "--tags", "gpu"],
                                env=dict(os.environ, CORRAL_HOME=str(home)), stdout=subprocess.DEVNULL,

@@ -1,8 +1,11 @@
-"""Real OpenSSH servers for tests: one sshd per loopback host, each with its own host key, config,
-authorized_keys and remote directory; a client key, ssh config and known_hosts of the test's own."""
+"""Real OpenSSH servers on loopback: one sshd per host, each with its own host key, config, authorized_keys and
+remote directory; a client key, ssh config and known_hosts of the lab's own (the deploy tests, bench, screenshots).
+
+A tool of the repository, as scripts/ all are: tests and bench import it, it imports neither (nor pytest)."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -14,7 +17,6 @@ from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
-REQUIRE_ENV = "CORRAL_REQUIRE_SSHD"
 
 
 def sshd_missing() -> str:
@@ -24,18 +26,6 @@ def sshd_missing() -> str:
     if not os.path.exists(SSH_KEYGEN):
         return "ssh-keygen is missing (apt-get install openssh-client)"
     return ""
-
-
-def require_sshd() -> None:
-    """Skip the calling test where sshd is missing; with CORRAL_REQUIRE_SSHD=1 (CI) that is a failure."""
-    import pytest
-
-    why = sshd_missing()
-    if not why:
-        return
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{why}, and {REQUIRE_ENV}=1 says these tests must run")
-    pytest.skip(f"{why}; CI sets {REQUIRE_ENV}=1 to make this a failure")
 
 
 def keygen(path: Path, comment: str = "corral-test") -> str:
@@ -48,10 +38,10 @@ def keygen(path: Path, comment: str = "corral-test") -> str:
 def free_port(address: str) -> int:
     with socket.socket() as s:
         s.bind((address, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
-def _children(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every descendant process of pid (from /proc)."""
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -64,7 +54,8 @@ def _children(pid: int) -> list[int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
+    out: list[int] = []
+    todo = [pid]
     while todo:
         for child in parents.get(todo.pop(), []):
             out.append(child)
@@ -82,7 +73,7 @@ class SshHost:
     root: Path
     host_pub: str
     remote_dir: Path
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
     authorized: list[str] = field(default_factory=list)
 
     @property
@@ -139,7 +130,7 @@ class SshHost:
 
     def sessions(self) -> list[int]:
         """The processes serving SSH connections to this host (not the listener itself)."""
-        return _children(self.proc.pid) if self.proc is not None else []
+        return descendants(self.proc.pid) if self.proc is not None else []
 
     def cut(self) -> int:
         """Kill every SSH session of this host (as a crash of the connection would): the listener stays."""
@@ -167,7 +158,7 @@ class SshHost:
 
 
 class SshLab:
-    """The client side of the tests' SSH world: a key, an ssh config, a known_hosts, and the hosts."""
+    """The client side of the lab's SSH world: a key, an ssh config, a known_hosts, and the hosts."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -211,8 +202,6 @@ class SshLab:
 
     def host_args(self, host: SshHost, *extra: str) -> list[str]:
         """`corral hosts add` arguments for this host: address, port, user, the lab's key, its remote dir."""
-        import getpass
-
         return ["hosts", "add", host.alias, "--hostname", host.address, "--port", str(host.port),
                 "--user", getpass.getuser(), "--identity", str(self.key), "--remote-dir", str(host.remote_dir), *extra]
 
@@ -245,42 +234,3 @@ def kill_remote_agents(host: SshHost) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-# ---- pytest fixtures (import them into a test module: `from tests.sshhosts import lab, ssh_cluster`) ----
-
-try:
-    import pytest
-except ImportError:  # used without pytest (bench/deploy_bench.py)
-    pytest = None  # type: ignore[assignment]
-
-if pytest is not None:
-    from typing import Iterator
-
-    from tests.cluster import Cluster
-
-    @pytest.fixture
-    def lab(tmp_path: Path) -> Iterator[SshLab]:
-        """A client key, ssh config and known_hosts of the test's own; hosts are added by the test."""
-        require_sshd()
-        the_lab = SshLab(tmp_path / "lab")
-        try:
-            yield the_lab
-        finally:
-            for host in the_lab.hosts.values():
-                kill_remote_agents(host)
-            the_lab.stop()
-
-    @pytest.fixture
-    def ssh_cluster(tmp_path: Path, lab: SshLab) -> Iterator[Cluster]:
-        """A running master that sees the lab's ssh config and known_hosts (never the machine's ~/.ssh)."""
-        cluster = Cluster(tmp_path / "home")
-        cluster.env.update(lab.env())
-        cluster.env.pop("SSH_AUTH_SOCK", None)
-        cluster.start_master()
-        try:
-            yield cluster
-        finally:
-            for host in lab.hosts.values():
-                kill_remote_agents(host)
-            cluster.stop()

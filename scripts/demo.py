@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from ..master.store import Journal, encode_env, encode_tags
+from corral.console.master.store import Journal, encode_env, encode_tags
 
 EPOCH = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC: every demo time is this plus a fixed offset
 
@@ -43,7 +44,8 @@ def write_demo_journal(path: Path, finished: int = 60, queued: int = 25, epoch: 
     submitted from `epoch` on, 7 seconds apart."""
     journal = Journal(path)  # creates the schema
     try:
-        jobs, attempts = [], []
+        jobs: list[tuple[Any, ...]] = []
+        attempts: list[tuple[Any, ...]] = []
         for i in range(1, finished + queued + 1):
             tags = encode_tags(("gpu",) if i % 9 == 0 else ())
             spec = (i, NAMES.get(i, ""), demo_command(i), encode_env({}), (i % 3) * 5,
@@ -55,7 +57,9 @@ def write_demo_journal(path: Path, finished: int = 60, queued: int = 25, epoch: 
             agent = AGENTS[i % len(AGENTS)]
             started = submitted + 0.5
             ended = started + (i * 37 % 50) / 10 + 0.05
-            state, code, error, stderr = "done", 0, None, ""
+            state, stderr = "done", ""
+            code: int | None = 0
+            error: str | None = None
             if i % 17 == 0:
                 state, code, error = "cancelled", None, "cancelled by the operator"
             elif i % 13 == 0:

@@ -1,0 +1,117 @@
+"""The job commands: submit, call, jobs, show, cancel, requeue and wait."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import shlex
+import sys
+from typing import Any, Sequence
+
+from corral.agent.errors import CorralError
+from corral.agent.protocol import JobSpec, JobState
+
+from ..client import Client
+from . import render
+from .render import EXIT_TIMEOUT
+
+
+def _specs(args: argparse.Namespace, base: dict[str, Any]) -> list[JobSpec]:
+    env = dict(args.env)
+    specs = []
+    for index in range(args.count):
+        job_env = dict(env, CORRAL_INDEX=str(index)) if args.count > 1 else env
+        specs.append(JobSpec(name=args.name, env=job_env, cwd=args.cwd, priority=args.priority,
+                             timeout=args.timeout, retries=args.retries, tags=tuple(args.tag), **base))
+    return specs
+
+
+def _submit(args: argparse.Namespace, base: dict[str, Any]) -> int:
+    """Submit --count jobs; print their ids, or with --wait their output, and exit as the worst of them."""
+    with Client(home=args.home_path) as client:
+        ids = client.submit(_specs(args, base))
+        if not args.wait:
+            print("\n".join(map(str, ids)))
+            return 0
+        return _wait_and_print(client, ids, None)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    words = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not words or not " ".join(words).strip():
+        raise CorralError("no command given", "put it after --, e.g. corral submit -- echo hello")
+    command = words[0] if len(words) == 1 else shlex.join(words)
+    return _submit(args, {"command": command})
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    values = []
+    for text in args.args:
+        try:
+            values.append(json.loads(text))
+        except ValueError:
+            raise CorralError(f"argument {text!r} is not JSON", "quote strings as JSON: '\"text\"'") from None
+    return _submit(args, {"func": args.func, "payload": pickle.dumps((tuple(values), {}))})
+
+
+def _wait_and_print(client: Client, ids: Sequence[int], timeout: float | None) -> int:
+    """Wait for the jobs, then print each one's last counted output (stdout to stdout, stderr to stderr)."""
+    states = client.wait(ids, timeout)
+    worst = 0
+    for job_id in ids:
+        if job_id not in states:
+            print(f"corral: job {job_id} still not finished after {timeout:g}s", file=sys.stderr)
+            worst = max(worst, EXIT_TIMEOUT)
+            continue
+        record = client.job(job_id)
+        counted = [a for a in record["attempt_list"] if a["counted"]]
+        last = counted[-1] if counted else None
+        if last is not None:
+            sys.stdout.write(last["stdout"])
+            sys.stderr.write(last["stderr"])
+        if record["func"] and record["state"] == JobState.DONE.value and record["value"] is not None:
+            print(render.value_repr(record["value"]))
+        if record["state"] != JobState.DONE.value:
+            print(f"corral: job {job_id} {record['state']}: {record['error']}", file=sys.stderr)
+        worst = max(worst, render.job_exit_code(record))
+    sys.stdout.flush()
+    return worst
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with Client(home=args.home_path) as client:
+        return _wait_and_print(client, args.ids, args.timeout)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with Client(home=args.home_path) as client:
+        records = client.jobs(args.state, args.limit)
+    if args.json:
+        print(render.to_json([render.jsonable(r) for r in records]))
+    else:
+        print(render.jobs_table(records))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with Client(home=args.home_path) as client:
+        record = client.job(args.id)
+    print(render.to_json(render.jsonable(record)) if args.json else render.job_detail(record))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with Client(home=args.home_path) as client:
+        outcome = client.cancel(args.ids)
+    for job_id in args.ids:
+        print(f"{job_id}: {outcome[job_id]}")
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    with Client(home=args.home_path) as client:
+        new_ids = client.requeue(args.ids)
+    for old, new in zip(args.ids, new_ids):
+        print(f"{old} → {new}")
+    return 0

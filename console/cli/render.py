@@ -1,0 +1,174 @@
+"""What the `corral` command prints: exit codes, error lines, plain tables, the job detail and stable JSON."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from corral.agent.errors import CorralError
+from corral.agent.protocol import JobState
+
+if TYPE_CHECKING:
+    from ..deploy.inventory import Host
+
+EXIT_ERROR = 1  # an operation failed (no master, unknown job, refused submission)
+EXIT_USAGE = 2  # the command line itself is wrong
+EXIT_TIMEOUT = 124  # like timeout(1): a job or a wait ran out of time
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped with ^C
+EXIT_PIPE = 141  # 128 + SIGPIPE, as a shell reports `seq 1000000 | head -1`'s seq
+
+Record = dict[str, Any]  # a job, agent or host as the master sends it (see the README's JSON section)
+
+
+def error_line(prog: str, exc: CorralError) -> str:
+    """An error as its one line: `corral submit: what went wrong — what to do`."""
+    hint = f" — {exc.hint}" if exc.hint else ""
+    return f"{prog}: {exc.message}{hint}"
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError as words: `Permission denied: /path`, `Address already in use` (no errno, no traceback)."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text}: {exc.filename}" if exc.filename else text
+
+
+def job_exit_code(record: Record) -> int:
+    """A final job as an exit status: 0 done, 124 timed out, the job's own code, 128+N for signal N, else 1."""
+    state, code = record["state"], record["exit_code"]
+    if state == JobState.DONE.value:
+        return 0
+    if state == JobState.TIMEOUT.value:
+        return EXIT_TIMEOUT
+    if isinstance(code, int) and code != 0:
+        return code if code > 0 else 128 - code
+    return EXIT_ERROR
+
+
+def value_repr(value: bytes) -> str:
+    """A callable's return value, unpickled if this machine can (the job's module may not be importable here)."""
+    try:
+        return repr(pickle.loads(value))
+    except (pickle.UnpicklingError, ImportError, AttributeError, EOFError, TypeError, ValueError) as exc:
+        return f"({len(value)} bytes; not readable here: {type(exc).__name__})"
+
+
+# ---- plain text ---------------------------------------------------------------------------------
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """Columns padded to their widest cell, two spaces apart, no trailing blanks."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def clock(ts: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _took(item: Record) -> str:
+    return f"{item['ended'] - item['started']:.2f}s" if item.get("started") and item.get("ended") else "-"
+
+
+def _what(record: Record) -> str:
+    text = record["command"] if record["command"] is not None else f"{record['func']}(…)"
+    return text if len(text) <= 48 else text[:47] + "…"
+
+
+def jobs_table(records: Sequence[Record]) -> str:
+    rows = [[str(r["id"]), r["state"], str(r["priority"]), r["agent"] or "-", str(r["attempts"]),
+             "-" if r["exit_code"] is None else str(r["exit_code"]), _took(r), r["name"] or _what(r)]
+            for r in records]
+    return table(rows, ["ID", "STATE", "PRI", "AGENT", "TRY", "EXIT", "TIME", "NAME/COMMAND"])
+
+
+def job_detail(record: Record) -> str:
+    """`corral show`: the job's fields, then each attempt with its output, indented."""
+    what = record["command"] if record["command"] is not None else record["func"]
+    lines = [
+        f"job {record['id']}  {record['name'] or ''}".rstrip(),
+        f"  state     {record['state']}" + (f"  ({record['error']})" if record["error"] else ""),
+        f"  {'command' if record['command'] is not None else 'callable'}   {what}",
+        f"  priority  {record['priority']}   timeout {record['timeout'] or '-'}   retries {record['retries']}"
+        f"   tags {','.join(record['tags']) or '-'}",
+    ]
+    if record["cwd"] or record["env"]:
+        env = " ".join(f"{k}={v}" for k, v in record["env"].items())
+        lines.append(f"  cwd       {record['cwd'] or '-'}   env {env or '-'}")
+    lines.append(f"  submitted {clock(record['submitted'])}"
+                 f"   exit {record['exit_code'] if record['exit_code'] is not None else '-'}")
+    if record["func"] and record["value"] is not None:
+        lines.append(f"  value     {value_repr(record['value'])}")
+    for a in record["attempt_list"]:
+        note = "" if a["counted"] else "  (not counted: superseded)"
+        lines.append(f"\n  attempt {a['attempt']} on {a['agent']}: {a['state']}, exit {a['exit_code']}, {_took(a)},"
+                     f" {clock(a['started'])} → {clock(a['ended'])}{note}")
+        if a["error"]:
+            lines.append(f"    error: {a['error']}")
+        for label in ("stdout", "stderr", "traceback"):
+            if a[label]:
+                lines.append(f"    --- {label} ---")
+                lines.append("    " + a[label].rstrip("\n").replace("\n", "\n    "))
+    return "\n".join(lines)
+
+
+def status_text(status: Record) -> str:
+    counts = status["counts"]
+    up = [a for a in status["agents"] if a["state"] != "lost"]
+    lines = [
+        "  ".join(f"{state} {counts.get(state, 0)}" for state in [s.value for s in JobState]),
+        f"agents {len(up)} up / {len(status['agents'])}   slots {status['busy']} busy / {status['slots']}"
+        f"   {status['rate']:.1f} jobs/s",
+    ]
+    lines += [f"  {a['name']:<16} {a['state']:<8} {a['busy']}/{a['slots']} busy   done {a['done']}"
+              for a in status["agents"]]
+    return "\n".join(lines)
+
+
+def agents_table(agents: Sequence[Record]) -> str:
+    rows = [[a["name"], a["host"], a["state"], f"{a['busy']}/{a['slots']}", str(a["done"]), str(a["failed"]),
+             f"{a['heartbeat_age']:.1f}s", ",".join(a["tags"]) or "-", a["started_by"]] for a in agents]
+    return table(rows, ["NAME", "HOST", "STATE", "BUSY", "DONE", "FAILED", "SEEN", "TAGS", "STARTED BY"])
+
+
+def hosts_table(hosts: Sequence[Host], deployed: dict[str, Record]) -> str:
+    """The inventory, with what is deployed on each host (deployed: the master's records, by alias)."""
+    rows = []
+    for h in hosts:
+        record = deployed.get(h.alias)
+        state = "-" if not record else "stopped" if record.get("stopped") else f"pid {record['pid']} ({record['mode']})"
+        rows.append([h.alias, h.target, str(h.slots or "cpus"), ",".join(h.tags) or "-", h.python or "auto",
+                     h.remote_dir, "direct" if h.direct else "tunnel", state, h.source])
+    return table(rows, ["ALIAS", "TARGET", "SLOTS", "TAGS", "PYTHON", "REMOTE DIR", "MODE", "DEPLOYED", "SOURCE"])
+
+
+# ---- JSON ---------------------------------------------------------------------------------------
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, indent=2)
+
+
+def jsonable(record: Record) -> Record:
+    """A job record as stable JSON: bytes fields become a decoded value (or its repr), payload is dropped."""
+    out = {k: v for k, v in record.items() if k not in ("payload", "value", "attempt_list")}
+    if "value" in record:
+        out["value"] = _json_value(record["value"])
+    if "attempt_list" in record:
+        out["attempts_detail"] = [dict(a, counted=bool(a["counted"])) for a in record["attempt_list"]]
+    return out
+
+
+def _json_value(value: bytes | None) -> Any:
+    """The value itself if JSON can hold it, else its repr (or why this machine cannot read it)."""
+    if value is None:
+        return None
+    try:
+        decoded = pickle.loads(value)
+    except (pickle.UnpicklingError, ImportError, AttributeError, EOFError, TypeError, ValueError):
+        return value_repr(value)
+    try:
+        json.dumps(decoded)
+    except (TypeError, ValueError):
+        return repr(decoded)
+    return decoded
