@@ -153,7 +153,8 @@ def priority_rule(value: Any, said: str | None = None) -> int:
     if type(value) is not int:
         raise Invalid("priority", f"must be a whole number, not {said or shown(value)}")
     if not MIN_PRIORITY <= value <= MAX_PRIORITY:
-        raise Invalid("priority", f"must be from {MIN_PRIORITY:,} to {MAX_PRIORITY:,}, not {said or shown(value)}")
+        raise Invalid("priority", f"must be a whole number from {MIN_PRIORITY:,} to {MAX_PRIORITY:,},"
+                                  f" not {said or shown(value)}")
     return value
 
 
