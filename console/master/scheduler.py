@@ -18,7 +18,7 @@ from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, LOST, QUEUED, RESULT
                       AgentRecord, AgentState, Job, TaskTuple)
 from .store import Journal, Outcome, encode_env, encode_tags
 from .rows import pack
-from .validate import MAX_JOBS, Checked, check, payload_rule, shown, size_rule
+from .validate import MAX_JOBS, Checked, check, is_whole, payload_rule, shown, size_rule
 from .views import Views
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,6 @@ RECENT_FINAL = 200_000  # final states kept in memory for wait(); older ones are
 _OPT_INT, _OPT_BYTES, _NUMBER = (int, type(None)), (bytes, type(None)), (int, float)
 _INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
 _new_tuple = tuple.__new__
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _storable(text: str) -> bool:
@@ -186,7 +182,7 @@ class Scheduler:
             raise UnknownJob(f"job ids must come as a list, not {shown(ids)}")
         out = []
         for job_id in ids:
-            if not _is_int(job_id) or not 0 < job_id < self.next_id:
+            if not is_whole(job_id) or not 0 < job_id < self.next_id:
                 raise UnknownJob(f"no job {shown(job_id)}", "list jobs with `corral jobs`")
             out.append(job_id)
         return out
@@ -373,7 +369,7 @@ class Scheduler:
                 raise NameTaken(f"an agent named {shown(name)} is already connected (pid {shown(old.info.get('pid'))}"
                                 f" on {shown(old.info.get('host') or '?')})", "give this one another --name")
             agent = AgentRecord(name, uuid.uuid4().hex, info, now)
-            still = {j for j in running if _is_int(j)}
+            still = {j for j in running if is_whole(j)}
             if old is not None:
                 self.sessions.pop(old.session, None)
                 agent.done, agent.failed = old.done, old.failed

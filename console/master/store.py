@@ -283,9 +283,9 @@ class Journal:
         if not ids:
             return []
         with self.read_lock:
-            found = {row[0]: row for row in self.reader.execute(
-                f"SELECT {FINISHED_COLUMNS} FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids)}
-        return [FinishedRow._make(found[j]) for j in ids if j in found]
+            found = {row.id: row for row in map(FinishedRow._make, self.reader.execute(
+                f"SELECT {FINISHED_COLUMNS} FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids))}
+        return [found[j] for j in ids if j in found]
 
     def finished_page(self, needle: str, invert: bool, limit: int, offset: int) -> tuple[int | None, list[FinishedRow]]:
         """Final jobs, most recently ended first, that match (or with `invert`, do not match) the

@@ -49,6 +49,11 @@ class Checked(NamedTuple):
     tags: tuple[str, ...]
 
 
+def is_whole(value: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, not a job id or a count to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def shown(value: Any) -> str:
     """A short, bounded picture of a value someone sent: never the repr of unbounded input."""
     kind = type(value)

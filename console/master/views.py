@@ -20,7 +20,7 @@ from corral.agent.protocol import JobState
 
 from .records import DONE, FINAL, HELD, QUEUED, RUNNING, Job
 from .rows import DispatchedRow, FinishedRow, pack
-from .validate import shown
+from .validate import is_whole, shown
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -41,10 +41,6 @@ class Window(NamedTuple):
     invert: bool  # show the rows that do not match
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def dispatched_row(job: Job) -> DispatchedRow:
     return DispatchedRow(job.id, job.what, job.state, job.priority, job.agent, job.attempts, job.started,
                          job.submitted, ",".join(sorted(job.tags)))
@@ -61,7 +57,7 @@ def window(name: str, view: Any) -> Window:
     if not isinstance(view, dict):
         raise CorralError(f"bad {name} view: {shown(view)}", "a dict of offset, limit, match, invert")
     offset, limit, match = view.get("offset", 0), view.get("limit", 100), view.get("match") or ""
-    if not _is_int(offset) or offset < 0 or not _is_int(limit) or limit < 1 or not isinstance(match, str):
+    if not is_whole(offset) or offset < 0 or not is_whole(limit) or limit < 1 or not isinstance(match, str):
         raise CorralError(f"bad {name} view: offset {shown(offset)}, limit {shown(limit)}, match {shown(match)}",
                           "offset >= 0, limit >= 1, match a string")
     return Window(offset, min(limit, WINDOW), match.lower(), bool(view.get("invert")))
@@ -93,7 +89,7 @@ class Views:
         now = time.time()
         with s.lock:
             seq = s.seq
-            fresh = not _is_int(since) or since <= 0 or since != seq  # since 0: "I have nothing yet"
+            fresh = not is_whole(since) or since <= 0 or since != seq  # since 0: "I have nothing yet"
             changed = self._changed(since) if fresh else []
             counts = self._counts()
             agents = sorted((a.wire(now) for a in s.agents.values()), key=lambda a: a["name"])
@@ -143,7 +139,7 @@ class Views:
         """Jobs newest first, as `corral jobs` lists them."""
         if states is not None and (not isinstance(states, list) or not all(isinstance(x, str) for x in states)):
             raise CorralError(f"states must be a list of job states, not {shown(states)}")
-        if not _is_int(limit):
+        if not is_whole(limit):
             raise CorralError(f"limit must be a whole number, not {shown(limit)}")
         out = []
         for row in self.scheduler.journal.summaries(states or None, limit, newest_first=True):
@@ -182,7 +178,7 @@ class Views:
         """Job ids changed after `since`, newest change last; None when the window lost them or they are many."""
         s = self.scheduler
         changes = s.changes
-        if not _is_int(since) or since <= 0 or since > s.seq or not changes or changes[0][0] > since + 1:
+        if not is_whole(since) or since <= 0 or since > s.seq or not changes or changes[0][0] > since + 1:
             return None  # nothing to compare with, a seq of an earlier master, or the log moved on
         ids: dict[int, None] = {}
         for seq, job_id in reversed(changes):
