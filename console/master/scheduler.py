@@ -229,12 +229,14 @@ class Scheduler:
         total = len(checked)
         now = time.time()
         no_tags: frozenset[str] = frozenset()
+        # The records are made before the lock (dispatch need not wait on them); only ids are given under it.
+        new = [Job(0, c.name, c.command, c.func, c.payload if payloads is None else payloads[i], c.env, c.cwd,
+                   c.priority, c.timeout, c.retries, frozenset(c.tags) if c.tags else no_tags, submitted=now)
+               for i, c in enumerate(checked)]
         with self.lock:
             first = self.next_id
-            new = [Job(first + i, c.name, c.command, c.func, c.payload if payloads is None else payloads[i], c.env,
-                       c.cwd, c.priority, c.timeout, c.retries, frozenset(c.tags) if c.tags else no_tags,
-                       submitted=now)
-                   for i, c in enumerate(checked)]
+            for i, job in enumerate(new):
+                job.id = first + i
             self.journal.write([(Journal.INSERT_JOB, [
                 (job.id, job.name, job.command, job.func, job.payload, encode_env(job.env), job.cwd, job.priority,
                  job.timeout, job.retries, encode_tags(c.tags), now) for job, c in zip(new, checked)])])

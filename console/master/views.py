@@ -1,4 +1,4 @@
-"""What the console's panes see: counts, rates, and windows of the dispatched and finished views, filtered.
+"""What the console's panes see (counts, rates, windows of the dispatched and finished views, filtered), and show/jobs/status.
 
 Cheap enough to ask a few times a second with 100,000 jobs about: under the scheduler's lock a view takes
 only what it needs from memory; the rest (a sort, a filter, the journal's rows) runs after the lock is
@@ -64,8 +64,9 @@ def window(name: str, view: Any) -> Window:
 
 
 class Views:
-    """The console's views over one scheduler. Its methods that say "lock held" run under the scheduler's
-    lock; what they return as callables runs after it is released."""
+    """What clients look at, over one scheduler: the console's snapshot, and `show`, `jobs`, `status`.
+    The methods in the "under the scheduler's lock" section run with it held; the callables they return
+    run after it is released."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
