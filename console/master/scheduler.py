@@ -438,9 +438,10 @@ class Scheduler:
         writes = _Writes(verbose=log.isEnabledFor(logging.INFO))
         seen: set[tuple[int, int]] = set()
         for result in results:
-            if (result.job_id, result.attempt) in seen:
+            key = (result.job_id, result.attempt)
+            if key in seen:
                 continue  # the same attempt twice in one report: the first one stands
-            seen.add((result.job_id, result.attempt))
+            seen.add(key)
             self._apply_result(agent, result, writes)
         self.journal.write([(Journal.ATTEMPT, writes.attempts), (Journal.FINISH, writes.finished),
                             (Journal.REQUEUE, writes.requeued)])
@@ -452,6 +453,7 @@ class Scheduler:
             log.info(*event)
 
     def _apply_result(self, agent: AgentRecord, r: JobResult, writes: _Writes) -> None:
+        """One result: counted (the job's current attempt, or a late success), history only, or a repeat."""
         job_id, attempt, state = r.job_id, r.attempt, r.state
         job = self.jobs.get(job_id)
         agent.running.discard(job_id)
