@@ -14,8 +14,9 @@ from typing import Any
 from corral.agent.errors import BadJobSpec, CorralError, NameTaken, ProtocolMismatch, UnknownAgent, UnknownJob
 from corral.agent.protocol import MAX_PAYLOAD_BYTES, OUTPUT_TAIL_BYTES, PROTOCOL_VERSION, RELEASED, JobResult
 
-from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, LOST, QUEUED, RESULT_STATES, RUNNING, TIMEOUT,
-                      AgentRecord, AgentState, Job, TaskTuple)
+from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, LOST, QUEUED, RUNNING, TIMEOUT, AgentRecord, AgentState,
+                      Job, TaskTuple)
+from .reports import check_results
 from .store import Journal, Outcome, encode_env, encode_tags
 from .rows import pack
 from .validate import MAX_JOBS, Checked, check, is_whole, payload_rule, shown, size_rule
@@ -24,58 +25,10 @@ from .views import Views
 log = logging.getLogger(__name__)
 
 RECENT_FINAL = 200_000  # final states kept in memory for wait(); older ones are read from the journal
-_OPT_INT, _OPT_BYTES, _NUMBER = (int, type(None)), (bytes, type(None)), (int, float)
-_INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
-_new_tuple = tuple.__new__
-
-
-def _storable(text: str) -> bool:
-    """Whether SQLite can store this text (UTF-8): lone surrogates cannot be encoded."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _times(n: int) -> str:
     return f"{n} time" if n == 1 else f"{n} times"
-
-
-def _sketch(row: Any) -> str:
-    """A bounded picture of a result row someone sent (never the str() of all of it)."""
-    if type(row) in (tuple, list):
-        return "(" + ", ".join(shown(field) for field in row[:12]) + (", …)" if len(row) > 12 else ")")
-    return shown(row)
-
-
-def _check_results(results: Any) -> list[JobResult]:
-    """Refuse a malformed report whole (an agent holding the authkey may still be buggy), and one the
-    journal could not store: nothing of it may change the master's state unless all of it is written.
-    Written for the hot path (every result of every job passes here): plain type() tests, no generators."""
-    if type(results) is not list:
-        raise CorralError("malformed report: results must be a list")
-    lowest, highest = _INT64.start, _INT64.stop
-    named: list[JobResult] = []
-    for row in results:
-        if type(row) not in (tuple, list) or len(row) != 11:
-            raise CorralError(f"malformed report: bad result row {_sketch(row)}")
-        # The one place a result's wire tuple is taken apart (JobResult's fields, in order): each
-        # field checked as a local, the cheapest read there is; everything after reads it by name.
-        job_id, attempt, state, exit_code, value, out, err, error, tb, started, ended = row
-        if (type(job_id) is not int or type(attempt) is not int or type(state) is not str
-                or state not in RESULT_STATES or type(exit_code) not in _OPT_INT or type(value) not in _OPT_BYTES
-                or type(out) is not str or type(err) is not str or type(error) is not str or type(tb) is not str
-                or type(started) not in _NUMBER or type(ended) not in _NUMBER
-                or not lowest <= job_id < highest or not lowest <= attempt < highest
-                or (exit_code is not None and not lowest <= exit_code < highest)
-                or not ((out.isascii() and err.isascii() and error.isascii() and tb.isascii())
-                        or (_storable(out) and _storable(err) and _storable(error) and _storable(tb)))):
-            raise CorralError(f"malformed report: bad result row {_sketch(row)}")
-        named.append(_new_tuple(JobResult, row))  # JobResult._make(row), without its length check
-    return named
 
 
 class Scheduler:
@@ -369,7 +322,7 @@ class Scheduler:
             if (old is not None and not old.state.gone and now - old.last_seen < self.lease_seconds
                     and old.info.get("instance") != info.get("instance")):
                 raise NameTaken(f"an agent named {shown(name)} is already connected (pid {shown(old.info.get('pid'))}"
-                                f" on {shown(old.info.get('host') or '?')})", "give this one another --name")
+                                f" on {str(old.info.get('host') or '?')[:100]})", "give this one another --name")
             agent = AgentRecord(name, uuid.uuid4().hex, info, now)
             still = {j for j in running if is_whole(j)}
             if old is not None:
@@ -418,7 +371,7 @@ class Scheduler:
         `live` maps running job ids to their latest (stdout, stderr) tails, for the console to follow."""
         # All of a report is checked, before any of it changes anything, and before the lock: a
         # malformed one costs dispatch nothing.
-        checked = _check_results(results) if results else []
+        checked = check_results(results) if results else []
         with self.lock:
             agent = self._agent(session)
             if live:
