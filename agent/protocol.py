@@ -32,6 +32,9 @@ class JobState(str, enum.Enum):
         return self in FINAL_STATES
 
 
+# Not a job state but a result's: an attempt the agent hands back unstarted (draining); the job queues again.
+RELEASED = "released"
+
 FINAL_STATES = frozenset(
     {JobState.DONE, JobState.FAILED, JobState.TIMEOUT, JobState.CANCELLED, JobState.LOST}
 )

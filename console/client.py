@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, cast
 
 from corral.agent.connection import SERIALIZER
-from corral.agent.errors import BadJobSpec, CorralError
-from corral.agent.protocol import MAX_PAYLOAD_BYTES, SCHEDULER_TYPEID, JobSpec, JobState
+from corral.agent.errors import CorralError
+from corral.agent.protocol import SCHEDULER_TYPEID, JobSpec, JobState
 
 from .deploy import DEPLOY_TYPEID
 from .errors import AuthFailed, JobFailed, MapTimeout, MasterUnreachable
+from .master.validate import check
 from .state import StateDir
 
 SUBMIT_BATCH = 10_000  # jobs per submit() round trip
@@ -100,22 +101,18 @@ class Client:
     # ---- submitting ---------------------------------------------------------------------
 
     def submit(self, specs: Iterable[JobSpec | Record]) -> list[int]:
-        """Queue jobs; returns their ids once the master has journaled them."""
+        """Queue jobs; returns their ids once the master has journaled them. Each spec is checked here
+        by the master's own rules (BadJobSpec naming the job and the field), before anything is sent:
+        one far over a limit would not even reach the master whole (it drops a message over
+        MAX_MESSAGE_BYTES)."""
         ids: list[int] = []
         batch: list[Record] = []
         size = 0
         for spec in specs:
-            wire = _spec_wire(spec)
-            batch.append(wire)
+            checked = check(spec, f"job {len(ids) + len(batch) + 1}")
+            batch.append(_spec_wire(spec))
             # Keep each message well under the master's cap on what it reads (MAX_MESSAGE_BYTES).
-            if isinstance(wire, dict):
-                job_bytes = len(wire.get("payload") or b"") + len(wire.get("command") or "")
-                if job_bytes > MAX_PAYLOAD_BYTES:
-                    # The master refuses it too, but one far over its limit would not even reach it
-                    # whole (it drops a message over MAX_MESSAGE_BYTES): say so here, send nothing more.
-                    raise BadJobSpec(f"job {len(ids) + len(batch)}: the job is {job_bytes} bytes;"
-                                     f" the limit is {MAX_PAYLOAD_BYTES}", "pass large data by path, not by value")
-                size += job_bytes + 256
+            size += len(checked.payload or b"") + len(checked.command or "") + 256
             if len(batch) >= SUBMIT_BATCH or size >= SUBMIT_BYTES:
                 ids += self._call("submit", batch)
                 batch, size = [], 0
@@ -137,6 +134,7 @@ class Client:
         One spec travels with the payloads; a small map is submitted, run and answered in a single
         round trip. JobFailed if a job does not end done; MapTimeout if `timeout` passes first."""
         template = JobSpec(func=func, **options).to_wire()
+        check(template, "map()")  # the master checks it too; a bad one is said here, before any pickling
         payloads = [pickle.dumps(((x,), {})) for x in iterable]
         if not payloads:
             return []

@@ -292,7 +292,7 @@ def test_authkey_never_in_ps_logs_or_status(tmp_path: Path) -> None:
 # ---- bounded input and output ----------------------------------------------------------------
 
 def test_huge_submissions_are_refused_with_a_message(cluster: Cluster) -> None:
-    from corral.console.master.scheduler import MAX_SUBMIT
+    from corral.console.master.validate import MAX_JOBS as MAX_SUBMIT
     from corral.console.master.server import MAX_MESSAGE_BYTES
 
     with cluster.client() as c:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 from corral.agent.protocol import JobState
 
+from ..master import validate
 from .render import EXIT_USAGE
 
 
@@ -37,24 +38,22 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _whole(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-
-
 def _retries(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, not {text!r}")
     return int(text)
 
 
-def _env_pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"must be NAME=VALUE, not {text!r}")
-    return key, value
+def _job(rule: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A job option's type: one of the job-spec rules the master and the form use (master/validate.py),
+    its problem ("must be ...") as argparse's message."""
+    def convert(text: str) -> Any:
+        try:
+            return rule(text)
+        except validate.Invalid as exc:
+            raise argparse.ArgumentTypeError(exc.problem) from None
+
+    return convert
 
 
 def _job_id(text: str) -> int:
@@ -118,14 +117,20 @@ def _add_processes(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _job_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", default="", help="a name for the job")
-    p.add_argument("--priority", type=_whole, default=0, help="higher runs first (default 0)")
-    p.add_argument("--timeout", type=_seconds, help="seconds before the job's process group is killed")
-    p.add_argument("--retries", type=_retries, default=0, help="re-run a failed job up to N times")
-    p.add_argument("--tag", action="append", default=[], help="run only on agents with this tag (repeatable)")
-    p.add_argument("--env", action="append", type=_env_pair, default=[], metavar="K=V", help="environment variable (repeatable)")
-    p.add_argument("--cwd", help="working directory on the agent")
-    p.add_argument("--count", type=_count, default=1, help="submit N copies, with CORRAL_INDEX=0..N-1")
+    p.add_argument("--name", type=_job(validate.name_rule), default="", help="a name for the job")
+    p.add_argument("--priority", type=_job(validate.parse_priority), default=0,
+                   help="higher runs first (default 0; a 32-bit signed integer)")
+    p.add_argument("--timeout", type=_job(validate.parse_timeout),
+                   help="seconds before the job's process group is killed (at most 30 days)")
+    p.add_argument("--retries", type=_job(validate.parse_retries), default=0,
+                   help=f"re-run a failed job up to N times (at most {validate.MAX_RETRIES})")
+    p.add_argument("--tag", action="append", type=_job(validate.tag_rule), default=[],
+                   help="run only on agents with this tag (repeatable)")
+    p.add_argument("--env", action="append", type=_job(validate.parse_env_pair), default=[], metavar="K=V",
+                   help="environment variable (repeatable)")
+    p.add_argument("--cwd", type=_job(validate.cwd_rule), help="working directory on the agent")
+    p.add_argument("--count", type=_job(validate.parse_count), default=1,
+                   help=f"submit N copies (at most {validate.MAX_JOBS:,}), with CORRAL_INDEX=0..N-1")
     p.add_argument("--wait", action="store_true", help="wait, print the output, exit with the job's exit code")
 
 

@@ -3,207 +3,49 @@
 from __future__ import annotations
 
 import heapq
+import json
 import logging
-import math
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from corral.agent.errors import BadJobSpec, CorralError, NameTaken, ProtocolMismatch, UnknownAgent, UnknownJob
-from corral.agent.protocol import FINAL_STATES, MAX_PAYLOAD_BYTES, OUTPUT_TAIL_BYTES, PROTOCOL_VERSION, JobState
+from corral.agent.protocol import MAX_PAYLOAD_BYTES, OUTPUT_TAIL_BYTES, PROTOCOL_VERSION, RELEASED, JobResult
 
-from .store import Journal, encode_env, encode_tags
+from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, LOST, QUEUED, RUNNING, TIMEOUT, AgentRecord, AgentState,
+                      Job, TaskTuple)
+from .reports import check_results
+from .store import Journal, Outcome, encode_env, encode_tags
+from .rows import pack
+from .validate import MAX_JOBS, Checked, check, is_whole, payload_rule, shown, size_rule
+from .views import Views
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, HELD = JobState.QUEUED.value, JobState.RUNNING.value, JobState.HELD.value
-DONE, FAILED, TIMEOUT = JobState.DONE.value, JobState.FAILED.value, JobState.TIMEOUT.value
-CANCELLED, LOST = JobState.CANCELLED.value, JobState.LOST.value
-RELEASED = "released"  # an agent handing back a job it never started (draining)
-FINAL = {s.value for s in FINAL_STATES}
-MAX_SUBMIT = 100_000  # jobs in one submit() call
-MAX_RETRIES = 100
 RECENT_FINAL = 200_000  # final states kept in memory for wait(); older ones are read from the journal
-
-
-class Job:
-    """A job the master is still responsible for (queued, running or held)."""
-
-    __slots__ = (
-        "id", "name", "command", "func", "payload", "env", "cwd", "priority", "timeout", "retries",
-        "tags", "state", "attempts", "failures", "lost", "agent", "submitted", "started",
-    )
-
-    def __init__(self, id: int, name: str, command: str | None, func: str | None, payload: bytes | None,
-                 env: dict, cwd: str | None, priority: int, timeout: float | None, retries: int,
-                 tags: frozenset, state: str = QUEUED, attempts: int = 0, failures: int = 0, lost: int = 0,
-                 agent: str | None = None, submitted: float = 0.0, started: float | None = None) -> None:
-        self.id, self.name, self.command, self.func, self.payload = id, name, command, func, payload
-        self.env, self.cwd, self.priority, self.timeout, self.retries = env, cwd, priority, timeout, retries
-        self.tags, self.state, self.attempts, self.failures, self.lost = tags, state, attempts, failures, lost
-        self.agent, self.submitted, self.started = agent, submitted, started
-
-    def task(self) -> tuple:
-        """The wire form of this job's current attempt (agent.protocol.Task)."""
-        return (self.id, self.attempts, self.command, self.func, self.payload, self.env, self.cwd, self.timeout)
-
-
-class AgentRecord:
-    """An agent as the master sees it."""
-
-    __slots__ = ("name", "session", "info", "tags", "slots", "running", "cancel", "done", "failed",
-                 "last_seen", "registered", "state", "credit")
-
-    def __init__(self, name: str, session: str, info: dict, now: float) -> None:
-        self.name = name
-        self.session = session
-        self.info = info
-        self.tags = frozenset(info.get("tags") or ())
-        self.slots = int(info.get("slots") or 1)
-        self.running: set[int] = set()
-        self.cancel: set[int] = set()
-        self.done = 0
-        self.failed = 0
-        self.last_seen = now
-        self.registered = now
-        self.state = "up"
-        self.credit = 0  # how many more jobs the agent said it would take (its last take/report)
-
-    def wire(self, now: float) -> dict:
-        return {
-            "name": self.name,
-            "host": self.info.get("host", ""),
-            "pid": self.info.get("pid", 0),
-            "state": self.state,
-            "slots": self.slots,
-            "busy": len(self.running),
-            "done": self.done,
-            "failed": self.failed,
-            "tags": sorted(self.tags),
-            "python": self.info.get("python", ""),
-            "started_by": self.info.get("started_by", "manual"),
-            "last_seen": self.last_seen,
-            "heartbeat_age": max(0.0, now - self.last_seen),
-            "registered": self.registered,
-        }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_valid_funcs: set[str] = set()  # module:function names already checked (submissions repeat them)
-
-
-def _check_func(func: Any, where: str) -> None:
-    if func in _valid_funcs:
-        return
-    module, _, attr = func.partition(":") if isinstance(func, str) else ("", "", "")
-    if not module or not attr or not all(p.isidentifier() for p in module.split(".") + attr.split(".")):
-        raise BadJobSpec(f"{where}: {func!r} is not a module:function name", "e.g. mypkg.tasks:resize")
-    if len(_valid_funcs) < 10_000:
-        _valid_funcs.add(func)
-
-
-def validate(spec: Any, where: str) -> tuple:
-    """Check one submitted spec (plain data, from anyone holding the authkey); returns
-    (name, command, func, payload, env, cwd, priority, timeout, retries, tags) or raises BadJobSpec."""
-    if type(spec) is not dict:
-        raise BadJobSpec(f"{where}: a job spec must be a dict, not {type(spec).__name__}")
-    get = spec.get
-    command, func, payload = get("command"), get("func"), get("payload")
-    if (command is None) == (func is None):
-        raise BadJobSpec(f"{where}: give exactly one of a shell command or a module:function")
-    if command is not None and (type(command) is not str or not command.strip()):
-        raise BadJobSpec(f"{where}: the command is empty", "give the command after --, e.g. corral submit -- echo hi")
-    if func is not None:
-        _check_func(func, where)
-    if payload is not None and type(payload) is not bytes:
-        raise BadJobSpec(f"{where}: the arguments must arrive pickled, as bytes")
-    if len(payload or b"") + len(command or "") > MAX_PAYLOAD_BYTES:
-        raise BadJobSpec(f"{where}: the job is {len(payload or b'') + len(command or '')} bytes;"
-                         f" the limit is {MAX_PAYLOAD_BYTES}", "pass large data by path, not by value")
-    name, env, cwd = get("name") or "", get("env") or {}, get("cwd")
-    priority, timeout, retries, tags = get("priority", 0), get("timeout"), get("retries", 0), get("tags") or ()
-    if type(name) is not str or len(name) > 200:
-        raise BadJobSpec(f"{where}: the name must be text of at most 200 characters")
-    if type(env) is not dict or (env and not all(type(k) is str and type(v) is str for k, v in env.items())):
-        raise BadJobSpec(f"{where}: env must map names to strings")
-    if cwd is not None and type(cwd) is not str:
-        raise BadJobSpec(f"{where}: cwd must be a path")
-    if type(priority) is not int:
-        raise BadJobSpec(f"{where}: priority must be a whole number, not {priority!r}")
-    if timeout is not None:
-        if type(timeout) not in (int, float) or not math.isfinite(timeout) or timeout <= 0:
-            raise BadJobSpec(f"{where}: timeout must be a positive number of seconds, not {timeout!r}")
-        timeout = float(timeout)
-    if type(retries) is not int or not 0 <= retries <= MAX_RETRIES:
-        raise BadJobSpec(f"{where}: retries must be a whole number from 0 to {MAX_RETRIES}, not {retries!r}")
-    if tags:
-        if type(tags) not in (list, tuple) or not all(type(t) is str and t for t in tags):
-            raise BadJobSpec(f"{where}: tags must be a list of non-empty strings")
-        tags = tuple(sorted(set(tags)))
-    return name, command, func, payload, env, cwd, priority, timeout, retries, tuple(tags)
-
-
-_RESULT_STATES = frozenset({DONE, FAILED, TIMEOUT, CANCELLED, RELEASED})
-_OPT_INT, _OPT_BYTES, _NUMBER = (int, type(None)), (bytes, type(None)), (int, float)
-_INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
-
-
-def _storable(text: str) -> bool:
-    """Whether SQLite can store this text (UTF-8): lone surrogates cannot be encoded."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _times(n: int) -> str:
     return f"{n} time" if n == 1 else f"{n} times"
 
 
-def _check_results(results: Any) -> None:
-    """Refuse a malformed report whole (an agent holding the authkey may still be buggy), and one the
-    journal could not store: nothing of it may change the master's state unless all of it is written.
-    Written for the hot path (every result of every job passes here): plain type() tests, no generators."""
-    if type(results) is not list:
-        raise CorralError("malformed report: results must be a list")
-    lowest, highest = _INT64.start, _INT64.stop
-    for row in results:
-        if type(row) not in (tuple, list) or len(row) != 11:
-            raise CorralError(f"malformed report: bad result row {str(row)[:200]}")
-        job_id, attempt, state, exit_code, value, out, err, error, tb, started, ended = row
-        if (type(job_id) is not int or type(attempt) is not int or type(state) is not str
-                or state not in _RESULT_STATES or type(exit_code) not in _OPT_INT or type(value) not in _OPT_BYTES
-                or type(out) is not str or type(err) is not str or type(error) is not str or type(tb) is not str
-                or type(started) not in _NUMBER or type(ended) not in _NUMBER
-                or not lowest <= job_id < highest or not lowest <= attempt < highest
-                or (exit_code is not None and not lowest <= exit_code < highest)
-                or not ((out.isascii() and err.isascii() and error.isascii() and tb.isascii())
-                        or (_storable(out) and _storable(err) and _storable(error) and _storable(tb)))):
-            raise CorralError(f"malformed report: bad result row {str(row)[:200]}")
-
-
 class Scheduler:
-    """The master's state. Every public method is called from a manager thread, under one lock."""
+    """The master's state. Every public method is called from a manager thread, under one lock.
 
-    def __init__(self, journal: Journal, lease_seconds: float = 10.0, max_lost: int = 3,
-                 on_event: Callable[[str], None] | None = None) -> None:
+    Events (a job queued, dispatched, finished; an agent up or lost) are logged at INFO: `corral master -v`
+    prints them one per line."""
+
+    def __init__(self, journal: Journal, lease_seconds: float = 10.0, max_lost: int = 3) -> None:
         self.journal = journal
         self.lease_seconds = lease_seconds
         self.max_lost = max_lost
-        self.on_event = on_event
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)  # takers wait here: new work or a cancel for them
         self.finished = threading.Condition(self.lock)  # wait() callers wait here
         self.jobs: dict[int, Job] = {}
-        self.queues: dict[frozenset, list[tuple[int, int]]] = {}  # tag set -> heap of (-priority, id)
+        self.queues: dict[frozenset[str], list[tuple[int, int]]] = {}  # tag set -> heap of (-priority, id)
         self.agents: dict[str, AgentRecord] = {}
         self.sessions: dict[str, AgentRecord] = {}
         self.recent_final: OrderedDict[int, str] = OrderedDict()
@@ -212,30 +54,24 @@ class Scheduler:
         self.seq = 0  # bumped on every change, for incremental snapshots
         self.changes: deque[tuple[int, int]] = deque(maxlen=200_000)  # (seq, job id)
         self.started = time.time()
+        self.views = Views(self)
         self._recover()
 
     # ---- recovery -----------------------------------------------------------------------
 
     def _recover(self) -> None:
         """Rebuild the queues from the journal: queued stay queued; running wait for their agent."""
-        import json
-
         self.next_id = self.journal.max_id() + 1
         for row in self.journal.active_jobs():
-            (job_id, name, command, func, payload, env, cwd, priority, timeout, retries, tags, state,
-             attempts, failures, lost, agent, submitted, started, *_rest) = row
-            job = Job(job_id, name, command, func, payload, json.loads(env), cwd, priority, timeout, retries,
-                      frozenset(json.loads(tags)), state, attempts, failures, lost, agent, submitted, started)
-            self.jobs[job_id] = job
-            if state == QUEUED:
+            job = Job(row.id, row.name, row.command, row.func, row.payload, json.loads(row.env), row.cwd,
+                      row.priority, row.timeout, row.retries, frozenset(json.loads(row.tags)), row.state,
+                      row.attempts, row.failures, row.lost, row.agent, row.submitted, row.started)
+            self.jobs[job.id] = job
+            if job.state == QUEUED:
                 self._enqueue(job)
         self.orphans_since = time.time()  # running jobs with no agent yet: reconciled or re-queued after a lease
 
     # ---- helpers (lock held) ------------------------------------------------------------
-
-    def _emit(self, line: str) -> None:
-        if self.on_event is not None:
-            self.on_event(line)
 
     def _changed(self, job_id: int) -> None:
         self.seq += 1
@@ -259,7 +95,7 @@ class Scheduler:
                 taken.append(job)
         return taken
 
-    def _dispatch(self, agent: AgentRecord, jobs: list[Job]) -> list[tuple]:
+    def _dispatch(self, agent: AgentRecord, jobs: list[Job]) -> list[TaskTuple]:
         now = time.time()
         rows = []
         for job in jobs:
@@ -274,9 +110,9 @@ class Scheduler:
         if self.live_output:  # a new attempt starts with no output of its own yet
             for job in jobs:
                 self.live_output.pop(job.id, None)
-        if self.on_event is not None:
+        if log.isEnabledFor(logging.INFO):
             for job in jobs:
-                self._emit(f"dispatched {job.id} → {agent.name}")
+                log.info("dispatched %d → %s", job.id, agent.name)
         return [job.task() for job in jobs]
 
     def _final(self, job_id: int, state: str) -> None:
@@ -289,82 +125,93 @@ class Scheduler:
         if agent is None:
             raise UnknownAgent(f"unknown agent session {session!r}", "register again")
         agent.last_seen = time.time()
-        if agent.state == "lost":
-            agent.state = "up"
+        if agent.state is AgentState.LOST:
+            agent.state = AgentState.UP
         return agent
 
-    def _check_ids(self, ids: Iterable[Any]) -> list[int]:
+    def check_ids(self, ids: Any) -> list[int]:
+        """The job ids a peer sent, checked (lock held): UnknownJob for one this master never issued."""
+        if not isinstance(ids, (list, tuple)):
+            raise UnknownJob(f"job ids must come as a list, not {shown(ids)}")
         out = []
         for job_id in ids:
-            if not _is_int(job_id) or not 0 < job_id < self.next_id:
-                raise UnknownJob(f"no job {job_id!r}", "list jobs with `corral jobs`")
+            if not is_whole(job_id) or not 0 < job_id < self.next_id:
+                raise UnknownJob(f"no job {shown(job_id)}", "list jobs with `corral jobs`")
             out.append(job_id)
         return out
 
     # ---- clients ------------------------------------------------------------------------
 
-    def hello(self) -> dict:
+    def hello(self) -> dict[str, Any]:
         return {"protocol": PROTOCOL_VERSION, "started": self.started, "journal": str(self.journal.path)}
 
-    def submit(self, specs: list) -> list[int]:
+    def submit(self, specs: Any) -> list[int]:
         """Queue jobs; they are in the journal before this returns. All or nothing."""
         if not isinstance(specs, list) or not specs:
             raise BadJobSpec("submit() takes a non-empty list of job specs")
-        if len(specs) > MAX_SUBMIT:
-            raise BadJobSpec(f"{len(specs)} jobs in one call; the limit is {MAX_SUBMIT}", "submit in batches")
+        if len(specs) > MAX_JOBS:
+            raise BadJobSpec(f"{len(specs)} jobs in one call; the limit is {MAX_JOBS}", "submit in batches")
         total = len(specs)
-        return self._queue([validate(spec, f"job {i + 1} of {total}" if total > 1 else "job")
-                            for i, spec in enumerate(specs)])
+        if total == 1:
+            return self._queue([check(specs[0], "job")])
+        return self._queue([check(spec, f"job {i + 1} of {total}") for i, spec in enumerate(specs)])
 
-    def submit_map(self, template: dict, payloads: list, wait: float = 0.0) -> tuple[list[int], list[tuple]]:
+    def submit_map(self, template: Any, payloads: Any, wait: float = 0.0) -> tuple[list[int], list[tuple[Any, ...]]]:
         """Queue one callable over many argument payloads (what Client.map sends): the template is
         checked once, each payload only for type and size. Then wait up to `wait` seconds and return
         (ids, outcomes of those already final), so one round trip can carry a whole small map."""
-        if not isinstance(payloads, list) or not payloads or len(payloads) > MAX_SUBMIT:
-            raise BadJobSpec(f"submit_map() takes a list of 1 to {MAX_SUBMIT} payloads")
+        if not isinstance(payloads, list) or not payloads or len(payloads) > MAX_JOBS:
+            raise BadJobSpec(f"submit_map() takes a list of 1 to {MAX_JOBS} payloads")
         if not isinstance(template, dict) or template.get("func") is None:
             raise BadJobSpec("submit_map() needs a template with a module:function")
-        name, command, func, _, env, cwd, priority, timeout, retries, tags = validate(dict(template, payload=None), "template")
+        base = check(dict(template, payload=None), "template")
         for i, payload in enumerate(payloads):
             if type(payload) is not bytes or len(payload) > MAX_PAYLOAD_BYTES:
-                validate(dict(template, payload=payload), f"job {i + 1} of {len(payloads)}")
-        ids = self._queue([(name, command, func, payload, env, cwd, priority, timeout, retries, tags)
-                           for payload in payloads])
+                where = f"job {i + 1} of {len(payloads)}"
+                try:
+                    payload_rule(payload)
+                    size_rule(None, payload)
+                except BadJobSpec as exc:
+                    raise BadJobSpec(f"{where}: {exc.message}", exc.hint) from None
+        ids = self._queue([base] * len(payloads), payloads)
         return ids, (self.wait_outcomes(ids, wait) if wait and wait > 0 else [])
 
-    def _queue(self, checked: list[tuple]) -> list[int]:
-        """Journal, then queue, validated jobs (validate()'s tuples); returns their ids."""
+    def _queue(self, checked: list[Checked], payloads: list[bytes] | None = None) -> list[int]:
+        """Journal, then queue, checked jobs; returns their ids. `payloads`, when given, replace each
+        job's own (submit_map: one template, many payloads, no spec built per payload)."""
         total = len(checked)
         now = time.time()
-        no_tags: frozenset = frozenset()
+        no_tags: frozenset[str] = frozenset()
+        # The records are made before the lock (dispatch need not wait on them); only ids are given under it.
+        new = [Job(0, c.name, c.command, c.func, c.payload if payloads is None else payloads[i], c.env, c.cwd,
+                   c.priority, c.timeout, c.retries, frozenset(c.tags) if c.tags else no_tags, submitted=now)
+               for i, c in enumerate(checked)]
         with self.lock:
             first = self.next_id
-            rows = [(first + i, name, command, func, payload, encode_env(env), cwd, priority, timeout, retries,
-                     encode_tags(tags), now)
-                    for i, (name, command, func, payload, env, cwd, priority, timeout, retries, tags)
-                    in enumerate(checked)]
-            self.journal.write([(Journal.INSERT_JOB, rows)])
+            for i, job in enumerate(new):
+                job.id = first + i
+            self.journal.write([(Journal.INSERT_JOB, [
+                (job.id, job.name, job.command, job.func, job.payload, encode_env(job.env), job.cwd, job.priority,
+                 job.timeout, job.retries, encode_tags(c.tags), now) for job, c in zip(new, checked)])])
             self.next_id = first + total
             jobs, changes, seq = self.jobs, self.changes, self.seq
-            for i, (name, command, func, payload, env, cwd, priority, timeout, retries, tags) in enumerate(checked):
-                job = Job(first + i, name, command, func, payload, env, cwd, priority, timeout, retries,
-                          frozenset(tags) if tags else no_tags, submitted=now)
+            for job in new:
                 jobs[job.id] = job
                 self._enqueue(job)
                 seq += 1
                 changes.append((seq, job.id))
             self.seq = seq
             self.work.notify_all()
-        if self.on_event is not None:
-            self._emit(f"queued {first}" if len(checked) == 1 else f"queued {first}..{first + len(checked) - 1}")
-        return list(range(first, first + len(checked)))
+        if log.isEnabledFor(logging.INFO):
+            log.info("queued %s", first if total == 1 else f"{first}..{first + total - 1}")
+        return list(range(first, first + total))
 
-    def cancel(self, ids: list) -> dict[int, str]:
+    def cancel(self, ids: Any) -> dict[int, str]:
         """Cancel jobs: queued ones at once, running ones by their agent (within a second)."""
         with self.lock:
-            job_ids = self._check_ids(ids)
+            job_ids = self.check_ids(ids)
             outcome: dict[int, str] = {}
-            rows = []
+            rows: list[tuple[Any, ...]] = []
             now = time.time()
             for job_id in job_ids:
                 job = self.jobs.get(job_id)
@@ -388,29 +235,29 @@ class Scheduler:
             self.work.notify_all()
         for job_id, what in outcome.items():
             if what in (CANCELLED, "cancelling"):
-                self._emit(f"cancel {job_id}: {what}")
+                log.info("cancel %d: %s", job_id, what)
         return outcome
 
-    def requeue(self, ids: list) -> list[int]:
+    def requeue(self, ids: Any) -> list[int]:
         """Queue finished jobs again as new jobs with the same spec; returns the new ids."""
         with self.lock:
-            job_ids = self._check_ids(ids)
+            job_ids = self.check_ids(ids)
         specs = []
         for job_id in job_ids:
             row = self.journal.job(job_id)
-            import json
-
-            specs.append({"name": row[1], "command": row[2], "func": row[3], "payload": row[4],
-                          "env": json.loads(row[5]), "cwd": row[6], "priority": row[7], "timeout": row[8],
-                          "retries": row[9], "tags": json.loads(row[10])})
+            if row is None:
+                raise UnknownJob(f"no job {job_id}")
+            specs.append({"name": row.name, "command": row.command, "func": row.func, "payload": row.payload,
+                          "env": json.loads(row.env), "cwd": row.cwd, "priority": row.priority,
+                          "timeout": row.timeout, "retries": row.retries, "tags": json.loads(row.tags)})
         return self.submit(specs)
 
-    def wait(self, ids: list, timeout: float | None = 1.0) -> dict[int, str]:
+    def wait(self, ids: Any, timeout: float | None = 1.0) -> dict[int, str]:
         """Long poll: return {id: state} for those of `ids` that are final, waiting up to `timeout`
         for all of them to be."""
         deadline = None if timeout is None else time.time() + min(float(timeout), 30.0)
         with self.lock:
-            pending = set(self._check_ids(ids))
+            pending = set(self.check_ids(ids))
             while True:
                 pending = {j for j in pending if j in self.jobs}
                 if not pending:
@@ -423,97 +270,48 @@ class Scheduler:
             states = {j: self.recent_final[j] for j in done_ids if j in self.recent_final}
         missing = [j for j in done_ids if j not in states]
         if missing:
-            states.update({row[0]: row[1] for row in self.journal.outcomes(missing)})
+            states.update({outcome.id: outcome.state for outcome in self.journal.outcomes(missing)})
         return states
 
-    def wait_outcomes(self, ids: list, timeout: float | None = 1.0) -> list[tuple]:
-        """Like wait(), but return the outcomes (id, state, exit_code, value, error) of the final ones."""
+    def wait_outcomes(self, ids: Any, timeout: float | None = 1.0) -> list[tuple[Any, ...]]:
+        """Like wait(), but return the outcomes of the final ones (store.Outcome, as plain tuples)."""
         final = self.wait(ids, timeout)
-        return self.journal.outcomes([j for j in ids if j in final]) if final else []
+        return pack(self.journal.outcomes([j for j in ids if j in final])) if final else []
 
-    def outcomes(self, ids: list) -> list[tuple]:
-        """(id, state, exit_code, value, error) of each job, in the order asked."""
+    def outcomes(self, ids: Any) -> list[tuple[Any, ...]]:
+        """Each job's outcome (store.Outcome, as a plain tuple), in the order asked."""
         with self.lock:
-            job_ids = self._check_ids(ids)
-        rows = {row[0]: row for row in self.journal.outcomes(job_ids)}
-        return [rows[j] for j in job_ids]
+            job_ids = self.check_ids(ids)
+        found: dict[int, Outcome] = {outcome.id: outcome for outcome in self.journal.outcomes(job_ids)}
+        return pack(found[j] for j in job_ids)
 
-    def job(self, job_id: Any) -> dict:
-        with self.lock:
-            self._check_ids([job_id])
-        row = self.journal.job(job_id)
-        if row is None:
-            raise UnknownJob(f"no job {job_id!r}")
-        keys = ("id name command func payload env cwd priority timeout retries tags state attempts failures"
-                " lost agent submitted started ended exit_code value error").split()
-        record = dict(zip(keys, row))
-        import json
+    # ---- looking: what clients and the console read (views.py) -----------------------------
 
-        record["env"] = json.loads(record["env"])
-        record["tags"] = json.loads(record["tags"])
-        akeys = "attempt agent state started ended exit_code stdout stderr error traceback counted".split()
-        record["attempt_list"] = [dict(zip(akeys, a)) for a in self.journal.attempts(job_id)]
-        if record["state"] == DONE and not any(a["counted"] for a in record["attempt_list"]):
-            # A clean first run has no attempts row of its own (see _apply_results): the jobs row is it.
-            record["attempt_list"].append({
-                "attempt": record["attempts"], "agent": record["agent"], "state": DONE,
-                "started": record["started"], "ended": record["ended"], "exit_code": record["exit_code"],
-                "stdout": "", "stderr": "", "error": "", "traceback": "", "counted": 1,
-            })
-        with self.lock:
-            live = self.jobs.get(job_id)
-            if live is not None:  # the journal may lag a running job's in-memory state by nothing; be exact
-                record["state"], record["agent"], record["attempts"] = live.state, live.agent, live.attempts
-                if live.state == RUNNING and job_id in self.live_output:
-                    record["live_stdout"], record["live_stderr"] = self.live_output[job_id]
-        return record
+    def job(self, job_id: Any) -> dict[str, Any]:
+        return self.views.job(job_id)
 
-    def list_jobs(self, states: list | None = None, limit: int = 1000) -> list[dict]:
-        keys = "id name command func priority tags state attempts agent submitted started ended exit_code error".split()
-        rows = self.journal.summaries(states or None, int(limit), newest_first=True)
-        import json
+    def list_jobs(self, states: Any = None, limit: int = 1000) -> list[dict[str, Any]]:
+        return self.views.list_jobs(states, limit)
 
-        out = []
-        for row in rows:
-            record = dict(zip(keys, row))
-            record["tags"] = json.loads(record["tags"])
-            out.append(record)
-        return out
+    def status(self) -> dict[str, Any]:
+        return self.views.status()
 
-    def status(self) -> dict:
-        now = time.time()
-        with self.lock:
-            agents = [a.wire(now) for a in self.agents.values()]
-            recent = sum(1 for t in self.finished_times if t > now - 10)
-            active = {QUEUED: 0, RUNNING: 0, HELD: 0}
-            for job in self.jobs.values():
-                active[job.state] = active.get(job.state, 0) + 1
-        counts = {state.value: 0 for state in JobState}
-        counts.update(self.journal.counts())
-        counts.update(active)
-        return {
-            "counts": counts,
-            "agents": agents,
-            "slots": sum(a["slots"] for a in agents if a["state"] != "lost"),
-            "busy": sum(a["busy"] for a in agents),
-            "rate": recent / 10.0,
-            "seq": self.seq,
-            "uptime": now - self.started,
-        }
+    def snapshot(self, since: Any = 0, views: Any = None) -> dict[str, Any]:
+        return self.views.snapshot(since, views)
 
-    def agent_list(self) -> list[dict]:
+    def agent_list(self) -> list[dict[str, Any]]:
         now = time.time()
         with self.lock:
             return [a.wire(now) for a in self.agents.values()]
 
     # ---- agents -------------------------------------------------------------------------
 
-    def register(self, info: dict, running: list) -> dict:
+    def register(self, info: Any, running: Any) -> dict[str, Any]:
         """An agent (re)joins; it says which job ids it is still running."""
         if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not info["name"]:
             raise CorralError("register() needs the agent's info with a name")
         if info.get("protocol") != PROTOCOL_VERSION:
-            raise ProtocolMismatch(f"agent speaks protocol {info.get('protocol')}, master {PROTOCOL_VERSION}",
+            raise ProtocolMismatch(f"agent speaks protocol {shown(info.get('protocol'))}, master {PROTOCOL_VERSION}",
                                    "deploy the agent that matches this master")
         now = time.time()
         name = info["name"]
@@ -521,12 +319,12 @@ class Scheduler:
             if not isinstance(running, list):
                 raise CorralError("register() needs the list of job ids the agent still holds")
             old = self.agents.get(name)
-            if (old is not None and old.state not in ("lost", "stopped") and now - old.last_seen < self.lease_seconds
+            if (old is not None and not old.state.gone and now - old.last_seen < self.lease_seconds
                     and old.info.get("instance") != info.get("instance")):
-                raise NameTaken(f"an agent named {name!r} is already connected (pid {old.info.get('pid')} on"
-                                f" {old.info.get('host') or '?'})", "give this one another --name")
+                raise NameTaken(f"an agent named {shown(name)} is already connected (pid {shown(old.info.get('pid'))}"
+                                f" on {str(old.info.get('host') or '?')[:100]})", "give this one another --name")
             agent = AgentRecord(name, uuid.uuid4().hex, info, now)
-            still = {j for j in running if _is_int(j)}
+            still = {j for j in running if is_whole(j)}
             if old is not None:
                 self.sessions.pop(old.session, None)
                 agent.done, agent.failed = old.done, old.failed
@@ -538,17 +336,17 @@ class Scheduler:
             self._requeue_lost(ours, keep=still, reason=f"agent {name} came back without it")
             self.agents[name] = agent
             self.sessions[agent.session] = agent
-        self._emit(f"agent {name} up: {agent.slots} slots, tags {','.join(sorted(agent.tags)) or '-'}")
+        log.info("agent %s up: %d slots, tags %s", name, agent.slots, ",".join(sorted(agent.tags)) or "-")
         return {"session": agent.session, "lease": self.lease_seconds}
 
-    def _serve_credit(self, agent: AgentRecord) -> tuple[list[tuple], list[int]]:
-        jobs = self._pop(agent, agent.credit) if agent.credit > 0 and agent.state != "draining" else []
+    def _serve_credit(self, agent: AgentRecord) -> tuple[list[TaskTuple], list[int]]:
+        jobs = self._pop(agent, agent.credit) if agent.credit > 0 and agent.state is not AgentState.DRAINING else []
         agent.credit -= len(jobs)
         cancel = sorted(agent.cancel)
         agent.cancel.clear()
         return (self._dispatch(agent, jobs) if jobs else []), cancel
 
-    def take(self, session: str, want: int, wait: float = 1.0) -> tuple[list[tuple], list[int]]:
+    def take(self, session: str, want: int, wait: float = 1.0) -> tuple[list[TaskTuple], list[int]]:
         """Long poll for work: up to `want` tasks and any ids to cancel, waiting up to `wait` seconds.
 
         `want` is the agent's credit; a report() meanwhile may raise it, and the parked take then
@@ -567,93 +365,103 @@ class Scheduler:
                 self.work.wait(remaining)
                 agent.last_seen = time.time()
 
-    def report(self, session: str, results: list, running: list, want: int = 0,
-               live: dict | None = None) -> tuple[list[tuple], list[int]]:
+    def report(self, session: str, results: Any, running: Any, want: int = 0,
+               live: Any = None) -> tuple[list[TaskTuple], list[int]]:
         """Results in, new work out, in one round trip; also the heartbeat. Returns (tasks, ids to cancel).
         `live` maps running job ids to their latest (stdout, stderr) tails, for the console to follow."""
+        # All of a report is checked, before any of it changes anything, and before the lock: a
+        # malformed one costs dispatch nothing.
+        checked = check_results(results) if results else []
         with self.lock:
             agent = self._agent(session)
             if live:
                 self._take_live_output(agent, live)
-            if results:
-                if self.live_output and type(results) is list:  # ended jobs' live tails go (rarely any)
-                    for row in results:
-                        if type(row) in (tuple, list) and row:
-                            self.live_output.pop(row[0], None)
-                self._apply_results(agent, results)
+            if checked:
+                if self.live_output:  # ended jobs' live tails go (rarely any)
+                    for result in checked:
+                        self.live_output.pop(result.job_id, None)
+                self._apply_results(agent, checked)
                 # Only a report that freed slots renews the credit: a bare heartbeat must not grant
                 # a second credit for the slot a parked take() is already serving (priority order).
                 agent.credit = max(0, int(want))
             return self._serve_credit(agent)
 
-    def _apply_results(self, agent: AgentRecord, results: list) -> None:
-        _check_results(results)  # all of it, before any of it changes anything
-        now = time.time()
-        finish_rows, requeue_rows, attempt_rows = [], [], []
-        events = []
+    def _apply_results(self, agent: AgentRecord, results: list[JobResult]) -> None:
+        """Apply an agent's checked results, then journal them in one transaction."""
+        writes = _Writes(verbose=log.isEnabledFor(logging.INFO))
         seen: set[tuple[int, int]] = set()
-        for row in results:
-            (job_id, attempt, state, exit_code, value, stdout, stderr, error, tb, started, ended) = row
-            if (job_id, attempt) in seen:
+        for result in results:
+            key = (result.job_id, result.attempt)
+            if key in seen:
                 continue  # the same attempt twice in one report: the first one stands
-            seen.add((job_id, attempt))
-            job = self.jobs.get(job_id)
-            agent.running.discard(job_id)
-            counted = job is not None and job.state == RUNNING and job.attempts == attempt and job.agent == agent.name
-            if not counted and job is not None and state == DONE and (
-                    attempt < job.attempts or (attempt == job.attempts and job.state == QUEUED)):
-                # A late success of an attempt re-queued meanwhile (its agent was lost, then came
-                # back), whether dispatched again or still queued: the first attempt to finish
-                # wins, and the one still running is cancelled.
-                counted = True
-                other = self.agents.get(job.agent or "") if job.state == RUNNING else None
-                if other is not None:
-                    other.cancel.add(job_id)
-                events.append(f"late result of {job_id} attempt {attempt} from {agent.name} wins")
-            if not counted and state != RELEASED and self._reported_before(job_id, attempt, agent.name, state, ended):
-                continue  # a report sent again (its reply was lost): this result is in the journal already
-            # A clean, counted run needs no row of its own: the jobs row holds its whole story.
-            if state != RELEASED and (stdout or stderr or error or not counted or state != DONE or attempt > 1):
-                attempt_rows.append((job_id, attempt, agent.name, state, started, ended, exit_code,
-                                     stdout, stderr, error, tb, int(counted)))
-            if not counted:
-                continue  # a stale attempt (re-queued meanwhile, or already final): history only
-            self._changed(job_id)
-            if state == RELEASED:
-                job.state, job.agent = QUEUED, None
-                job.attempts -= 1
-                self._enqueue(job)
-                requeue_rows.append((job.attempts, job.failures, job.lost, job_id))
-                continue
-            if state in (FAILED, TIMEOUT):
-                job.failures += 1
-                agent.failed += 1
-                if job.failures <= job.retries:
-                    job.state, job.agent = QUEUED, None
-                    self._enqueue(job)
-                    requeue_rows.append((job.attempts, job.failures, job.lost, job_id))
-                    events.append(f"{state} {job_id} on {agent.name}: {error or 'exit ' + str(exit_code)}; retry {job.failures}/{job.retries}")
-                    continue
-            else:
-                agent.done += 1
-            if state not in FINAL:
-                state = FAILED
-            del self.jobs[job_id]
-            self._final(job_id, state)
-            self.finished_times.append(now)
-            finish_rows.append((state, job.failures, agent.name, ended, exit_code, value, error, job_id))
-            if self.on_event is not None:
-                what = f"exit {exit_code}" if exit_code is not None else state
-                events.append(f"finished {job_id} on {agent.name}: {what} in {ended - started:.2f}s"
-                              if state == DONE else f"{state} {job_id} on {agent.name}: {error or what}")
-        self.journal.write([(Journal.ATTEMPT, attempt_rows), (Journal.FINISH, finish_rows),
-                            (Journal.REQUEUE, requeue_rows)])
-        if finish_rows:
+            seen.add(key)
+            self._apply_result(agent, result, writes)
+        self.journal.write([(Journal.ATTEMPT, writes.attempts), (Journal.FINISH, writes.finished),
+                            (Journal.REQUEUE, writes.requeued)])
+        if writes.finished:
             self.finished.notify_all()
-        if requeue_rows:
+        if writes.requeued:
             self.work.notify_all()
-        for line in events:
-            self._emit(line)
+        for event in writes.events:
+            log.info(*event)
+
+    def _apply_result(self, agent: AgentRecord, r: JobResult, writes: _Writes) -> None:
+        """One result: counted (the job's current attempt, or a late success), history only, or a repeat."""
+        job_id, attempt, state = r.job_id, r.attempt, r.state
+        job = self.jobs.get(job_id)
+        agent.running.discard(job_id)
+        counted = job is not None and job.state == RUNNING and job.attempts == attempt and job.agent == agent.name
+        if not counted and job is not None and state == DONE and (
+                attempt < job.attempts or (attempt == job.attempts and job.state == QUEUED)):
+            # A late success of an attempt re-queued meanwhile (its agent was lost, then came
+            # back), whether dispatched again or still queued: the first attempt to finish
+            # wins, and the one still running is cancelled.
+            counted = True
+            other = self.agents.get(job.agent or "") if job.state == RUNNING else None
+            if other is not None:
+                other.cancel.add(job_id)
+            writes.event("late result of %d attempt %d from %s wins", job_id, attempt, agent.name)
+        if not counted and state != RELEASED and self._reported_before(r, agent.name):
+            return  # a report sent again (its reply was lost): this result is in the journal already
+        # A clean, counted run needs no row of its own: the jobs row holds its whole story.
+        if state != RELEASED and (r.stdout or r.stderr or r.error or not counted or state != DONE or attempt > 1):
+            writes.attempts.append((job_id, attempt, agent.name, state, r.started, r.ended, r.exit_code,
+                                    r.stdout, r.stderr, r.error, r.traceback, int(counted)))
+        if not counted or job is None:
+            return  # a stale attempt (re-queued meanwhile, or already final): history only
+        self._changed(job_id)
+        if state == RELEASED:
+            job.attempts -= 1
+            self._requeue(job, writes.requeued)
+            return
+        if state in (FAILED, TIMEOUT):
+            job.failures += 1
+            agent.failed += 1
+            if job.failures <= job.retries:
+                self._requeue(job, writes.requeued)
+                writes.event("%s %d on %s: %s; retry %d/%d", state, job_id, agent.name,
+                             r.error or f"exit {r.exit_code}", job.failures, job.retries)
+                return
+        else:
+            agent.done += 1
+        if state not in FINAL:
+            state = FAILED
+        del self.jobs[job_id]
+        self._final(job_id, state)
+        self.finished_times.append(writes.now)
+        writes.finished.append((state, job.failures, agent.name, r.ended, r.exit_code, r.value, r.error, job_id))
+        if writes.verbose:
+            what = f"exit {r.exit_code}" if r.exit_code is not None else state
+            if state == DONE:
+                writes.event("finished %d on %s: %s in %.2fs", job_id, agent.name, what, r.ended - r.started)
+            else:
+                writes.event("%s %d on %s: %s", state, job_id, agent.name, r.error or what)
+
+    def _requeue(self, job: Job, rows: list[tuple[Any, ...]]) -> None:
+        """Back to the queue, ahead of newer work of its priority; `rows` gets its journal row."""
+        job.state, job.agent = QUEUED, None
+        self._enqueue(job)
+        rows.append((job.attempts, job.failures, job.lost, job.id))
 
     def _take_live_output(self, agent: AgentRecord, live: Any) -> None:
         """Keep (in memory only) the output tails of jobs running on this agent; drop the malformed."""
@@ -671,18 +479,19 @@ class Scheduler:
             for stale in [j for j in self.live_output if (self.jobs.get(j) is None or self.jobs[j].state != RUNNING)]:
                 del self.live_output[stale]
 
-    def _reported_before(self, job_id: int, attempt: int, agent: str, state: str, ended: float) -> bool:
+    def _reported_before(self, r: JobResult, agent: str) -> bool:
         """Whether this result of a job is already in the journal: as its outcome (same agent, state
         and end), or in its history (same attempt from the same agent). Only results that do not
         count get here, which is rare: a read of the journal is fine."""
-        row = self.journal.job(job_id)
-        if row is not None and (row[11], row[15], row[18]) == (state, agent, ended):
+        row = self.journal.job(r.job_id)
+        if row is not None and (row.state, row.agent, row.ended) == (r.state, agent, r.ended):
             return True
-        return any(a[0] == attempt and a[1] == agent for a in self.journal.attempts(job_id))
+        return any(a.attempt == r.attempt and a.agent == agent for a in self.journal.attempts(r.job_id))
 
     def _requeue_lost(self, agent: AgentRecord, keep: set[int], reason: str) -> None:
         """Jobs an agent held and no longer runs go back to the queue (or end `lost` past max_lost)."""
-        requeue_rows, finish_rows = [], []
+        requeue_rows: list[tuple[Any, ...]] = []
+        finish_rows: list[tuple[Any, ...]] = []
         now = time.time()
         for job_id in sorted(agent.running - keep):
             job = self.jobs.get(job_id)
@@ -694,26 +503,26 @@ class Scheduler:
                 del self.jobs[job_id]
                 self._final(job_id, LOST)
                 finish_rows.append((job.lost, now, f"its agent was lost {_times(job.lost)} ({reason})", job_id))
-                self._emit(f"lost {job_id}: its agent was lost {_times(job.lost)}")
+                log.info("lost %d: its agent was lost %s", job_id, _times(job.lost))
             else:
-                job.state, job.agent = QUEUED, None
-                self._enqueue(job)
-                requeue_rows.append((job.attempts, job.failures, job.lost, job_id))
-                self._emit(f"requeued {job_id}: {reason}")
+                self._requeue(job, requeue_rows)
+                log.info("requeued %d: %s", job_id, reason)
         agent.running &= keep
         if requeue_rows or finish_rows:
             self.journal.write([(Journal.REQUEUE, requeue_rows), (Journal.LOST, finish_rows)])
             self.work.notify_all()
             self.finished.notify_all()
 
+    # ---- the agent registry (deploy/service.py drains and retires agents it stops over SSH) ---------
+
     def drain_agent(self, name: str) -> bool:
         """Give this agent no more work (it is being drained over SSH); False if no such agent is up."""
         with self.lock:
             agent = self.agents.get(name)
-            if agent is None or agent.state in ("lost", "stopped"):
+            if agent is None or agent.state.gone:
                 return False
-            agent.state = "draining"
-        self._emit(f"agent {name} draining")
+            agent.state = AgentState.DRAINING
+        log.info("agent %s draining", name)
         return True
 
     def retire_agent(self, name: str, reason: str) -> None:
@@ -724,8 +533,8 @@ class Scheduler:
                 return
             self.sessions.pop(agent.session, None)
             self._requeue_lost(agent, keep=set(), reason=reason)
-            agent.state = "stopped"
-        self._emit(f"agent {name} stopped: {reason}")
+            agent.state = AgentState.STOPPED
+        log.info("agent %s stopped: %s", name, reason)
 
     def expire_leases(self) -> None:
         """Called every second: agents silent past their lease are lost and their jobs re-queued;
@@ -733,9 +542,9 @@ class Scheduler:
         now = time.time()
         with self.lock:
             for agent in list(self.agents.values()):
-                if agent.state not in ("lost", "stopped") and now - agent.last_seen > self.lease_seconds:
-                    agent.state = "lost"
-                    self._emit(f"agent {agent.name} lost: silent for {now - agent.last_seen:.1f}s")
+                if not agent.state.gone and now - agent.last_seen > self.lease_seconds:
+                    agent.state = AgentState.LOST
+                    log.info("agent %s lost: silent for %.1fs", agent.name, now - agent.last_seen)
                     self._requeue_lost(agent, keep=set(), reason=f"agent {agent.name} lost")
             if self.orphans_since and now - self.orphans_since > self.lease_seconds:
                 self.orphans_since = 0.0
@@ -750,223 +559,20 @@ class Scheduler:
                     ghost.running = ids
                     self._requeue_lost(ghost, keep=set(), reason=f"agent {name} did not come back")
 
-    # ---- console ------------------------------------------------------------------------
 
-    CONSOLE_WINDOW = 1000  # rows of one view in one snapshot
-    CONSOLE_WALK = 5000  # deeper than this into the queue, a view is computed from a copy, outside the lock
-    CONSOLE_CHANGED = 5000  # more changed ids than this since a console's last look: "many" (None)
-    CONSOLE_RATE_SECONDS = 60
-    # The console's running tally of final states and the change seq it is good to; set on first use
-    # (class-level defaults, so __init__ stays as it is).
-    _console_final: dict[str, int] | None = None
-    _console_seq = 0
+class _Writes:
+    """What one report changes: the journal's rows, and the log's events (kept only when logged)."""
 
-    def snapshot(self, since: int = 0, views: dict | None = None) -> dict:
-        """What a console draws, cheaply enough to ask a few times a second with 100,000 jobs about.
+    __slots__ = ("attempts", "finished", "requeued", "events", "verbose", "now")
 
-        Always: `seq`, the master's `now`, counts by state, agents, and finished jobs per second over
-        the last minute. When something changed since `since` (the `seq` of the caller's last look):
-        the ids that changed (`changed`, None when too many or too old to know), and the rows of each
-        view in `views` ({"dispatched"|"finished": {"offset", "limit", "match", "invert"}}), a window
-        of at most CONSOLE_WINDOW rows with the view's `total`, so no caller ever holds every job.
-        """
-        if not isinstance(views, dict):
-            views = {}
-        asked = {name: self._console_view(name, views[name]) for name in ("dispatched", "finished") if name in views}
-        now = time.time()
-        with self.lock:
-            seq = self.seq
-            fresh = not _is_int(since) or since <= 0 or since != seq  # since 0: "I have nothing yet"
-            changed = self._console_changed(since) if fresh else []
-            counts = self._console_counts()
-            agents = sorted((a.wire(now) for a in self.agents.values()), key=lambda a: a["name"])
-            rate = self._console_rate(now)
-            picked = {name: self._console_pick(name, *view) for name, view in asked.items()} if fresh else {}
-        out: dict[str, Any] = {
-            "seq": seq, "now": now, "counts": counts, "agents": agents, "rate": rate,
-            "slots": sum(a["slots"] for a in agents if a["state"] != "lost"),
-            "busy": sum(a["busy"] for a in agents), "changed": changed,
-        }
-        # The expensive halves run here, outside the lock, so dispatch never waits on a console.
-        for name, pick in picked.items():
-            out[name] = pick()
-        return out
+    def __init__(self, verbose: bool) -> None:
+        self.now = time.time()
+        self.attempts: list[tuple[Any, ...]] = []
+        self.finished: list[tuple[Any, ...]] = []
+        self.requeued: list[tuple[Any, ...]] = []
+        self.events: list[tuple[Any, ...]] = []
+        self.verbose = verbose
 
-    def _console_changed(self, since: Any) -> list[int] | None:
-        """Job ids changed after `since`, newest change last; None when the window lost them or they are many."""
-        changes = self.changes
-        if not _is_int(since) or since <= 0 or since > self.seq or not changes or changes[0][0] > since + 1:
-            return None  # nothing to compare with, a seq of an earlier master, or the log moved on
-        ids: dict[int, None] = {}
-        for seq, job_id in reversed(changes):
-            if seq <= since:
-                break
-            ids[job_id] = None
-            if len(ids) > self.CONSOLE_CHANGED:
-                return None
-        return list(reversed(ids))
-
-    def _console_counts(self) -> dict[str, int]:
-        """Counts by state without a table scan: active ones from memory, final ones kept up to date
-        from the change log (a job becomes final once, then never changes again)."""
-        final, cursor = self._console_final, self._console_seq
-        changes = self.changes
-        if final is None or (changes and changes[0][0] > cursor + 1):
-            # First look, or the change log moved on past us: one GROUP BY, under the lock so no
-            # finish can slip between the count and the cursor.
-            final = {s: n for s, n in self.journal.counts().items() if s in FINAL}
-        else:
-            seen: set[int] = set()
-            for seq, job_id in reversed(changes):
-                if seq <= cursor:
-                    break
-                if job_id in seen:
-                    continue
-                seen.add(job_id)
-                state = self.recent_final.get(job_id) if job_id not in self.jobs else None
-                if state is not None:
-                    final[state] = final.get(state, 0) + 1
-        self._console_final, self._console_seq = final, self.seq
-        running = self._console_running()
-        counts = {state.value: 0 for state in JobState}
-        counts.update(final)
-        counts[RUNNING] = len(running)
-        counts[QUEUED] = len(self.jobs) - len(running)
-        return counts
-
-    def _console_running(self) -> list[int]:
-        """Ids of running jobs: the agents hold them, except orphans a restarted master has not settled yet."""
-        if self.orphans_since:
-            return sorted(j.id for j in list(self.jobs.values()) if j.state == RUNNING)
-        return sorted(j for a in self.agents.values() for j in a.running)
-
-    def _console_rate(self, now: float) -> list[int]:
-        """Jobs finished in each of the last CONSOLE_RATE_SECONDS whole seconds, oldest first."""
-        import bisect
-
-        times = self.finished_times
-        end = math.floor(now)
-        edges = [bisect.bisect_left(times, end - k) for k in range(self.CONSOLE_RATE_SECONDS, -1, -1)]
-        return [b - a for a, b in zip(edges, edges[1:])]
-
-    def _console_view(self, name: str, view: Any) -> tuple[int, int, str, bool]:
-        """(offset, limit, lower-case needle, invert) of a view, or a CorralError saying what is wrong."""
-        if not isinstance(view, dict):
-            raise CorralError(f"bad {name} view {view!r}", "a dict of offset, limit, match, invert")
-        offset, limit, match = view.get("offset", 0), view.get("limit", 100), view.get("match") or ""
-        if not _is_int(offset) or offset < 0 or not _is_int(limit) or limit < 1 or not isinstance(match, str):
-            raise CorralError(f"bad {name} view {view!r}", "offset >= 0, limit >= 1, match a string")
-        return offset, min(limit, self.CONSOLE_WINDOW), match.lower(), bool(view.get("invert"))
-
-    def _console_pick(self, name: str, offset: int, limit: int, needle: str, invert: bool) -> Callable[[], dict]:
-        """Under the lock, take what a view needs from memory; return the rest of the work as a callable
-        to run after the lock is released."""
-        if name == "dispatched":
-            return self._console_dispatched(offset, limit, needle, invert)
-        ring = None
-        from itertools import islice
-
-        if not needle and offset + limit <= len(self.recent_final):
-            # The newest finished are the tail of recent_final, in the order they finished.
-            ring = [job_id for job_id, _ in islice(reversed(self.recent_final.items()), offset + limit)]
-            ring = ring[offset:]
-        total = sum((self._console_final or {}).values())
-        return lambda: self._console_finished(offset, limit, needle, invert, ring, total)
-
-    def _console_dispatched(self, offset: int, limit: int, needle: str, invert: bool) -> Callable[[], dict]:
-        running = self._console_running()
-        jobs = self.jobs
-        if not needle and offset + limit <= self.CONSOLE_WALK:
-            # Running first, then the queue in dispatch order (highest priority, then oldest): walk the
-            # heaps lazily, so the cost is the window's, not the queue's.
-            ids = running[offset : offset + limit]
-            skip = max(0, offset - len(running))
-            if len(ids) < limit:
-                ids += self._console_queued(skip, limit - len(ids))
-            rows = [self._console_row(jobs[j]) for j in ids if j in jobs]
-            total = len(jobs)
-            return lambda: {"offset": offset, "total": total, "rows": rows}
-        everyone = list(jobs.values())
-        running_set = set(running)
-
-        def rest() -> dict:
-            # A copy of the job list, read outside the lock: a row may be a moment stale, never torn
-            # enough to matter for a screen redrawn four times a second.
-            hits = [job for job in everyone if (needle in self._console_haystack(job)) != invert] if needle else everyone
-            hits.sort(key=lambda job: (job.id not in running_set, -job.priority if job.id not in running_set else 0, job.id))
-            return {"offset": offset, "total": len(hits),
-                    "rows": [self._console_row(job) for job in hits[offset : offset + limit]]}
-
-        return rest
-
-    def _console_queued(self, skip: int, count: int) -> list[int]:
-        """`count` queued ids after the first `skip`, in dispatch order, without popping the heaps."""
-        def walk(heap: list[tuple[int, int]]) -> Iterable[tuple[int, int]]:
-            frontier = [(heap[0], 0)]
-            while frontier:
-                item, i = heapq.heappop(frontier)
-                yield item
-                for child in (2 * i + 1, 2 * i + 2):
-                    if child < len(heap):
-                        heapq.heappush(frontier, (heap[child], child))
-
-        out: list[int] = []
-        seen: set[int] = set()
-        jobs = self.jobs
-        for _, job_id in heapq.merge(*(walk(h) for h in self.queues.values() if h)):
-            job = jobs.get(job_id)
-            if job is None or job.state != QUEUED or job_id in seen:
-                continue  # a stale heap entry (cancelled, or dispatched and queued again)
-            seen.add(job_id)
-            if skip:
-                skip -= 1
-                continue
-            out.append(job_id)
-            if len(out) >= count:
-                break
-        return out
-
-    @staticmethod
-    def _console_row(job: Job) -> tuple:
-        """(id, what, state, priority, agent, attempt, started, submitted, tags) of an active job."""
-        what = job.name or job.command or f"{job.func}()"
-        return (job.id, what, job.state, job.priority, job.agent, job.attempts, job.started, job.submitted,
-                ",".join(sorted(job.tags)))
-
-    def _console_finished(self, offset: int, limit: int, needle: str, invert: bool, ring: list[int] | None,
-                          total: int) -> dict:
-        """The finished window from the journal's reader connection (never under the scheduler lock)."""
-        columns = "id, name, command, func, state, agent, exit_code, started, ended, error, attempts"
-        final = tuple(sorted(FINAL))
-        marks = ",".join("?" * len(final))
-        journal = self.journal
-        with journal.read_lock:
-            if ring is not None:
-                found = {row[0]: row for row in journal.reader.execute(
-                    f"SELECT {columns} FROM jobs WHERE id IN ({','.join('?' * len(ring))})", ring)} if ring else {}
-                rows = [found[j] for j in ring if j in found]
-            else:
-                where = f"state IN ({marks})"
-                params: list[Any] = list(final)
-                if needle:
-                    hay = ("(CAST(id AS TEXT) || char(31) || name || char(31) || COALESCE(command, '') || char(31)"
-                           " || COALESCE(func, '') || char(31) || state || char(31) || COALESCE(agent, '')"
-                           " || char(31) || COALESCE(error, ''))")
-                    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                    where += f" AND {'NOT ' if invert else ''}{hay} LIKE ? ESCAPE '\\'"
-                    params.append(f"%{escaped}%")
-                    total = journal.reader.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()[0]
-                rows = journal.reader.execute(
-                    f"SELECT {columns} FROM jobs WHERE {where} ORDER BY ended DESC, id DESC LIMIT ? OFFSET ?",
-                    (*params, limit, offset)).fetchall()
-        out = []
-        for (job_id, name, command, func, state, agent, exit_code, started, ended, error, attempts) in rows:
-            what = name or command or f"{func}()"
-            out.append((job_id, what, state, agent, exit_code, started, ended, error or "", attempts))
-        return {"offset": offset, "total": total, "rows": out}
-
-    @staticmethod
-    def _console_haystack(job: Job) -> str:
-        """What a console filter matches in an active job: id, name, command, state, agent, tags (lower case)."""
-        return "\x1f".join((str(job.id), job.name or "", job.command or "", job.func or "", job.state,
-                            job.agent or "", ",".join(sorted(job.tags)))).lower()
+    def event(self, *message: Any) -> None:
+        if self.verbose:
+            self.events.append(message)

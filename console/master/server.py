@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import logging
 import os
 import pickle
@@ -16,13 +15,10 @@ import threading
 import time
 from multiprocessing import connection
 from multiprocessing.managers import BaseManager, Server
-from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence, Tuple
+from typing import Any, Callable, Mapping, Protocol, Sequence, Tuple, cast
 
 from corral.agent.connection import SERIALIZER
-from corral.agent.errors import CorralError
 from corral.agent.protocol import SCHEDULER_TYPEID
-from corral.agent.statedir import MASTER_NAME
 
 from ..state import StateDir
 from .scheduler import Scheduler
@@ -34,14 +30,18 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 HANDSHAKE_SECONDS = 10.0
 
-_SAFE_BUILTINS = frozenset()  # plain data needs no global at all: dict/list/tuple/str/bytes/int/float/bool/None
-
 
 class PlainDataUnpickler(pickle.Unpickler):
-    """Unpickles plain data only: any class or function reference is refused, so nothing runs."""
+    """Unpickles plain data only (dict/list/tuple/str/bytes/int/float/bool/None need no global at all):
+    any class or function reference is refused, so nothing runs."""
 
     def find_class(self, module: str, name: str) -> Any:
         raise pickle.UnpicklingError(f"refused: the master accepts plain data only, not {module}.{name}")
+
+
+# The handshake's two verdicts (multiprocessing.connection's, which its type stubs do not declare).
+_WELCOME: bytes = getattr(connection, "WELCOME")
+_FAILURE: bytes = getattr(connection, "FAILURE")
 
 
 def plain_loads(data: bytes) -> Any:
@@ -87,9 +87,9 @@ class PlainDataConnection:
         return data
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
-        if len(buf) == len(connection.WELCOME) and bytes(buf) == connection.WELCOME:
+        if len(buf) == len(_WELCOME) and bytes(buf) == _WELCOME:
             self._welcomed = True
-        elif len(buf) == len(connection.FAILURE) and bytes(buf) == connection.FAILURE:
+        elif len(buf) == len(_FAILURE) and bytes(buf) == _FAILURE:
             # The handshake's verdict on a peer whose authkey is wrong: one line here too.
             log.warning("refused a connection from %s: wrong authkey", self._peer())
         self._conn.send_bytes(buf, offset, size)
@@ -113,8 +113,11 @@ class PlainDataConnection:
 class CorralServer(Server):
     """The managers Server with the pickle boundary: every message is read as plain data."""
 
+    stop_event: threading.Event  # set by Server.__init__ (undeclared in its type stubs); serve() replaces it
+
     def handle_request(self, conn: Any) -> None:
-        super().handle_request(PlainDataConnection(conn))
+        # Duck-typed: PlainDataConnection has every Connection method the Server calls.
+        super().handle_request(cast(Any, PlainDataConnection(conn)))
 
 
 # Module-level (no lambdas): the registered callable must be importable by name.
@@ -171,21 +174,36 @@ def is_loopback(host: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
+def configure_logging(verbose: bool) -> None:
+    """The master's one logging set-up: its events (INFO, shown with -v) as bare lines on stdout, as the
+    README shows them (`dispatched 12 → alpha`); warnings and errors on stderr, one line each."""
+    events = logging.StreamHandler(sys.stdout)
+    events.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    for handler in (events, problems):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    corral = logging.getLogger("corral")  # not the root: a library's INFO lines are not our events
+    corral.handlers[:] = [events, problems]
+    corral.setLevel(logging.INFO if verbose else logging.WARNING)
+    corral.propagate = False
+
+
 def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
           lease: float = 10.0, max_lost: int = 3, fsync: bool = False,
           services: Mapping[str, ServiceFactory] | None = None) -> int:
     """Run the master until SIGTERM/SIGINT. Returns the exit code. `services` maps a typeid registered
     with register_service() to the factory of what it serves."""
     global _scheduler
+    configure_logging(verbose)
     authkey = state.ensure_authkey()
     journal = Journal(state.journal_path, fsync=fsync)
-
-    def on_event(line: str) -> None:
-        print(line, flush=True)
-
-    _scheduler = Scheduler(journal, lease_seconds=lease, max_lost=max_lost, on_event=on_event if verbose else None)
-    server = CorralServer(MasterManager._registry, (host, port), authkey, SERIALIZER)
-    bound_host, bound_port = server.address
+    _scheduler = Scheduler(journal, lease_seconds=lease, max_lost=max_lost)
+    registry = getattr(MasterManager, "_registry")  # what register() filled in (BaseManager's, unstubbed)
+    server = CorralServer(registry, (host, port), authkey, SERIALIZER)
+    address = server.address
+    assert isinstance(address, tuple), address  # a TCP listener's (host, port)
+    bound_host, bound_port = str(address[0]), int(address[1])
     for typeid, factory in (services or {}).items():
         _services[typeid] = factory(_scheduler, (bound_host, bound_port), authkey)
         _services[typeid].resume()

@@ -1,4 +1,4 @@
-"""The SQLite journal: schema, one transaction per scheduler call, recovery after a restart, and reads."""
+"""The SQLite journal: schema, one transaction per scheduler call, recovery after a restart, and reads as named rows."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from corral.agent.errors import CorralError
+
+from .records import FINAL
+from .rows import FinishedRow
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -53,13 +56,92 @@ CREATE TABLE IF NOT EXISTS attempts (
 DROP INDEX IF EXISTS jobs_active;
 """
 
-JOB_COLUMNS = (
-    "id, name, command, func, payload, env, cwd, priority, timeout, retries, tags, state,"
-    " attempts, failures, lost, agent, submitted, started, ended, exit_code, value, error"
-)
-SUMMARY_COLUMNS = (
-    "id, name, command, func, priority, tags, state, attempts, agent, submitted, started, ended, exit_code, error"
-)
+
+
+class JobRow(NamedTuple):
+    """One row of the jobs table, every column (JOB_COLUMNS)."""
+
+    id: int
+    name: str
+    command: str | None
+    func: str | None
+    payload: bytes | None
+    env: str  # JSON
+    cwd: str | None
+    priority: int
+    timeout: float | None
+    retries: int
+    tags: str  # JSON list
+    state: str
+    attempts: int
+    failures: int
+    lost: int
+    agent: str | None
+    submitted: float
+    started: float | None
+    ended: float | None
+    exit_code: int | None
+    value: bytes | None
+    error: str | None
+
+
+class SummaryRow(NamedTuple):
+    """A job as `corral jobs` lists it (SUMMARY_COLUMNS)."""
+
+    id: int
+    name: str
+    command: str | None
+    func: str | None
+    priority: int
+    tags: str  # JSON list
+    state: str
+    attempts: int
+    agent: str | None
+    submitted: float
+    started: float | None
+    ended: float | None
+    exit_code: int | None
+    error: str | None
+
+
+class AttemptRow(NamedTuple):
+    """One attempt of a job in its history (ATTEMPT_COLUMNS)."""
+
+    attempt: int
+    agent: str
+    state: str
+    started: float | None
+    ended: float | None
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    error: str
+    traceback: str
+    counted: int
+
+
+class Outcome(NamedTuple):
+    """How a job ended, as Client.outcomes and map() get it."""
+
+    id: int
+    state: str
+    exit_code: int | None
+    value: bytes | None
+    error: str | None
+
+
+JOB_COLUMNS = ", ".join(JobRow._fields)
+SUMMARY_COLUMNS = ", ".join(SummaryRow._fields)
+ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
+OUTCOME_COLUMNS = ", ".join(Outcome._fields)
+# The Finished pane's row (rows.FinishedRow), computed by SQLite.
+FINISHED_COLUMNS = ("id, CASE WHEN name != '' THEN name ELSE COALESCE(command, func || '()') END, state, agent,"
+                    " exit_code, started, ended, COALESCE(error, ''), attempts")
+# What a console filter matches in a final job (lower case, fields apart): as views.haystack for active ones.
+FINISHED_HAYSTACK = ("(CAST(id AS TEXT) || char(31) || name || char(31) || COALESCE(command, '') || char(31)"
+                     " || COALESCE(func, '') || char(31) || state || char(31) || COALESCE(agent, '')"
+                     " || char(31) || COALESCE(error, ''))")
+FINAL_MARKS = ",".join("?" * len(FINAL))
 
 
 def journal_error(path: Path, exc: Exception) -> CorralError:
@@ -136,64 +218,92 @@ class Journal:
 
     # --recovery -----------------------------------------------------------------------
 
-    def active_jobs(self) -> Iterator[tuple]:
+    def active_jobs(self) -> Iterator[JobRow]:
         """Every job not yet final, in id order, for the scheduler to rebuild its queues."""
         try:
-            yield from self.db.execute(
+            for row in self.db.execute(
                 f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'running', 'held') ORDER BY id"
-            )
+            ):
+                yield JobRow._make(row)
         except sqlite3.Error as exc:
             raise journal_error(self.path, exc) from None
+
+    def counts_now(self) -> dict[str, int]:
+        """Jobs by state, on the writer's connection: for callers holding the scheduler's lock (no write
+        is in flight, and no reader's long query can hold them up as read_lock could)."""
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
 
     def max_id(self) -> int:
         try:
-            return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0]
+            return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0])
         except sqlite3.Error as exc:
             raise journal_error(self.path, exc) from None
 
-    def counts(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
-
     # --reads (own connection: listings never hold up dispatch) -------------------------
 
-    def job(self, job_id: int) -> tuple | None:
+    def counts(self) -> dict[str, int]:
+        """Jobs by state: one GROUP BY over the whole table, beside dispatch (never under its lock)."""
         with self.read_lock:
-            return self.reader.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return dict(self.reader.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
 
-    def attempts(self, job_id: int) -> list[tuple]:
+    def job(self, job_id: int) -> JobRow | None:
         with self.read_lock:
-            return self.reader.execute(
-                "SELECT attempt, agent, state, started, ended, exit_code, stdout, stderr, error, traceback, counted"
-                " FROM attempts WHERE job_id=? ORDER BY attempt, started",
-                (job_id,),
+            row = self.reader.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None else JobRow._make(row)
+
+    def attempts(self, job_id: int) -> list[AttemptRow]:
+        with self.read_lock:
+            rows = self.reader.execute(
+                f"SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE job_id=? ORDER BY attempt, started", (job_id,)
             ).fetchall()
+        return [AttemptRow._make(row) for row in rows]
 
-    def summaries(self, states: Sequence[str] | None, limit: int, newest_first: bool) -> list[tuple]:
+    def summaries(self, states: Sequence[str] | None, limit: int, newest_first: bool) -> list[SummaryRow]:
         order = "DESC" if newest_first else "ASC"
+        where, params = (f"WHERE state IN ({','.join('?' * len(states))})", list(states)) if states else ("", [])
         with self.read_lock:
-            if states:
-                marks = ",".join("?" * len(states))
-                return self.reader.execute(
-                    f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id {order} LIMIT ?",
-                    (*states, limit),
-                ).fetchall()
-            return self.reader.execute(
-                f"SELECT {SUMMARY_COLUMNS} FROM jobs ORDER BY id {order} LIMIT ?", (limit,)
+            rows = self.reader.execute(
+                f"SELECT {SUMMARY_COLUMNS} FROM jobs {where} ORDER BY id {order} LIMIT ?", (*params, limit)
             ).fetchall()
+        return [SummaryRow._make(row) for row in rows]
 
-    def outcomes(self, ids: Sequence[int]) -> list[tuple]:
-        """(id, state, exit_code, value, error) for each id, in any order."""
-        out: list[tuple] = []
+    def outcomes(self, ids: Sequence[int]) -> list[Outcome]:
+        """How each of these jobs ended, in any order."""
+        out: list[Outcome] = []
         with self.read_lock:
             for start in range(0, len(ids), 500):
                 part = ids[start : start + 500]
                 marks = ",".join("?" * len(part))
-                out.extend(
-                    self.reader.execute(
-                        f"SELECT id, state, exit_code, value, error FROM jobs WHERE id IN ({marks})", part
-                    )
-                )
+                out.extend(map(Outcome._make, self.reader.execute(
+                    f"SELECT {OUTCOME_COLUMNS} FROM jobs WHERE id IN ({marks})", part)))
         return out
+
+    def finished_by_ids(self, ids: Sequence[int]) -> list[FinishedRow]:
+        """These final jobs' Finished rows, in the order of `ids` (missing ones left out)."""
+        if not ids:
+            return []
+        with self.read_lock:
+            found = {row.id: row for row in map(FinishedRow._make, self.reader.execute(
+                f"SELECT {FINISHED_COLUMNS} FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids))}
+        return [found[j] for j in ids if j in found]
+
+    def finished_page(self, needle: str, invert: bool, limit: int, offset: int) -> tuple[int | None, list[FinishedRow]]:
+        """Final jobs, most recently ended first, that match (or with `invert`, do not match) the
+        lower-case `needle` (all of them when it is ''): (how many match, or None when not filtered;
+        the `limit` rows from `offset`)."""
+        where = f"state IN ({FINAL_MARKS})"
+        params: list[Any] = sorted(FINAL)
+        total = None
+        with self.read_lock:
+            if needle:
+                escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                where += f" AND {'NOT ' if invert else ''}{FINISHED_HAYSTACK} LIKE ? ESCAPE '\\'"
+                params.append(f"%{escaped}%")
+                total = int(self.reader.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()[0])
+            rows = self.reader.execute(
+                f"SELECT {FINISHED_COLUMNS} FROM jobs WHERE {where} ORDER BY ended DESC, id DESC LIMIT ? OFFSET ?",
+                (*params, limit, offset)).fetchall()
+        return total, [FinishedRow._make(row) for row in rows]
 
 
 def encode_env(env: dict[str, str]) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from corral.console.cli import main
-from corral.console.cli.args import (_count, _env_pair, _home, _job_id, _port, _retries, _seconds, _state, _whole,
-                                     build_parser)
+from corral.console.cli.args import _count, _home, _job, _job_id, _port, _retries, _seconds, _state, build_parser
+from corral.console.master import validate
 from corral.console.cli.render import (EXIT_TIMEOUT, EXIT_USAGE, job_exit_code, jsonable, os_error_text, table,
                                        value_repr)
 
@@ -45,24 +45,25 @@ def test_seconds_refuses_the_rest(text: str, message: str) -> None:
 
 
 def test_whole_numbers_counts_and_retries() -> None:
-    assert _count("3") == 3 and _whole("-5") == -5 and _retries("0") == 0
+    assert _count("3") == 3 and _job(validate.parse_priority)("-5") == -5 and _retries("0") == 0
     for bad in ("0", "-1", "x", "1.5", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
             _count(bad)
     for bad in ("-1", "x"):
         with pytest.raises(argparse.ArgumentTypeError, match="at least 0"):
             _retries(bad)
-    with pytest.raises(argparse.ArgumentTypeError, match="must be a whole number, not '1.5'"):
-        _whole("1.5")
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a whole number"):
+        _job(validate.parse_priority)("1.5")
 
 
 def test_env_pairs_split_at_the_first_equals_sign() -> None:
-    assert _env_pair("A=1") == ("A", "1")
-    assert _env_pair("A=") == ("A", "")
-    assert _env_pair("URL=a=b") == ("URL", "a=b")
+    env_pair = _job(validate.parse_env_pair)
+    assert env_pair("A=1") == ("A", "1")
+    assert env_pair("A=") == ("A", "")
+    assert env_pair("URL=a=b") == ("URL", "a=b")
     for bad in ("A", "=1", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="must be NAME=VALUE"):
-            _env_pair(bad)
+            env_pair(bad)
 
 
 def test_job_ids_ports_and_states() -> None:

@@ -52,7 +52,7 @@ class MainScreen(Screen[None]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.filter_target: WindowTable | None = None
+        self.filter_target: WindowTable[Any] | None = None
         self._stashed: tuple[dict[str, Any], dict[str, dict[str, Any]]] | None = None
 
     def compose(self) -> ComposeResult:
@@ -78,7 +78,7 @@ class MainScreen(Screen[None]):
     def workers_pane(self) -> WorkersTable:
         return self.query_one(WorkersTable)
 
-    def focused_table(self) -> WindowTable:
+    def focused_table(self) -> WindowTable[Any]:
         focused = self.focused
         if isinstance(focused, WindowTable):
             return focused
@@ -101,11 +101,13 @@ class MainScreen(Screen[None]):
         self._stashed = None
         now = snapshot["now"]
         self.query_one(StatsHeader).show(snapshot)
-        for name, table in (("dispatched", self.dispatched_pane), ("finished", self.finished_pane)):
+        panes: tuple[tuple[str, WindowTable[Any]], ...] = (("dispatched", self.dispatched_pane),
+                                                           ("finished", self.finished_pane))
+        for name, table in panes:
             part, asked = snapshot.get(name), views.get(name)
             # Rows asked under another filter are stale: the next look (already on its way) brings the right ones.
             if part is not None and asked is not None and (asked["match"], asked["invert"]) == (table.match, table.invert):
-                table.show(part["offset"], part["total"], part["rows"], now)
+                table.show(part["offset"], part["total"], table.named(part["rows"]), now)
             else:
                 table.tick(now)
         self.workers_pane.show_all([worker_row(a) for a in snapshot["agents"]], now)
@@ -152,12 +154,12 @@ class MainScreen(Screen[None]):
         if row is None:
             self.notify("no agent selected", severity="warning")
             return
-        name, host, state, started_by = row[0], row[1], row[2], row[9]
-        if not str(started_by).startswith("ssh"):
+        name, started_by = row.name, row.started_by
+        if not started_by.startswith("ssh"):
             self.notify(f"{name} was not deployed over SSH (started by {started_by}): stop it where it runs",
                         severity="warning")
             return
-        if state == "stopped":
+        if row.state == "stopped":
             self.notify(f"{name} is stopped already", severity="warning")
             return
         if drain:
@@ -168,9 +170,8 @@ class MainScreen(Screen[None]):
             if yes:
                 self.post_message(StopAgents([name], drain=False))
 
-        busy = row[3]
-        self.app.push_screen(ConfirmScreen(f"Stop agent {name} on {host}?",
-                                           f"Its {busy} running job(s) are killed and go back to the queue. "
+        self.app.push_screen(ConfirmScreen(f"Stop agent {name} on {row.host}?",
+                                           f"Its {row.busy} running job(s) are killed and go back to the queue. "
                                            "D drains instead: running jobs finish first."), confirmed)
 
     def action_open(self) -> None:
@@ -181,7 +182,7 @@ class MainScreen(Screen[None]):
         if row is None:
             self.notify("no job selected", severity="warning")
             return
-        self.app.push_screen(JobDetailScreen(row[0]))
+        self.app.push_screen(JobDetailScreen(row.id))
 
     def action_cancel(self) -> None:
         table = self.focused_table()
@@ -194,7 +195,7 @@ class MainScreen(Screen[None]):
             return
         if len(ids) == 1:
             row = table.selected()
-            what = f" ({row[1]})" if row is not None and row[0] == ids[0] else ""
+            what = f" ({row.what})" if row is not None and row.id == ids[0] else ""
             question = f"Cancel job {ids[0]}{what}?"
         else:
             question = f"Cancel {len(ids)} marked jobs ({', '.join(map(str, ids[:5]))}{', …' if len(ids) > 5 else ''})?"

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -13,8 +12,10 @@ from textual.widgets import Input, Label
 
 from corral.agent.protocol import JobSpec
 
-MAX_COUNT = 100_000  # copies from one form; beyond this, a script with the Client is the better tool
-MAX_RETRIES = 100  # as the master's
+from ...master.validate import (Invalid, command_rule, parse_count, parse_priority, parse_retries, parse_tags,
+                                parse_timeout, size_rule, validate)
+
+_REQUIRED = object()  # parse_submission's marker: a field that may not be left blank
 
 # (field id, label, placeholder, default)
 FIELDS = (
@@ -28,43 +29,40 @@ FIELDS = (
 
 
 def parse_submission(values: dict[str, str]) -> tuple[list[JobSpec], dict[str, str]]:
-    """The specs the form describes, or the errors by field (then no specs)."""
+    """The specs the form describes, or the errors by field (then no specs). Each field is read by the
+    job-spec rules the CLI and the master use (master/validate.py)."""
     errors: dict[str, str] = {}
+
+    def read(field: str, parse: Callable[[str], Any], empty: Any = _REQUIRED) -> Any:
+        """The field's value; `empty` when left blank (unless required)."""
+        text = values.get(field, "").strip()
+        if not text and empty is not _REQUIRED:
+            return empty
+        try:
+            return parse(text)
+        except Invalid as exc:
+            errors[field] = exc.problem
+            return None
+
     command = values.get("command", "").strip()
     if not command:
         errors["command"] = "give a command, e.g. echo hello"
-
-    def whole(field: str, low: int, high: int | None = None) -> int:
-        text = values.get(field, "").strip() or "0"
+    else:
         try:
-            value = int(text)
-        except ValueError:
-            errors[field] = f"must be a whole number, not {text!r}"
-            return 0
-        if value < low or (high is not None and value > high):
-            errors[field] = f"must be from {low} to {high:,}" if high is not None else f"must be at least {low}"
-        return value
-
-    copies = whole("count", 1, MAX_COUNT)
-    priority = whole("priority", -(10**9), 10**9)
-    retries = whole("retries", 0, MAX_RETRIES)
-    timeout: float | None = None
-    text = values.get("timeout", "").strip()
-    if text:
-        try:
-            timeout = float(text)
-        except ValueError:
-            errors["timeout"] = f"must be a number of seconds, not {text!r}"
-        else:
-            if not math.isfinite(timeout) or timeout <= 0:
-                errors["timeout"] = f"must be a positive number of seconds, not {text!r}"
-    tags = tuple(sorted({t.strip() for t in values.get("tags", "").split(",") if t.strip()}))
-    if any(" " in t for t in tags):
-        errors["tags"] = "tags are single words, separated by commas"
+            size_rule(command_rule(command), None)
+        except Invalid as exc:
+            errors["command"] = exc.problem
+    copies = read("count", parse_count)
+    priority = read("priority", parse_priority, 0)
+    timeout = read("timeout", parse_timeout, None)
+    retries = read("retries", parse_retries, 0)
+    tags = read("tags", parse_tags, ())
     if errors:
         return [], errors
-    specs = [JobSpec(command=command, priority=priority, timeout=timeout, retries=retries, tags=tags,
-                     env={"CORRAL_INDEX": str(i)} if copies > 1 else {})
+    base = validate(JobSpec(command=command, priority=priority, timeout=timeout, retries=retries, tags=tags))
+    # One spec checked; its copies differ only by CORRAL_INDEX, which every rule allows.
+    specs = [JobSpec(command=base.command, priority=base.priority, timeout=base.timeout, retries=base.retries,
+                     tags=base.tags, env={"CORRAL_INDEX": str(i)} if copies > 1 else {})
              for i in range(copies)]
     return specs, {}
 

@@ -6,14 +6,14 @@ from typing import Any, ClassVar
 
 from textual.binding import Binding, BindingType
 
+from ...master.rows import DispatchedRow
 from ..format import duration
 from .table import Column, WindowTable
 
-# Row: (id, what, state, priority, agent, attempt, started, submitted, tags) — Scheduler._console_row.
 STATE_CLASSES = {"running": "cell--running", "queued": "cell--muted", "held": "cell--warn"}
 
 
-class DispatchedTable(WindowTable):
+class DispatchedTable(WindowTable[DispatchedRow]):
     """Queued and running jobs, paged from the master."""
 
     TITLE = "Dispatched"
@@ -33,12 +33,17 @@ class DispatchedTable(WindowTable):
         Binding("r", "screen.requeue", "Requeue", show=False),
     ]
 
-    def cells(self, row: tuple[Any, ...], now: float) -> tuple[str, ...]:
-        job_id, what, state, priority, agent, attempt, started, _submitted, tags = row
-        if tags:
-            what = f"{what}  [{tags}]"
-        elapsed = duration(now - started) if state == "running" and started else "-"
-        return (str(job_id), what, state, str(priority), agent or "-", str(attempt) if attempt else "-", elapsed)
+    def named(self, rows: list[Any]) -> list[DispatchedRow]:
+        return [DispatchedRow._make(row) for row in rows]
 
-    def classes_of(self, row: tuple[Any, ...]) -> tuple[str | None, ...]:
-        return (None, None, STATE_CLASSES.get(row[2]), None, None, None, None)
+    def cells(self, row: DispatchedRow, now: float) -> tuple[str, ...]:
+        what = f"{row.what}  [{row.tags}]" if row.tags else row.what
+        elapsed = duration(now - row.started) if row.state == "running" and row.started else "-"
+        return (str(row.id), what, row.state, str(row.priority), row.agent or "-",
+                str(row.attempt) if row.attempt else "-", elapsed)
+
+    def classes_of(self, row: DispatchedRow) -> tuple[str | None, ...]:
+        return (None, None, STATE_CLASSES.get(row.state), None, None, None, None)
+
+    def key_of(self, row: DispatchedRow) -> int:
+        return row.id

@@ -6,14 +6,14 @@ from typing import Any, ClassVar
 
 from textual.binding import Binding, BindingType
 
+from ...master.rows import FinishedRow
 from ..format import clock, duration
 from .table import Column, WindowTable
 
-# Row: (id, what, state, agent, exit code, started, ended, error, attempts) — Scheduler._console_finished.
 ROW_CLASSES = {"failed": "cell--bad", "timeout": "cell--bad", "lost": "cell--bad", "cancelled": "cell--warn"}
 
 
-class FinishedTable(WindowTable):
+class FinishedTable(WindowTable[FinishedRow]):
     """Final jobs, most recently finished first, paged from the master (which keeps the history)."""
 
     TITLE = "Finished"
@@ -33,15 +33,20 @@ class FinishedTable(WindowTable):
         Binding("c", "screen.cancel", "Cancel", show=False),
     ]
 
-    def cells(self, row: tuple[Any, ...], now: float) -> tuple[str, ...]:
-        job_id, what, state, agent, exit_code, started, ended, _error, _attempts = row
-        took = duration(ended - started) if started and ended else "-"
-        return (str(job_id), what, state, agent or "-", "-" if exit_code is None else str(exit_code), took,
-                clock(ended))
+    def named(self, rows: list[Any]) -> list[FinishedRow]:
+        return [FinishedRow._make(row) for row in rows]
 
-    def classes_of(self, row: tuple[Any, ...]) -> tuple[str | None, ...]:
-        state = row[2]
+    def cells(self, row: FinishedRow, now: float) -> tuple[str, ...]:
+        took = duration(row.ended - row.started) if row.started and row.ended else "-"
+        exit_code = "-" if row.exit_code is None else str(row.exit_code)
+        return (str(row.id), row.what, row.state, row.agent or "-", exit_code, took, clock(row.ended))
+
+    def classes_of(self, row: FinishedRow) -> tuple[str | None, ...]:
+        state = row.state
         if state == "done":
             return (None, None, "cell--good", None, None, None, None)
         bad = ROW_CLASSES.get(state)
         return (bad,) * len(self.COLUMNS)
+
+    def key_of(self, row: FinishedRow) -> int:
+        return row.id

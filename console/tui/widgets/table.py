@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from rich.cells import cell_len, set_cell_size
 from rich.segment import Segment
@@ -23,6 +23,8 @@ GUTTER = 2  # the mark column: "● " on marked rows
 SCROLLBAR = 1  # the last column: where the screen is in the whole view
 MIN_PAD = 20  # rows asked for beyond each edge of the screen, so short scrolls never wait for the master
 WHEEL_ROWS = 3
+
+RowT = TypeVar("RowT", bound=tuple[Any, ...])  # a table's named row type (a NamedTuple)
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,14 @@ def fit(text: str, width: int, right: bool = False) -> str:
     return " " * (width - size) + text if right else text + " " * (width - size)
 
 
-class WindowTable(Widget, can_focus=True):
+class WindowTable(Widget, Generic[RowT], can_focus=True):
     """A table of `total` rows of which it holds only `rows`, starting at `start`: the screen plus a pad.
 
     It scrolls itself (`top` is the first row on screen) and draws its own scrollbar over the whole view,
     so a new total from the master is a repaint, never a layout of the screen. Scrolling beyond the held
     window posts WindowMoved and the next snapshot brings the rows for it. The cursor is an absolute row
-    index (it stays put as rows flow); marks are row keys (job ids), so they follow their job.
+    index (it stays put as rows flow); marks are row keys (job ids), so they follow their job. Rows are
+    the subclass's named type (master/rows.py's, or WorkerRow), named once as they arrive.
     """
 
     COLUMNS: ClassVar[tuple[Column, ...]] = ()
@@ -85,7 +88,7 @@ class WindowTable(Widget, can_focus=True):
         super().__init__(id=id)
         self.total = 0
         self.start = 0
-        self.rows: list[tuple[Any, ...]] = []
+        self.rows: list[RowT] = []
         self.now = 0.0
         self.top = 0
         self.loaded = False
@@ -103,20 +106,25 @@ class WindowTable(Widget, can_focus=True):
 
     # ---- what subclasses say about their rows ---------------------------------------------
 
-    def cells(self, row: tuple[Any, ...], now: float) -> tuple[str, ...]:
+    def cells(self, row: RowT, now: float) -> tuple[str, ...]:
         """The text of each column for `row`."""
         raise NotImplementedError
 
-    def classes_of(self, row: tuple[Any, ...]) -> tuple[str | None, ...]:
+    def classes_of(self, row: RowT) -> tuple[str | None, ...]:
         """A component class per column (colours), or None."""
         return (None,) * len(self.COLUMNS)
 
-    def key_of(self, row: tuple[Any, ...]) -> Any:
-        return row[0]
+    def key_of(self, row: RowT) -> Any:
+        """What marks remember a row by (its job id, its agent's name)."""
+        raise NotImplementedError
+
+    def named(self, rows: list[Any]) -> list[RowT]:
+        """Rows as the master sends them (plain tuples), named: the paged tables' only way in."""
+        raise NotImplementedError
 
     # ---- data in ------------------------------------------------------------------------
 
-    def show(self, offset: int, total: int, rows: list[tuple[Any, ...]], now: float) -> None:
+    def show(self, offset: int, total: int, rows: list[RowT], now: float) -> None:
         """Take a new window from the master; only the lines whose text changed are redrawn."""
         grew = total != self.total
         self.start, self.total, self.rows, self.now = offset, total, rows, now
@@ -135,7 +143,7 @@ class WindowTable(Widget, can_focus=True):
         self.now = now
         self._redraw_changed()
 
-    def show_all(self, rows: list[tuple[Any, ...]], now: float) -> None:
+    def show_all(self, rows: list[RowT], now: float) -> None:
         """For unpaged tables: every row, filtered here."""
         if self.match:
             rows = [r for r in rows if (self.match in " ".join(self.cells(r, now)).lower()) != self.invert]
@@ -211,11 +219,11 @@ class WindowTable(Widget, can_focus=True):
 
     # ---- what the operator points at ------------------------------------------------------
 
-    def row_at(self, index: int) -> tuple[Any, ...] | None:
+    def row_at(self, index: int) -> RowT | None:
         at = index - self.start
         return self.rows[at] if 0 <= at < len(self.rows) else None
 
-    def selected(self) -> tuple[Any, ...] | None:
+    def selected(self) -> RowT | None:
         return self.row_at(self.cursor) if self.total else None
 
     def targets(self) -> list[Any]:
@@ -365,7 +373,7 @@ class WindowTable(Widget, can_focus=True):
         thumb = start <= line < start + size
         return Strip([Segment(("█" if thumb else "▕") * SCROLLBAR, self._styles["thumb" if thumb else "track"])])
 
-    def _render_row(self, row: tuple[Any, ...], is_cursor: bool, width: int, base: Style) -> Strip:
+    def _render_row(self, row: RowT, is_cursor: bool, width: int, base: Style) -> Strip:
         marked = self.key_of(row) in self.marks
         cells = self.cells(row, self.now)
         key = (cells, self.classes_of(row), is_cursor, is_cursor and self.has_focus, marked, width)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from textual.binding import Binding, BindingType
 
@@ -12,13 +12,28 @@ from .table import Column, WindowTable
 STATE_CLASSES = {"up": "cell--good", "lost": "cell--bad", "draining": "cell--warn", "stopped": "cell--muted"}
 
 
-def worker_row(agent: dict[str, Any]) -> tuple[Any, ...]:
-    """(name, host, state, busy, slots, done, failed, heartbeat age, tags, started by) from Scheduler's agent wire."""
-    return (agent["name"], agent["host"], agent["state"], agent["busy"], agent["slots"], agent["done"],
-            agent["failed"], agent["heartbeat_age"], ",".join(agent["tags"]), agent["started_by"])
+class WorkerRow(NamedTuple):
+    """An agent in the Workers pane."""
+
+    name: str
+    host: str
+    state: str  # master/records.py's AgentState values: up, draining, lost, stopped
+    busy: int
+    slots: int
+    done: int
+    failed: int
+    heartbeat_age: float
+    tags: str  # comma-separated
+    started_by: str
 
 
-class WorkersTable(WindowTable):
+def worker_row(agent: dict[str, Any]) -> WorkerRow:
+    """The row of one agent as the master describes it (records.AgentRecord.wire)."""
+    return WorkerRow(agent["name"], agent["host"], agent["state"], agent["busy"], agent["slots"], agent["done"],
+                     agent["failed"], agent["heartbeat_age"], ",".join(agent["tags"]), agent["started_by"])
+
+
+class WorkersTable(WindowTable[WorkerRow]):
     """The agents; few enough to hold them all, so the filter runs here."""
 
     TITLE = "Workers"
@@ -42,13 +57,14 @@ class WorkersTable(WindowTable):
         Column("STARTED", 10),
     )
 
-    def cells(self, row: tuple[Any, ...], now: float) -> tuple[str, ...]:
-        name, host, state, busy, slots, done, failed, heartbeat, tags, _by = row
-        return (name, host, state, f"{busy}/{slots}", count(done), count(failed), age(heartbeat), tags or "-", _by)
+    def cells(self, row: WorkerRow, now: float) -> tuple[str, ...]:
+        return (row.name, row.host, row.state, f"{row.busy}/{row.slots}", count(row.done), count(row.failed),
+                age(row.heartbeat_age), row.tags or "-", row.started_by)
 
-    def classes_of(self, row: tuple[Any, ...]) -> tuple[str | None, ...]:
-        out: list[str | None] = [None] * len(self.COLUMNS)
-        out[2] = STATE_CLASSES.get(row[2])
-        if row[6]:
-            out[5] = "cell--bad"
-        return tuple(out)
+    def classes_of(self, row: WorkerRow) -> tuple[str | None, ...]:
+        # One class per column, in COLUMNS' order: STATE coloured by state, FAILED red when any failed.
+        return (None, None, STATE_CLASSES.get(row.state), None, None, "cell--bad" if row.failed else None,
+                None, None, None)
+
+    def key_of(self, row: WorkerRow) -> str:
+        return row.name

@@ -1,0 +1,103 @@
+"""What the master keeps per job and per agent (Job, AgentRecord) and the states they move through."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Optional, Tuple
+
+from corral.agent.protocol import FINAL_STATES, RELEASED, JobState
+
+# Job states as the plain strings the journal and the wire carry (JobState's values): a job's
+# state is compared and written many times per job, and an Enum member would pickle with its class.
+QUEUED, RUNNING, HELD = JobState.QUEUED.value, JobState.RUNNING.value, JobState.HELD.value
+DONE, FAILED, TIMEOUT = JobState.DONE.value, JobState.FAILED.value, JobState.TIMEOUT.value
+CANCELLED, LOST = JobState.CANCELLED.value, JobState.LOST.value
+FINAL = frozenset(s.value for s in FINAL_STATES)
+RESULT_STATES = frozenset({DONE, FAILED, TIMEOUT, CANCELLED, RELEASED})  # what an agent may report
+
+# The wire form of one attempt, in agent.protocol.Task's field order:
+# (job_id, attempt, command, func, payload, env, cwd, timeout).
+TaskTuple = Tuple[int, int, Optional[str], Optional[str], Optional[bytes], "dict[str, str]", Optional[str],
+                  Optional[float]]
+
+
+class AgentState(str, enum.Enum):
+    """Where an agent stands with the master (its `.value` is what `corral agents` shows)."""
+
+    UP = "up"
+    DRAINING = "draining"  # connected, but given no more work (it is being stopped over SSH)
+    LOST = "lost"  # silent past its lease; it may come back
+    STOPPED = "stopped"  # stopped on purpose
+
+    @property
+    def gone(self) -> bool:
+        """Lost or stopped: its name may be taken by another agent, its jobs are not its any more."""
+        return self is AgentState.LOST or self is AgentState.STOPPED
+
+
+class Job:
+    """A job the master is still responsible for (queued, running or held)."""
+
+    __slots__ = (
+        "id", "name", "command", "func", "payload", "env", "cwd", "priority", "timeout", "retries",
+        "tags", "state", "attempts", "failures", "lost", "agent", "submitted", "started",
+    )
+
+    def __init__(self, id: int, name: str, command: str | None, func: str | None, payload: bytes | None,
+                 env: dict[str, str], cwd: str | None, priority: int, timeout: float | None, retries: int,
+                 tags: frozenset[str], state: str = QUEUED, attempts: int = 0, failures: int = 0, lost: int = 0,
+                 agent: str | None = None, submitted: float = 0.0, started: float | None = None) -> None:
+        self.id, self.name, self.command, self.func, self.payload = id, name, command, func, payload
+        self.env, self.cwd, self.priority, self.timeout, self.retries = env, cwd, priority, timeout, retries
+        self.tags, self.state, self.attempts, self.failures, self.lost = tags, state, attempts, failures, lost
+        self.agent, self.submitted, self.started = agent, submitted, started
+
+    def task(self) -> TaskTuple:
+        """The wire form of this job's current attempt (agent.protocol.Task, as a plain tuple)."""
+        return (self.id, self.attempts, self.command, self.func, self.payload, self.env, self.cwd, self.timeout)
+
+    @property
+    def what(self) -> str:
+        """What the operator recognises it by: its name, else its command, else its function."""
+        return self.name or self.command or f"{self.func}()"
+
+
+class AgentRecord:
+    """An agent as the master sees it."""
+
+    __slots__ = ("name", "session", "info", "tags", "slots", "running", "cancel", "done", "failed",
+                 "last_seen", "registered", "state", "credit")
+
+    def __init__(self, name: str, session: str, info: dict[str, Any], now: float) -> None:
+        self.name = name
+        self.session = session
+        self.info = info  # agent.protocol.AgentInfo's wire dict, as the agent sent it
+        self.tags = frozenset(info.get("tags") or ())
+        self.slots = int(info.get("slots") or 1)
+        self.running: set[int] = set()
+        self.cancel: set[int] = set()
+        self.done = 0
+        self.failed = 0
+        self.last_seen = now
+        self.registered = now
+        self.state = AgentState.UP
+        self.credit = 0  # how many more jobs the agent said it would take (its last take/report)
+
+    def wire(self, now: float) -> dict[str, Any]:
+        """What clients see of it (`corral agents --json`): plain data only."""
+        return {
+            "name": self.name,
+            "host": self.info.get("host", ""),
+            "pid": self.info.get("pid", 0),
+            "state": self.state.value,
+            "slots": self.slots,
+            "busy": len(self.running),
+            "done": self.done,
+            "failed": self.failed,
+            "tags": sorted(self.tags),
+            "python": self.info.get("python", ""),
+            "started_by": self.info.get("started_by", "manual"),
+            "last_seen": self.last_seen,
+            "heartbeat_age": max(0.0, now - self.last_seen),
+            "registered": self.registered,
+        }

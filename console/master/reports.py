@@ -1,0 +1,60 @@
+"""What an agent's report must be: checked whole before it changes anything, then its results named (JobResult)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corral.agent.errors import CorralError
+from corral.agent.protocol import JobResult
+
+from .records import RESULT_STATES
+from .validate import shown
+
+_OPT_INT, _OPT_BYTES, _NUMBER = (int, type(None)), (bytes, type(None)), (int, float)
+_INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
+_new_tuple = tuple.__new__
+
+
+def _storable(text: str) -> bool:
+    """Whether SQLite can store this text (UTF-8): lone surrogates cannot be encoded."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _sketch(row: Any) -> str:
+    """A bounded picture of a result row someone sent (never the str() of all of it)."""
+    if type(row) in (tuple, list):
+        return "(" + ", ".join(shown(field) for field in row[:12]) + (", …)" if len(row) > 12 else ")")
+    return shown(row)
+
+
+def check_results(results: Any) -> list[JobResult]:
+    """Refuse a malformed report whole (an agent holding the authkey may still be buggy), and one the
+    journal could not store: nothing of it may change the master's state unless all of it is written.
+    Written for the hot path (every result of every job passes here): plain type() tests, no generators."""
+    if type(results) is not list:
+        raise CorralError("malformed report: results must be a list")
+    lowest, highest = _INT64.start, _INT64.stop
+    named: list[JobResult] = []
+    for row in results:
+        if type(row) not in (tuple, list) or len(row) != 11:
+            raise CorralError(f"malformed report: bad result row {_sketch(row)}")
+        # The one place a result's wire tuple is taken apart (JobResult's fields, in order): each
+        # field checked as a local, the cheapest read there is; everything after reads it by name.
+        job_id, attempt, state, exit_code, value, out, err, error, tb, started, ended = row
+        if (type(job_id) is not int or type(attempt) is not int or type(state) is not str
+                or state not in RESULT_STATES or type(exit_code) not in _OPT_INT or type(value) not in _OPT_BYTES
+                or type(out) is not str or type(err) is not str or type(error) is not str or type(tb) is not str
+                or type(started) not in _NUMBER or type(ended) not in _NUMBER
+                or not lowest <= job_id < highest or not lowest <= attempt < highest
+                or (exit_code is not None and not lowest <= exit_code < highest)
+                or not ((out.isascii() and err.isascii() and error.isascii() and tb.isascii())
+                        or (_storable(out) and _storable(err) and _storable(error) and _storable(tb)))):
+            raise CorralError(f"malformed report: bad result row {_sketch(row)}")
+        named.append(_new_tuple(JobResult, row))  # JobResult._make(row), without its length check
+    return named

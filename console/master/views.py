@@ -1,0 +1,313 @@
+"""What the console's panes see (counts, rates, windows of the dispatched and finished views, filtered), and show/jobs/status.
+
+Cheap enough to ask a few times a second with 100,000 jobs about: under the scheduler's lock a view takes
+only what it needs from memory; the rest (a sort, a filter, the journal's rows) runs after the lock is
+released, so dispatch never waits on a console; and a window costs the window's rows, not the queue's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import json
+import math
+import time
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+
+from corral.agent.errors import CorralError, UnknownJob
+from corral.agent.protocol import JobState
+
+from .records import DONE, FINAL, HELD, QUEUED, RUNNING, Job
+from .rows import DispatchedRow, FinishedRow, pack
+from .validate import is_whole, shown
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+WINDOW = 1000  # rows of one view in one snapshot
+WALK = 5000  # deeper than this into the queue, a view is computed from a copy, outside the lock
+CHANGED = 5000  # more changed ids than this since a console's last look: "many" (None)
+RATE_SECONDS = 60
+VIEW_NAMES = ("dispatched", "finished")
+
+
+class Window(NamedTuple):
+    """What a console asks of one view: rows from `offset`, at most `limit`, matching `needle`."""
+
+    offset: int
+    limit: int
+    needle: str  # lower case; '' matches everything
+    invert: bool  # show the rows that do not match
+
+
+def dispatched_row(job: Job) -> DispatchedRow:
+    return DispatchedRow(job.id, job.what, job.state, job.priority, job.agent, job.attempts, job.started,
+                         job.submitted, ",".join(sorted(job.tags)))
+
+
+def haystack(job: Job) -> str:
+    """What a console filter matches in an active job: id, name, command, state, agent, tags (lower case)."""
+    return "\x1f".join((str(job.id), job.name or "", job.command or "", job.func or "", job.state,
+                        job.agent or "", ",".join(sorted(job.tags)))).lower()
+
+
+def window(name: str, view: Any) -> Window:
+    """A console's view request, checked, or a CorralError saying what is wrong."""
+    if not isinstance(view, dict):
+        raise CorralError(f"bad {name} view: {shown(view)}", "a dict of offset, limit, match, invert")
+    offset, limit, match = view.get("offset", 0), view.get("limit", 100), view.get("match") or ""
+    if not is_whole(offset) or offset < 0 or not is_whole(limit) or limit < 1 or not isinstance(match, str):
+        raise CorralError(f"bad {name} view: offset {shown(offset)}, limit {shown(limit)}, match {shown(match)}",
+                          "offset >= 0, limit >= 1, match a string")
+    return Window(offset, min(limit, WINDOW), match.lower(), bool(view.get("invert")))
+
+
+class Views:
+    """What clients look at, over one scheduler: the console's snapshot, and `show`, `jobs`, `status`.
+    The methods in the "under the scheduler's lock" section run with it held; the callables they return
+    run after it is released."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        # The running tally of final states, and the change seq it is good to (None: count afresh).
+        self.final: dict[str, int] | None = None
+        self.final_seq = 0
+
+    def snapshot(self, since: Any = 0, views: Any = None) -> dict[str, Any]:
+        """What a console draws.
+
+        Always: `seq`, the master's `now`, counts by state, agents, and finished jobs per second over
+        the last minute. When something changed since `since` (the `seq` of the caller's last look):
+        the ids that changed (`changed`, None when too many or too old to know), and the rows of each
+        view in `views` ({"dispatched"|"finished": {"offset", "limit", "match", "invert"}}), a window
+        of at most WINDOW rows with the view's `total`, so no caller ever holds every job.
+        """
+        if not isinstance(views, dict):
+            views = {}
+        asked = {name: window(name, views[name]) for name in VIEW_NAMES if name in views}
+        s = self.scheduler
+        now = time.time()
+        with s.lock:
+            seq = s.seq
+            fresh = not is_whole(since) or since <= 0 or since != seq  # since 0: "I have nothing yet"
+            changed = self._changed(since) if fresh else []
+            counts = self._counts()
+            agents = sorted((a.wire(now) for a in s.agents.values()), key=lambda a: a["name"])
+            rate = self._rate(now)
+            picked = {name: self._pick(name, view) for name, view in asked.items()} if fresh else {}
+        out: dict[str, Any] = {
+            "seq": seq, "now": now, "counts": counts, "agents": agents, "rate": rate,
+            "slots": sum(a["slots"] for a in agents if a["state"] != "lost"),
+            "busy": sum(a["busy"] for a in agents), "changed": changed,
+        }
+        # The expensive halves run here, outside the lock, so dispatch never waits on a console.
+        for name, pick in picked.items():
+            offset, total, rows = pick()
+            out[name] = {"offset": offset, "total": total, "rows": pack(rows)}
+        return out
+
+    def job(self, job_id: Any) -> dict[str, Any]:
+        """One job as `corral show` and the detail screen see it: every column, its attempts, and
+        (running) the latest output its agent sent."""
+        s = self.scheduler
+        with s.lock:
+            s.check_ids([job_id])
+        row = s.journal.job(job_id)
+        if row is None:
+            raise UnknownJob(f"no job {job_id}")
+        record = row._asdict()
+        record["env"] = json.loads(row.env)
+        record["tags"] = json.loads(row.tags)
+        attempts = [a._asdict() for a in s.journal.attempts(job_id)]
+        if row.state == DONE and not any(a["counted"] for a in attempts):
+            # A clean first run has no attempts row of its own (see Scheduler._apply_results): the jobs row is it.
+            attempts.append({
+                "attempt": row.attempts, "agent": row.agent, "state": DONE, "started": row.started,
+                "ended": row.ended, "exit_code": row.exit_code, "stdout": "", "stderr": "", "error": "",
+                "traceback": "", "counted": 1,
+            })
+        record["attempt_list"] = attempts
+        with s.lock:
+            live = s.jobs.get(job_id)
+            if live is not None:  # the journal may lag a running job's in-memory state by nothing; be exact
+                record["state"], record["agent"], record["attempts"] = live.state, live.agent, live.attempts
+                if live.state == RUNNING and job_id in s.live_output:
+                    record["live_stdout"], record["live_stderr"] = s.live_output[job_id]
+        return record
+
+    def list_jobs(self, states: Any = None, limit: Any = 1000) -> list[dict[str, Any]]:
+        """Jobs newest first, as `corral jobs` lists them."""
+        if states is not None and (not isinstance(states, list) or not all(isinstance(x, str) for x in states)):
+            raise CorralError(f"states must be a list of job states, not {shown(states)}")
+        if not is_whole(limit):
+            raise CorralError(f"limit must be a whole number, not {shown(limit)}")
+        out = []
+        for row in self.scheduler.journal.summaries(states or None, limit, newest_first=True):
+            record = row._asdict()
+            record["tags"] = json.loads(row.tags)
+            out.append(record)
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """`corral status`: counts by state, agents, slots, and the rate over the last 10 s."""
+        s = self.scheduler
+        now = time.time()
+        with s.lock:
+            agents = [a.wire(now) for a in s.agents.values()]
+            recent = sum(1 for t in s.finished_times if t > now - 10)
+            active = {QUEUED: 0, RUNNING: 0, HELD: 0}
+            for job in s.jobs.values():
+                active[job.state] = active.get(job.state, 0) + 1
+            seq = s.seq
+        counts = {state.value: 0 for state in JobState}
+        counts.update(s.journal.counts())
+        counts.update(active)
+        return {
+            "counts": counts,
+            "agents": agents,
+            "slots": sum(a["slots"] for a in agents if a["state"] != "lost"),
+            "busy": sum(a["busy"] for a in agents),
+            "rate": recent / 10.0,
+            "seq": seq,
+            "uptime": now - s.started,
+        }
+
+    # ---- under the scheduler's lock ------------------------------------------------------------
+
+    def _changed(self, since: Any) -> list[int] | None:
+        """Job ids changed after `since`, newest change last; None when the window lost them or they are many."""
+        s = self.scheduler
+        changes = s.changes
+        if not is_whole(since) or since <= 0 or since > s.seq or not changes or changes[0][0] > since + 1:
+            return None  # nothing to compare with, a seq of an earlier master, or the log moved on
+        ids: dict[int, None] = {}
+        for seq, job_id in reversed(changes):
+            if seq <= since:
+                break
+            ids[job_id] = None
+            if len(ids) > CHANGED:
+                return None
+        return list(reversed(ids))
+
+    def _counts(self) -> dict[str, int]:
+        """Counts by state without a table scan: active ones from memory, final ones kept up to date
+        from the change log (a job becomes final once, then never changes again)."""
+        s = self.scheduler
+        final, cursor = self.final, self.final_seq
+        changes = s.changes
+        if final is None or (changes and changes[0][0] > cursor + 1):
+            # First look, or the change log moved on past us: one GROUP BY, under the lock so no
+            # finish can slip between the count and the cursor.
+            final = {state: n for state, n in s.journal.counts_now().items() if state in FINAL}
+        else:
+            seen: set[int] = set()
+            for seq, job_id in reversed(changes):
+                if seq <= cursor:
+                    break
+                if job_id in seen:
+                    continue
+                seen.add(job_id)
+                state = s.recent_final.get(job_id) if job_id not in s.jobs else None
+                if state is not None:
+                    final[state] = final.get(state, 0) + 1
+        self.final, self.final_seq = final, s.seq
+        running = self._running()
+        counts = {state.value: 0 for state in JobState}
+        counts.update(final)
+        counts[RUNNING] = len(running)
+        counts[QUEUED] = len(s.jobs) - len(running)
+        return counts
+
+    def _running(self) -> list[int]:
+        """Ids of running jobs: the agents hold them, except orphans a restarted master has not settled yet."""
+        s = self.scheduler
+        if s.orphans_since:
+            return sorted(j.id for j in list(s.jobs.values()) if j.state == RUNNING)
+        return sorted(j for a in s.agents.values() for j in a.running)
+
+    def _rate(self, now: float) -> list[int]:
+        """Jobs finished in each of the last RATE_SECONDS whole seconds, oldest first."""
+        times = self.scheduler.finished_times
+        end = math.floor(now)
+        edges = [bisect.bisect_left(times, end - k) for k in range(RATE_SECONDS, -1, -1)]
+        return [b - a for a, b in zip(edges, edges[1:])]
+
+    def _pick(self, name: str, view: Window) -> Callable[[], tuple[int, int, list[Any]]]:
+        """Take what a view needs from memory; return the rest of the work, (offset, total, rows), as a
+        callable to run after the lock is released."""
+        if name == "dispatched":
+            return self._dispatched(view)
+        s = self.scheduler
+        ring = None
+        if not view.needle and view.offset + view.limit <= len(s.recent_final):
+            # The newest finished are the tail of recent_final, in the order they finished.
+            ring = [job_id for job_id, _ in islice(reversed(s.recent_final.items()), view.offset + view.limit)]
+            ring = ring[view.offset:]
+        total = sum((self.final or {}).values())
+        return lambda: self._finished(view, ring, total)
+
+    def _dispatched(self, view: Window) -> Callable[[], tuple[int, int, list[Any]]]:
+        s = self.scheduler
+        offset, limit = view.offset, view.limit
+        running = self._running()
+        jobs = s.jobs
+        if not view.needle and offset + limit <= WALK:
+            # Running first, then the queue in dispatch order (highest priority, then oldest): walk the
+            # heaps lazily, so the cost is the window's, not the queue's.
+            ids = running[offset : offset + limit]
+            if len(ids) < limit:
+                ids += self._queued(max(0, offset - len(running)), limit - len(ids))
+            rows = [dispatched_row(jobs[j]) for j in ids if j in jobs]
+            total = len(jobs)
+            return lambda: (offset, total, rows)
+        everyone = list(jobs.values())
+        running_set = set(running)
+
+        def rest() -> tuple[int, int, list[Any]]:
+            # A copy of the job list, read outside the lock: a row may be a moment stale, never torn
+            # enough to matter for a screen redrawn four times a second.
+            needle, invert = view.needle, view.invert
+            hits = [job for job in everyone if (needle in haystack(job)) != invert] if needle else everyone
+            hits.sort(key=lambda job: (job.id not in running_set, -job.priority if job.id not in running_set else 0,
+                                       job.id))
+            return offset, len(hits), [dispatched_row(job) for job in hits[offset : offset + limit]]
+
+        return rest
+
+    def _queued(self, skip: int, count: int) -> list[int]:
+        """`count` queued ids after the first `skip`, in dispatch order, without popping the heaps."""
+        def walk(heap: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+            frontier = [(heap[0], 0)]
+            while frontier:
+                item, i = heapq.heappop(frontier)
+                yield item
+                for child in (2 * i + 1, 2 * i + 2):
+                    if child < len(heap):
+                        heapq.heappush(frontier, (heap[child], child))
+
+        out: list[int] = []
+        seen: set[int] = set()
+        jobs = self.scheduler.jobs
+        for _, job_id in heapq.merge(*(walk(h) for h in self.scheduler.queues.values() if h)):
+            job = jobs.get(job_id)
+            if job is None or job.state != QUEUED or job_id in seen:
+                continue  # a stale heap entry (cancelled, or dispatched and queued again)
+            seen.add(job_id)
+            if skip:
+                skip -= 1
+                continue
+            out.append(job_id)
+            if len(out) >= count:
+                break
+        return out
+
+    # ---- outside the lock ----------------------------------------------------------------------
+
+    def _finished(self, view: Window, ring: list[int] | None, total: int) -> tuple[int, int, list[FinishedRow]]:
+        """The finished window from the journal's reader connection (never under the scheduler lock)."""
+        journal = self.scheduler.journal
+        if ring is not None:
+            return view.offset, total, journal.finished_by_ids(ring)
+        matched, rows = journal.finished_page(view.needle, view.invert, view.limit, view.offset)
+        return view.offset, total if matched is None else matched, rows

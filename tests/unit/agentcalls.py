@@ -1,0 +1,29 @@
+"""The calls an agent makes on the scheduler, as agent/runner.py makes them: for tests of the master in-process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corral.agent.protocol import PROTOCOL_VERSION, AgentInfo, JobResult, Task
+from corral.console.master.scheduler import Scheduler
+
+
+def register(s: Scheduler, name: str = "alpha", slots: int = 4, tags: tuple[str, ...] = (),
+             running: list[int] | None = None, instance: str = "") -> str:
+    """An agent joins, as agent/runner.py registers: its session."""
+    info = AgentInfo(name=name, host="host-" + name, pid=100, slots=slots, tags=tags, python="3.11",
+                     started_by="test", protocol=PROTOCOL_VERSION, instance=instance or name + "-1")
+    return str(s.register(info.to_wire(), list(running or []))["session"])
+
+
+def take(s: Scheduler, session: str, want: int = 100) -> list[Task]:
+    """What an agent takes, named as the agent names it."""
+    tasks, _cancel = s.take(session, want, 0)
+    return [Task._make(t) for t in tasks]
+
+
+def result(task: Task, state: str = "done", exit_code: int | None = 0, **fields: Any) -> tuple[Any, ...]:
+    """A JobResult for a task, as the plain tuple an agent sends."""
+    fields.setdefault("started", 100.0)
+    fields.setdefault("ended", 101.0)
+    return tuple(JobResult(task.job_id, task.attempt, state, exit_code, **fields))
