@@ -87,7 +87,7 @@ def test_home_expands_the_tilde_and_empty_means_the_default() -> None:
 
 def test_a_bad_value_names_the_subcommand_and_its_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert usage_error(capsys, "submit", "--count", "0", "--", "true") == (
-        "corral submit: argument --count: must be a whole number of at least 1, not '0' (see corral submit --help)")
+        "corral submit: argument --count: must be a whole number from 1 to 100,000, not '0' (see corral submit --help)")
     assert usage_error(capsys, "hosts", "add", "h", "--port", "0") == (
         "corral hosts add: argument --port: must be a port number from 1 to 65535, not '0'"
         " (see corral hosts add --help)")
