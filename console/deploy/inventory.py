@@ -18,7 +18,7 @@ from ..errors import DeployError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 HOSTS_NAME = "hosts.toml"
 KNOWN_HOSTS_NAME = "known_hosts"
@@ -114,7 +114,7 @@ def check_alias(alias: str) -> str:
     return alias
 
 
-def parse_tags(text: str | list | tuple, where: str = "tags") -> tuple[str, ...]:
+def parse_tags(text: str | list[Any] | tuple[Any, ...], where: str = "tags") -> tuple[str, ...]:
     items = text.split(",") if isinstance(text, str) else list(text)
     tags = []
     for item in items:
