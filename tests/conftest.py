@@ -10,6 +10,9 @@ import pytest
 
 from tests.cluster import Cluster
 
+# The real-sshd fixtures (`lab`, `ssh_cluster`), for every test module that asks for them.
+pytest_plugins = ["tests.sshhosts"]
+
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:

@@ -247,7 +247,7 @@ def kill_remote_agents(host: SshHost) -> None:
             pass
 
 
-# ---- pytest fixtures (import them into a test module: `from tests.sshhosts import lab, ssh_cluster`) ----
+# ---- pytest fixtures (tests/conftest.py registers this module as a plugin: `lab`, `ssh_cluster`) ----
 
 try:
     import pytest

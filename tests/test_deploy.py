@@ -16,7 +16,7 @@ import pytest
 
 from corral.console.deploy.bundle import build
 from tests.cluster import Cluster, wait_for
-from tests.sshhosts import SshHost, SshLab, lab, processes_in, ssh_cluster  # noqa: F401 (fixtures)
+from tests.sshhosts import SshHost, SshLab, processes_in
 
 pytestmark = pytest.mark.sshd
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
-from tests.sshhosts import SshLab, free_port, keygen, lab, processes_in, ssh_cluster  # noqa: F401 (fixtures)
+from tests.sshhosts import SshLab, free_port, keygen, processes_in
 
 pytestmark = pytest.mark.sshd
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Input, Label, ProgressBar, SelectionList
+from textual.widgets import Label, ProgressBar, SelectionList
 
 from corral.console.deploy import STEPS
 from corral.console.tui.app import CorralApp
@@ -17,7 +17,7 @@ from corral.console.tui.screens.hostkey import HostKeyScreen
 from corral.console.tui.screens.main import MainScreen
 from corral.console.tui.screens.progress import DeployProgressScreen
 from tests.cluster import Cluster, wait_for
-from tests.sshhosts import SshLab, lab, ssh_cluster  # noqa: F401 (fixtures)
+from tests.sshhosts import SshLab
 from tests.test_deploy import add_hosts, agent, alive, deploy, remote_pid
 from tests.test_tui_app import errors, until
 
