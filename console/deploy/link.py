@@ -6,17 +6,17 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shlex
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import paramiko
 
-from ..errors import DeployError, HostKeyChanged
-from .hostkeys import KnownHosts, RecordingRejectPolicy, host_id, unknown_key_error
-from .inventory import Host, default_identities
+from ..errors import DeployError
+from .hostkeys import KnownHosts
+from .inventory import Host
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ COMMAND_TIMEOUT = 30.0
 KEEPALIVE_SECONDS = 5.0  # an SSH-level keepalive this often on every held connection
 TCP_USER_TIMEOUT_MS = 20_000  # unacknowledged data this long (a partition) and the kernel drops the connection
 RECONNECT_CAP_SECONDS = 10.0
+MAX_HOPS = 8  # jump hosts in a chain, at most
 
 
 class ShellResult(NamedTuple):
@@ -57,59 +58,42 @@ def _tcp(host: Host, timeout: float) -> socket.socket:
     return sock
 
 
-def connect_client(host: Host, known: KnownHosts, timeout: float = CONNECT_TIMEOUT, sock: Any = None,
-                   on_tcp: Callable[[], None] | None = None) -> paramiko.SSHClient:
-    """An authenticated SSHClient, or a DeployError naming the step: connect, hostkey or auth.
-
-    Unknown host keys raise HostKeyUnknown (with the key's details) and changed ones HostKeyChanged:
-    paramiko's RejectPolicy decides, nothing is accepted silently.
-    """
-    missing = [p for p in host.identity if not Path(p).is_file()]
-    if missing:
-        raise DeployError.at(host.alias, "auth", f"the identity file {missing[0]} does not exist",
-                   "fix the host's identity (IdentityFile in ~/.ssh/config, or corral hosts add --identity)")
-    if sock is None:
-        sock = _tcp(host, timeout)
-    if on_tcp is not None:
-        on_tcp()
-    client = paramiko.SSHClient()
-    policy = RecordingRejectPolicy()
-    client.set_missing_host_key_policy(policy)
-    known.load_into(client, host)
-    identities = list(host.identity) or default_identities()
+def _proxy_command(host: Host) -> paramiko.ProxyCommand:
+    """ProxyCommand as ssh runs it: by the user's shell, `exec`ed, its stdin and stdout the connection."""
+    shell = os.environ.get("SHELL") or "/bin/sh"
     try:
-        # paramiko takes a list of key files, though its stubs say one
-        client.connect(host.hostname, host.port, username=host.user, key_filename=identities or None,  # type: ignore[arg-type]
-                       timeout=timeout, banner_timeout=timeout, auth_timeout=timeout, sock=sock,
-                       allow_agent=bool(os.environ.get("SSH_AUTH_SOCK")), look_for_keys=False)
-        return client
-    except paramiko.BadHostKeyException as exc:
-        client.close()
-        holder = known.holder(host)
-        raise HostKeyChanged.at(host.alias, "hostkey",
-                   f"the host key of {host_id(host)} has CHANGED: {holder} has {exc.expected_key.get_name()} "
-                   f"{exc.expected_key.fingerprint}, the host offered {exc.key.get_name()} {exc.key.fingerprint}; refused",
-                   f"if the host was reinstalled, delete its line from {holder} and deploy again; "
-                   "otherwise someone may be intercepting the connection") from None
-    except paramiko.PasswordRequiredException:
-        client.close()
-        raise DeployError.at(host.alias, "auth", f"the key {', '.join(identities)} needs a passphrase",
-                   "load it into ssh-agent (ssh-add) and deploy again") from None
-    except paramiko.AuthenticationException as exc:
-        client.close()
-        keys = ", ".join(identities) or "no key files"
-        raise DeployError.at(host.alias, "auth", f"{host.target} refused our key ({keys}): {exc}",
-                   f"add the public key to ~{host.user}/.ssh/authorized_keys on the host, or set the host's identity") from None
-    except paramiko.SSHException as exc:
-        client.close()
-        if policy.key is not None:
-            raise unknown_key_error(host, policy.key) from None
-        raise DeployError.at(host.alias, "connect", f"the SSH handshake with {host.hostname}:{host.port} failed: {exc}",
-                   "is it an SSH server?") from None
-    except (socket.timeout, OSError, EOFError) as exc:
-        client.close()
-        raise DeployError.at(host.alias, "connect", f"the connection to {host.hostname}:{host.port} broke: {exc or type(exc).__name__}",
-                   "is the host up and reachable?") from None
+        return paramiko.ProxyCommand(shlex.join([shell, "-c", "exec " + host.proxy_command]))
+    except (OSError, paramiko.SSHException) as exc:
+        raise DeployError.at(host.alias, "connect", f"cannot run its ProxyCommand ({host.proxy_command}): {exc}",
+                             "fix ProxyCommand in the ssh config") from None
+
+
+def connect_transport(host: Host, known: KnownHosts, sock: Any, timeout: float = CONNECT_TIMEOUT,
+                      agent_socket: str = "", note: Callable[[str], None] | None = None) -> paramiko.Transport:
+    """An authenticated Transport over `sock`, or a DeployError naming the step: connect, hostkey or auth.
+
+    The host key is checked against the known_hosts files before any key is offered: unknown ones raise
+    HostKeyUnknown (paramiko's RejectPolicy: nothing is accepted silently), changed or revoked ones are refused.
+    """
+    transport = paramiko.Transport(sock)
+    transport.banner_timeout = timeout
+    transport.handshake_timeout = timeout
+    transport.auth_timeout = timeout
+    try:
+        try:
+            transport.start_client(timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise DeployError.at(host.alias, "connect", f"the SSH handshake with {host.hostname}:{host.port} failed: "
+                                 f"{exc or type(exc).__name__}", "is an SSH server listening there?") from None
+        key = transport.get_remote_server_key()
+        known.verify(host, key)
+        from .auth import authenticate
+
+        authenticate(transport, host, agent_socket, timeout, note or (lambda text: log.info("%s: %s", host.alias, text)))
+        return transport
+    except BaseException:
+        transport.close()
+        raise
 
 
 class Link:
@@ -117,17 +101,19 @@ class Link:
     is kept alive, and is re-established by itself (with the same tunnel port) when it drops."""
 
     def __init__(self, host: Host, known: KnownHosts, master: tuple[str, int],
-                 jump: Callable[[str], "Link"] | None = None,
-                 on_state: Callable[["Link", str, str], None] | None = None,
-                 timeout: float = CONNECT_TIMEOUT) -> None:
+                 jump: Callable[[str, str, int], Link] | None = None,
+                 on_state: Callable[[Link, str, str], None] | None = None,
+                 timeout: float = CONNECT_TIMEOUT, depth: int = 0) -> None:
         self.host = host
         self.known = known
         self.master = master  # where tunnelled connections go: the master's own loopback address
         self.jump = jump
         self.on_state = on_state
         self.timeout = timeout
+        self.depth = depth  # how many hops this link is itself (jump hosts of jump hosts...)
+        self.agent_socket = ""  # the SSH_AUTH_SOCK of whoever asked last (the master may have none)
         self.lock = threading.RLock()
-        self.client: paramiko.SSHClient | None = None
+        self._transport: paramiko.Transport | None = None
         self.remote_port: int | None = None
         self.state = "new"
         self.since = time.time()
@@ -145,11 +131,10 @@ class Link:
 
     @property
     def transport(self) -> paramiko.Transport | None:
-        client = self.client
-        return client.get_transport() if client is not None else None
+        return self._transport
 
     def active(self) -> bool:
-        transport = self.transport
+        transport = self._transport
         return transport is not None and transport.is_active()
 
     def _set_state(self, state: str, message: str = "") -> None:
@@ -158,59 +143,85 @@ class Link:
             if self.on_state is not None:
                 self.on_state(self, state, message)
 
-    def open(self, on_tcp: Callable[[], None] | None = None, message: str = "") -> None:
+    def open(self, on_tcp: Callable[[], None] | None = None, message: str = "",
+             note: Callable[[str], None] | None = None) -> None:
         """(Re)connect now, re-opening the tunnel port if the link has one; DeployError (HostKeyUnknown,
         HostKeyChanged...) if it cannot."""
         with self.lock:
-            if self.client is not None:
-                self.client.close()
-                self.client = None
-            sock = None
-            if self.host.proxy_jump:
-                sock = self._via_jump()
-            client = connect_client(self.host, self.known, self.timeout, sock=sock, on_tcp=on_tcp)
-            transport = client.get_transport()
-            assert transport is not None
+            self._drop_transport()
+            if self.host.proxy_jump:  # ssh's precedence: a ProxyJump, else a ProxyCommand, else TCP
+                sock = self._via_jump(note)
+            elif self.host.proxy_command:
+                sock = _proxy_command(self.host)
+            else:
+                sock = _tcp(self.host, self.timeout)
+            if on_tcp is not None:
+                on_tcp()
+            transport = connect_transport(self.host, self.known, sock, self.timeout, self.agent_socket, note)
             transport.set_keepalive(KEEPALIVE_SECONDS)
-            self.client = client
+            self._transport = transport
             if self.remote_port:
                 try:
                     self.forward(self.remote_port)  # the port the running agent dials
                 except DeployError:
-                    client.close()  # connected but no tunnel (an old session may still hold the port)
-                    self.client = None
+                    self._drop_transport()  # connected but no tunnel (an old session may still hold the port)
                     raise
             self._set_state("up", message)
 
-    def ensure(self, on_tcp: Callable[[], None] | None = None) -> bool:
+    def ensure(self, on_tcp: Callable[[], None] | None = None, note: Callable[[str], None] | None = None) -> bool:
         """Connected (opening only if needed); True when this call opened it."""
         with self.lock:
             if self.active():
                 return False
-            self.open(on_tcp)
+            self.open(on_tcp, note=note)
             return True
 
-    def _via_jump(self) -> Any:
-        name = self.host.proxy_jump.split(",")[0].strip()
-        if self.jump is None:
-            raise DeployError.at(self.host.alias, "connect", f"ProxyJump {name!r} is not supported here")
-        jump = self.jump(name)
-        jump.ensure()
+    def healthy(self, timeout: float = 10.0) -> bool:
+        """Whether the held connection still runs a command (a live TCP session can hide a dead one)."""
+        if not self.active():
+            return False
+        try:
+            return self.sh("true", "connect", timeout=timeout).status == 0
+        except DeployError:
+            return False
+
+    def reset(self) -> None:
+        """Drop the connection (not the tunnel's port): the next ensure() connects afresh."""
+        with self.lock:
+            self._drop_transport()
+
+    def _drop_transport(self) -> None:
+        self._close_shell()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _via_jump(self, note: Callable[[str], None] | None) -> Any:
+        """A channel to the host through the nearest jump host of its ProxyJump list (which reaches the
+        others first): each hop is a held link of its own, resolved and host-key checked like the host."""
+        hops = [h.strip() for h in self.host.proxy_jump.split(",") if h.strip()]
+        if self.jump is None or not hops:
+            raise DeployError.at(self.host.alias, "connect", f"ProxyJump {self.host.proxy_jump!r} is not supported here")
+        if self.depth >= MAX_HOPS:
+            raise DeployError.at(self.host.alias, "connect", f"more than {MAX_HOPS} jump hosts: a ProxyJump loop?",
+                                 "check the ProxyJump settings of the host and its jump hosts")
+        jump = self.jump(hops[-1], ",".join(hops[:-1]), self.depth + 1)
+        jump.agent_socket = self.agent_socket
+        jump.ensure(note=note)
         transport = jump.transport
         assert transport is not None
         try:
             return transport.open_channel("direct-tcpip", (self.host.hostname, self.host.port), ("127.0.0.1", 0),
                                           timeout=self.timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise DeployError.at(self.host.alias, "connect", f"the jump host {name} could not reach {self.host.hostname}:{self.host.port}: {exc}",
-                       "check the host's address as the jump host sees it") from None
+            raise DeployError.at(self.host.alias, "connect", f"the jump host {hops[-1]} could not reach "
+                                 f"{self.host.hostname}:{self.host.port}: {exc}",
+                                 "check the host's address as the jump host sees it") from None
 
     def close(self) -> None:
         self.closed.set()
         with self.lock:
-            if self.client is not None:
-                self.client.close()
-                self.client = None
+            self._drop_transport()
         self._set_state("closed")
 
     # ---- commands and files ----------------------------------------------------------------------

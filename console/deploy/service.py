@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import logging
 import threading
 import time
@@ -40,11 +39,14 @@ DEPLOY_DEFAULTS: dict[str, Any] = {
     "connect_timeout": 10.0,
     "hostkey_timeout": 300.0,  # how long an interactive question waits for its answer
     "drain_timeout": 120.0,  # an upgrade drains the old agent this long at most
+    "agent_socket": "",  # the caller's SSH_AUTH_SOCK: its agent's keys are offered (the master may have none)
+    "reconnect": False,  # drop the held SSH connection and connect afresh
 }
 STOP_DEFAULTS: dict[str, Any] = {
     "drain_timeout": None,  # None: a drain waits as long as the running jobs take
     "connect_timeout": 10.0,
     "force": False,  # remove(): forget the host even if its agent and files cannot be removed
+    "agent_socket": "",
 }
 
 
@@ -57,7 +59,9 @@ def _check_options(options: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise DeployError(f"unknown option(s): {', '.join(sorted(map(str, unknown)))}", f"known: {', '.join(defaults)}")
     merged = {**defaults, **{k: v for k, v in options.items() if v is not None}}
-    for key in ("accept_new", "interactive", "force"):
+    if not isinstance(merged.get("agent_socket", ""), str):
+        raise DeployError(f"agent_socket must be a path, not {merged['agent_socket']!r}")
+    for key in ("accept_new", "interactive", "force", "reconnect"):
         if key in merged and not isinstance(merged[key], bool):
             raise DeployError(f"option {key} must be true or false, not {merged[key]!r}")
     for key in ("ready_timeout", "connect_timeout", "hostkey_timeout", "drain_timeout"):
@@ -82,6 +86,12 @@ def _check_aliases(aliases: Any) -> list[str]:
     if not isinstance(aliases, (list, tuple)) or not aliases or not all(isinstance(a, str) for a in aliases):
         raise DeployError("give one or more host aliases", "list them with `corral hosts`")
     return list(dict.fromkeys(aliases))
+
+
+def _connection(host: Host) -> tuple[Any, ...]:
+    """The settings of a host that make its SSH connection: a change in one of them needs a new one."""
+    return (host.hostname, host.port, host.user, host.identity, host.proxy_jump, host.proxy_command,
+            host.identities_only, host.identity_agent, host.known_hosts, host.global_known_hosts, host.host_key_alias)
 
 
 class DeployService:
@@ -133,9 +143,7 @@ class DeployService:
 
         with self.lock:
             link = self._links.get(host.alias)
-            same = link is not None and (link.host.hostname, link.host.port, link.host.user, link.host.identity,
-                                         link.host.proxy_jump) == (host.hostname, host.port, host.user,
-                                                                   host.identity, host.proxy_jump)
+            same = link is not None and _connection(link.host) == _connection(host)
             if link is not None and same and not link.closed.is_set():
                 link.host = host  # slots, tags... may have changed; the connection has not
                 return link
@@ -146,25 +154,19 @@ class DeployService:
             self._links[host.alias] = link
             return link
 
-    def _jump_link(self, name: str) -> Link:
-        """A connection to a ProxyJump host: an inventory alias, or [user@]host[:port]."""
-        from .inventory import Host
+    def _jump_link(self, spec: str, via: str, depth: int) -> Link:
+        """The held connection to a ProxyJump hop, `[user@]host[:port]` (resolved by ssh), reached through `via`."""
         from .link import Link
 
+        key = f"{via}>{spec}"
         with self.lock:
-            link = self._jumps.get(name)
+            link = self._jumps.get(key)
             if link is not None and not link.closed.is_set():
                 return link
-        try:
-            host = self._inventory().get(name)
-        except DeployError:
-            user, _, rest = name.rpartition("@")
-            hostname, _, port = rest.partition(":")
-            host = Host(alias=name, hostname=hostname, port=int(port) if port.isdigit() else 22,
-                        user=user or getpass.getuser())
-        link = Link(host, self._known(), self.master, on_state=None)
+        host = self._inventory().hop(spec, via)
+        link = Link(host, self._known(), self.master, jump=self._jump_link, depth=depth)
         with self.lock:
-            self._jumps[name] = link
+            self._jumps[key] = link
         return link
 
     def _on_link_state(self, link: Link, state: str, message: str) -> None:
@@ -270,6 +272,9 @@ class DeployService:
             host = with_overrides(self._host(alias), slots=opts["slots"],
                                   tags=tuple(opts["tags"]) if opts["tags"] is not None else None, direct=opts["direct"])
             link = self._link(host, float(opts["connect_timeout"]))
+            link.agent_socket = opts["agent_socket"]
+            if opts["reconnect"]:
+                link.reset()
             previous = self.records.get(alias) or self._seen.get(alias)
             job = HostDeploy(link, bundle, plan, report, self.registry)
             result = deploy_host(job, questions.asker(op, alias, asking, report), previous)
@@ -360,7 +365,8 @@ class DeployService:
 
         host = self._host(alias)
         link = self._link(host, float(opts["connect_timeout"]))
-        if link.ensure():
+        link.agent_socket = opts["agent_socket"]
+        if link.ensure(note=lambda text: report("auth", "info", text)):
             report("connect", "ok", host.target)
         directory, pid = self._running(link)
         if not pid:

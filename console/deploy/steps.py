@@ -12,7 +12,7 @@ from typing import Any, Callable
 from ..errors import DeployError, HostKeyUnknown
 from .bundle import Bundle
 from .fleet import Report
-from .link import Link
+from .link import MAX_HOPS, Link
 from .records import Deployment
 from .registry import AgentRegistry, registered
 from .remote import FoundPython, Launch, Probe, alive, choose_python, log_tail, probe, quick_look, start_agent, stop_remote
@@ -108,20 +108,27 @@ def deploy_host(job: HostDeploy, ask_host_key: Callable[[HostKeyUnknown], bool],
 
 
 def connect(job: HostDeploy, ask_host_key: Callable[[HostKeyUnknown], bool]) -> None:
-    """connect, hostkey, auth: the held link if it is up; else a new connection, asking about an unknown key."""
+    """connect, hostkey, auth: the held link if it still answers; else a new connection (through the jump
+    hosts, if any), asking about each unknown host key on the way."""
     link, host = job.link, job.link.host
     if link.active():
-        for step in ("connect", "hostkey", "auth"):
-            job.report(step, "skip", f"the master already holds a connection to {host.target}")
-        return
-    job.report("connect", "start", f"{host.target}" + (f" via {host.proxy_jump}" if host.proxy_jump else ""))
-    try:
-        link.ensure(on_tcp=lambda: job.report("connect", "ok", f"{host.hostname}:{host.port} answers"))
-    except HostKeyUnknown as exc:
-        if not ask_host_key(exc):
-            raise
-        link.known.add(exc.host_id, exc.key_type, exc.key_base64)
-        link.ensure()
+        if link.healthy():
+            for step in ("connect", "hostkey", "auth"):
+                job.report(step, "skip", f"the master already holds a connection to {host.target}")
+            return
+        job.report("connect", "info", "the held connection no longer answers: connecting afresh")
+        link.reset()
+    route = f" via {host.proxy_jump}" if host.proxy_jump else (f" via `{host.proxy_command}`" if host.proxy_command else "")
+    job.report("connect", "start", f"{host.target}{route}")
+    for _ in range(MAX_HOPS + 1):  # at most one question per host on the way: the jump hosts, then this one
+        try:
+            link.ensure(on_tcp=lambda: job.report("connect", "ok", f"{host.hostname}:{host.port} answers"),
+                        note=lambda text: job.report("auth", "info", text))
+            break
+        except HostKeyUnknown as exc:
+            if not ask_host_key(exc):
+                raise
+            link.known.add(exc.host_id, exc.key_type, exc.key_base64)
     job.report("hostkey", "ok", f"known: {link.known.holder(host)}")
     job.report("auth", "ok", f"as {host.user}")
 
