@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direct", action="store_true", default=None,
                    help="agents dial the master's --listen address instead of an SSH tunnel")
     p.add_argument("--ready-timeout", type=_seconds, default=30.0, help="seconds to wait for each agent to register (default 30)")
+    p.add_argument("--reconnect", action="store_true", help="drop the master's SSH connection to the hosts and connect afresh")
 
     p = sub.add_parser("stop", help="stop deployed agents over SSH (running jobs are killed and re-queued)")
     p.add_argument("aliases", nargs="+", metavar="ALIAS")
@@ -548,7 +549,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     tags = list(parse_tags(args.tags, "--tags")) if args.tags is not None else None
     with _client(args) as client:
         op_id = client.deploy(args.aliases, slots=args.slots, tags=tags, accept_new=args.accept_new,
-                              direct=args.direct, ready_timeout=args.ready_timeout)
+                              direct=args.direct, ready_timeout=args.ready_timeout, reconnect=args.reconnect)
         return _follow(client, op_id, "deployed", args.aliases)
 
 

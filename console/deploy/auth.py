@@ -93,8 +93,7 @@ def _load_files(host: Host, note: Note) -> tuple[list[tuple[str, paramiko.PKey |
 
 
 def gather(host: Host, caller_socket: str, timeout: float, note: Note) -> Offer:
-    """The keys to offer this host, in ssh's order: the agent's (with IdentitiesOnly, only those of the
-    identity files), then the identity files not offered already."""
+    """The keys to offer this host, in ssh's order."""
     files, encrypted = _load_files(host, note)
     offer = Offer()
     blobs = {blob: path for path, _, blob in files if blob is not None}
@@ -104,13 +103,14 @@ def gather(host: Host, caller_socket: str, timeout: float, note: Note) -> Offer:
             offer.agent = _AgentAt(path, timeout)
         except (OSError, paramiko.SSHException) as exc:
             note(f"cannot use the agent at {path} ({exc}): skipped")
-    offered: set[bytes] = set()
-    for key in offer.agent.get_keys() if offer.agent is not None else ():
-        agent_blob = key.asbytes()
-        if host.identities_only and agent_blob not in blobs:
-            continue
-        offer.keys.append((f"agent:{blobs.get(agent_blob, key.comment or key.get_name())}", key))
-        offered.add(agent_blob)
+    # ssh's order: the agent's keys that are configured identity files, the agent's others (not with
+    # IdentitiesOnly), then the identity files the agent does not hold, in the config's order.
+    agent_keys = list(offer.agent.get_keys()) if offer.agent is not None else []
+    mine = [key for key in agent_keys if key.asbytes() in blobs]
+    others = [] if host.identities_only else [key for key in agent_keys if key.asbytes() not in blobs]
+    for key in mine + others:
+        offer.keys.append((f"agent:{blobs.get(key.asbytes(), key.comment or key.get_name())}", key))
+    offered = {key.asbytes() for key in mine + others}
     for file_path, private, blob in files:
         if private is not None and blob not in offered:
             offer.keys.append((file_path, private))
