@@ -272,12 +272,18 @@ class Inventory:
         """The host by this name: corral's entry, a Host alias of the config, or a name a Host pattern matches."""
         config = self.ssh_config()
         corral = {e.alias: e for e in self.entries()}
-        if alias not in corral and alias not in self.ssh_aliases(config) and not config.matches(alias):
+        if alias not in corral and alias not in self.ssh_aliases(config) and not config.matches(alias) \
+                and not self._named_by_match(alias):
             raise DeployError(f"unknown host {alias!r}",
                               f"add it with `corral hosts add {alias} --hostname ...`, or to {self.config_path}",
                               host=alias, step="inventory")
         check_alias(alias)
         return self._resolve(alias, config, corral.get(alias))
+
+    def _named_by_match(self, alias: str) -> bool:
+        """Whether a Match block (as ssh evaluates it) gives this name a HostName of its own."""
+        check_alias(alias)
+        return sshconfig.resolve(alias, self.explicit_config).hostname.lower() != alias.lower()
 
     def hop(self, spec: str, via: str = "") -> Host:
         """A ProxyJump hop, `[user@]host[:port]` (an alias or a name ssh resolves), reached through `via`."""

@@ -181,7 +181,7 @@ def _resolve_paramiko(alias: str, config: Path | None, options: dict[str, str]) 
         log.warning("corral: `ssh` (openssh-client) is not on PATH: reading %s with paramiko, "
                     "which does not follow Include or Match exec", path)
     try:
-        parsed = paramiko.SSHConfig.from_path(str(path)) if path.is_file() else paramiko.SSHConfig()
+        parsed = paramiko.SSHConfig.from_text(_without_include_and_exec(path.read_text()) if path.is_file() else "")
         found = parsed.lookup(alias)
     except Exception as exc:  # paramiko raises several kinds for what it cannot read
         raise DeployError(f"{alias}: cannot read the ssh config {path}: {exc}", "fix the file",
@@ -206,6 +206,21 @@ def _resolve_paramiko(alias: str, config: Path | None, options: dict[str, str]) 
         host_key_alias=found.get("hostkeyalias", ""),
         via="paramiko",
     )
+
+
+def _without_include_and_exec(text: str) -> str:
+    """The config as paramiko can read it: no comments (paramiko keeps a trailing one in the value), no
+    Include lines, no `Match exec` blocks (it would run them through a shell of its own choosing)."""
+    out, skipping = [], False
+    for line in text.splitlines():
+        words = _words(line)
+        key = words[0].lower() if words else ""
+        if key in ("host", "match"):
+            skipping = key == "match" and any(w.lower() == "exec" for w in words[1:])
+        if skipping or key == "include" or not words:
+            continue
+        out.append(" ".join(f'"{w}"' if " " in w else w for w in words))  # trailing comments gone
+    return "\n".join(out) + "\n"
 
 
 # ---- the config's own hosts: a scan of Host lines, following Include ------------------------------
