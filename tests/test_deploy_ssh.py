@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from tests.cluster import Cluster
-from tests.sshhosts import SSH_KEYGEN, SshHost, SshLab, keygen
+from tests.sshhosts import SSH_KEYGEN, SshHost, SshLab, keygen, processes_in
 
 pytestmark = pytest.mark.sshd
 
@@ -296,3 +296,48 @@ def test_a_host_fixed_after_a_failed_deploy_is_deployed_and_reconnect_connects_a
     assert_deployed(fresh)
     assert any(line.split()[:3] == ["h1", "connect", "ok"] for line in fresh.stdout.splitlines()), fresh.stdout
     assert "nothing to do" in fresh.stdout and accepted(host) > sessions
+
+
+# ---- one account, two clusters --------------------------------------------------------------------
+
+def test_two_clusters_deploying_to_one_account_keep_their_files_apart(ssh_cluster: Cluster, lab: SshLab,
+                                                                      tmp_path: Path) -> None:
+    home = tmp_path / "remote_home"  # the account's home, as sshd gives it to the sessions (not the machine's)
+    home.mkdir()
+    host = lab.add_host("h1", "127.0.0.2", options=f"SetEnv HOME={home}\n")
+    other = Cluster(tmp_path / "other_home")
+    other.env.update(lab.env())
+    other.env.pop("SSH_AUTH_SOCK", None)
+    other.start_master()
+    try:
+        for cluster, tag in ((ssh_cluster, "first"), (other, "second")):
+            add = ["hosts", "add", "h1", "--hostname", host.address, "--port", str(host.port), "--user",
+                   getpass.getuser(), "--identity", str(lab.key), "--tags", tag]  # the default remote dir
+            assert cluster.corral(*add).returncode == 0
+            assert_deployed(deploy(cluster, "h1"))
+        cache = home / ".cache" / "corral"
+        dirs = sorted(p for p in cache.iterdir() if p.is_dir())
+        assert len(dirs) == 2, "one directory per cluster"
+        keys = {(d / "authkey").read_bytes() for d in dirs}
+        assert keys == {(c.home / "authkey").read_bytes().strip() + b"\n" for c in (ssh_cluster, other)}
+        assert len(list(cache.glob("agent-*.pyz"))) == 1, "the bundle, content-addressed, is shared"
+        pids = {d.name: int((d / "agent.pid").read_text()) for d in dirs}
+        assert len(set(pids.values())) == 2 and all(Path(f"/proc/{pid}").exists() for pid in pids.values())
+        for cluster, tag in ((ssh_cluster, "first"), (other, "second")):
+            with cluster.client() as c:
+                (job,) = c.submit([{"command": "pwd", "tags": [tag]}])
+                assert c.wait([job], 60) == {job: "done"}
+                assert Path(c.job(job)["attempt_list"][-1]["stdout"].strip()).parent == cache.resolve()
+        removed = other.corral("hosts", "remove", "h1", timeout=60)
+        assert removed.returncode == 0, removed.stderr
+        left = [p for p in cache.iterdir() if p.is_dir()]
+        assert len(left) == 1 and (left[0] / "authkey").exists(), "the other cluster's files are untouched"
+        assert len(list(cache.glob("agent-*.pyz"))) == 1, "its agent still uses the shared bundle"
+        assert Path(f"/proc/{int((left[0] / 'agent.pid').read_text())}").exists()
+    finally:
+        other.stop()
+        for pid in processes_in(home):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..errors import DeployError
 from .fleet import Report
-from .inventory import Host
+from .inventory import DEFAULT_REMOTE_DIR, Host
 from .link import Link
 
 MIN_PYTHON = (3, 8)
@@ -27,6 +27,26 @@ def remote_dir_expr(path: str) -> str:
     if path.startswith("~/"):
         return '"$HOME"/' + shlex.quote(path[2:])
     return shlex.quote(path)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one cluster's files go on a host. With the default remote directory, each cluster has a directory
+    of its own in it and the bundles (content-addressed) are shared; a remote_dir set for the host is that
+    cluster's alone, bundles included (a marker file says whose it is)."""
+
+    files: str  # the cluster's directory, as configured (~ allowed): authkey, agent.pid, agent.log, cluster
+    bundles: str  # where agent-<hash>.pyz files go
+
+    @classmethod
+    def of(cls, host: Host, cluster: str) -> Layout:
+        if host.remote_dir == DEFAULT_REMOTE_DIR and cluster:
+            return cls(f"{DEFAULT_REMOTE_DIR}/{cluster}", DEFAULT_REMOTE_DIR)
+        return cls(host.remote_dir, host.remote_dir)
+
+    @property
+    def shared(self) -> bool:
+        return self.files != self.bundles
 
 
 # Prints "VERSION EXECUTABLE" and succeeds only for 3.8+; must itself run on any Python, 2.7 included.
@@ -51,24 +71,31 @@ class FoundPython:
 class Probe:
     """One round trip's worth of facts about the host."""
 
-    dir: str = ""
+    dir: str = ""  # the cluster's directory, resolved
     dir_error: str = ""
+    bundle_dir: str = ""  # where the bundles are, resolved
+    owner: str = ""  # the cluster the directory's marker names ("" if none)
     bundles: list[str] = field(default_factory=list)
     pid: int = 0  # the agent recorded in agent.pid, if that process is alive
     argv: list[str] = field(default_factory=list)  # its command line
     pythons: list[FoundPython] = field(default_factory=list)  # in the order tried
 
 
-def probe(link: Link, python: str, step: str = "python", hint: str = "") -> Probe:
-    """Create the remote directory (0700) if needed; list bundles, the running agent and the Pythons
+def probe(link: Link, layout: Layout, python: str, step: str = "python", hint: str = "") -> Probe:
+    """Create the remote directories (0700) if needed; list bundles, the running agent and the Pythons
     (the configured one; else `hint`, the interpreter chosen last time, then the usual names)."""
     candidates = [python] if python else list(dict.fromkeys([hint, *PYTHON_CANDIDATES] if hint else PYTHON_CANDIDATES))
     script = f"""
-D={remote_dir_expr(link.host.remote_dir)}
-if [ ! -d "$D" ]; then mkdir -p -m 700 "$D" 2>/dev/null; fi
+B={remote_dir_expr(layout.bundles)}
+D={remote_dir_expr(layout.files)}
+if [ ! -d "$D" ]; then mkdir -p -m 700 "$B" "$D" 2>/dev/null; fi
+if cd "$B" 2>/dev/null && [ -w . ]; then
+  echo "bundledir $(pwd -P)"
+  for f in agent-*.pyz; do [ -f "$f" ] && echo "bundle $f"; done
+fi
 if cd "$D" 2>/dev/null && [ -w . ]; then
   echo "dir $(pwd -P)"
-  for f in agent-*.pyz; do [ -f "$f" ] && echo "bundle $f"; done
+  if [ -f cluster ]; then echo "owner $(head -c 64 cluster)"; fi
   if [ -f agent.pid ]; then
     p=$(cat agent.pid)
     if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then echo "pid $p"; echo "argv $(tr '\\000' '\\037' < /proc/$p/cmdline)"; fi
@@ -101,6 +128,10 @@ def parse_probe(out: str) -> Probe:
             found.dir = rest
         elif kind == "direrror":
             found.dir_error = rest
+        elif kind == "bundledir":
+            found.bundle_dir = rest
+        elif kind == "owner":
+            found.owner = rest.strip()
         elif kind == "bundle":
             found.bundles.append(rest)
         elif kind == "pid" and rest.isdigit():
@@ -156,10 +187,10 @@ def log_tail(link: Link, directory: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:]) + "\n"
 
 
-def running_agent(link: Link, step: str) -> tuple[str, int]:
-    """(the remote directory, the pid of the agent running from it or 0); ("", 0) if the directory is absent."""
+def running_agent(link: Link, layout: Layout, step: str) -> tuple[str, int]:
+    """(the cluster's remote directory, the pid of the agent running from it or 0); ("", 0) if it is absent."""
     script = f"""
-D={remote_dir_expr(link.host.remote_dir)}
+D={remote_dir_expr(layout.files)}
 cd "$D" 2>/dev/null || exit 0
 echo "dir $(pwd -P)"
 if [ -f agent.pid ]; then p=$(cat agent.pid); if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then echo "pid $p"; fi; fi
@@ -213,8 +244,8 @@ class Launch:
     started_by: str
     connect: str = ""  # HOST:PORT the agent dials (the tunnel's end on the host, or the master)
 
-    def argv(self, directory: str) -> list[str]:
-        args = [self.python, f"{directory}/{self.bundle}", "--connect", self.connect,
+    def argv(self, directory: str, bundle_dir: str = "") -> list[str]:
+        args = [self.python, f"{bundle_dir or directory}/{self.bundle}", "--connect", self.connect,
                 "--authkey-file", f"{directory}/authkey", "--name", self.name]
         if self.slots:
             args += ["--slots", str(self.slots)]
@@ -245,9 +276,9 @@ class Launch:
             (other.bundle, other.name, other.slots, other.tags, other.started_by)
 
 
-def start_agent(link: Link, directory: str, launch: Launch) -> int:
+def start_agent(link: Link, directory: str, launch: Launch, bundle_dir: str = "") -> int:
     """Start the agent detached from the SSH session (its own session, stdio on its log); its pid."""
-    args = " ".join(shlex.quote(a) for a in launch.argv(directory))
+    args = " ".join(shlex.quote(a) for a in launch.argv(directory, bundle_dir))
     script = f"""
 cd {shlex.quote(directory)} || exit 3
 if [ -f agent.log ]; then mv -f agent.log agent.log.1; fi
@@ -299,13 +330,18 @@ def stop_remote(link: Link, pid: int, drain: bool, report: Report, drain_timeout
         raise DeployError.at(link.host.alias, step, f"the agent (pid {pid}) survived SIGKILL", "look at the host")
 
 
-def remove_files(link: Link, directory: str) -> None:
-    """Remove what corral put in the remote directory, and the directory itself if that leaves it empty."""
+def remove_files(link: Link, directory: str, bundle_dir: str = "") -> None:
+    """Remove what corral put in the cluster's remote directory, and the directory if that leaves it empty;
+    the shared bundles too once no other cluster's directory is left beside them."""
     d = shlex.quote(directory)
     script = (f"cd {d} 2>/dev/null || exit 0\n"
-              "rm -f agent-*.pyz agent-*.pyz.tmp* agent.log agent.log.1 authkey authkey.tmp* agent.pid\n"
+              "rm -f agent-*.pyz agent-*.pyz.tmp* agent.log agent.log.1 authkey authkey.tmp* agent.pid cluster cluster.tmp*\n"
               f"cd / && rmdir {d} 2>/dev/null; true\n")
+    if bundle_dir and bundle_dir != directory:
+        b = remote_dir_expr(bundle_dir)
+        script += (f"cd {b} 2>/dev/null || exit 0\n"
+                   "for x in */; do [ -d \"$x\" ] && exit 0; done\n"  # another cluster still uses them
+                   f"rm -f agent-*.pyz agent-*.pyz.tmp*; cd / && rmdir {b} 2>/dev/null; true\n")
     status, err = link.sh(script, "remove")
     if status != 0:
         raise DeployError.at(link.host.alias, "remove", f"could not remove the agent's files from {directory}: {err.strip()[-200:]}")
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ if TYPE_CHECKING:  # paramiko is imported only once something is deployed: the m
     from .hostkeys import HostKeyQuestions, KnownHosts
     from .inventory import Host, Inventory
     from .link import Link
+    from .remote import Layout
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,11 @@ def _check_aliases(aliases: Any) -> list[str]:
     return list(dict.fromkeys(aliases))
 
 
+def cluster_id(authkey: bytes) -> str:
+    """A cluster's name on its hosts, from its authkey (which it does not reveal): two masters, two names."""
+    return hashlib.sha256(b"corral cluster\0" + authkey).hexdigest()[:12]
+
+
 def _connection(host: Host) -> tuple[Any, ...]:
     """The settings of a host that make its SSH connection: a change in one of them needs a new one."""
     return (host.hostname, host.port, host.user, host.identity, host.proxy_jump, host.proxy_command,
@@ -105,6 +112,7 @@ class DeployService:
         self.authkey = authkey
         self.lock = threading.Lock()
         self.records = Deployments(state.home)
+        self.cluster = cluster_id(authkey)
         self._links: dict[str, Link] = {}
         self._jumps: dict[str, Link] = {}
         self._ops: OrderedDict[str, Operation] = OrderedDict()
@@ -262,7 +270,7 @@ class DeployService:
         from .steps import DeployPlan, HostDeploy, deploy_host
 
         bundle = build()
-        plan = DeployPlan(authkey=self.authkey, master=self.master, ready_timeout=float(opts["ready_timeout"]),
+        plan = DeployPlan(authkey=self.authkey, master=self.master, cluster=self.cluster, ready_timeout=float(opts["ready_timeout"]),
                           upgrade_drain_timeout=float(opts["drain_timeout"]))
         asking = AskPolicy(accept_new=opts["accept_new"], interactive=opts["interactive"],
                            timeout=float(opts["hostkey_timeout"]))
@@ -340,7 +348,7 @@ class DeployService:
                     link = self._links[alias]
                     directory, _ = self._running(link)
                     if directory:
-                        remove_files(link, directory)
+                        remove_files(link, directory, self._layout(link).bundles if self._layout(link).shared else "")
                     report("remove", "ok", f"removed the bundle and files from {directory or link.host.remote_dir}")
                 except DeployError as exc:
                     if not opts["force"]:
@@ -355,10 +363,15 @@ class DeployService:
 
         return self._begin("remove", aliases, work)
 
+    def _layout(self, link: Link) -> Layout:
+        from .remote import Layout
+
+        return Layout.of(link.host, self.cluster)
+
     def _running(self, link: Link) -> tuple[str, int]:
         from .remote import running_agent
 
-        return running_agent(link, "stop")
+        return running_agent(link, self._layout(link), "stop")
 
     def _stop_agent(self, alias: str, drain: bool, opts: dict[str, Any], report: Report) -> int:
         from .remote import stop_remote

@@ -15,7 +15,7 @@ from .fleet import Report
 from .link import MAX_HOPS, Link
 from .records import Deployment
 from .registry import AgentRegistry, registered
-from .remote import FoundPython, Launch, Probe, alive, choose_python, log_tail, probe, quick_look, start_agent, stop_remote
+from .remote import FoundPython, Launch, Layout, Probe, alive, choose_python, log_tail, probe, quick_look, start_agent, stop_remote
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class DeployPlan:
 
     authkey: bytes
     master: tuple[str, int]
+    cluster: str = ""  # the cluster's name on its hosts (service.cluster_id): its files are apart from others'
     ready_timeout: float = 30.0
     upgrade_drain_timeout: float = 120.0
 
@@ -63,6 +64,10 @@ class HostDeploy:
     @property
     def alias(self) -> str:
         return self.link.host.alias
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.of(self.link.host, self.plan.cluster)
 
     @property
     def mode(self) -> str:
@@ -101,7 +106,7 @@ def deploy_host(job: HostDeploy, ask_host_key: Callable[[HostKeyUnknown], bool],
     upload(job, found, directory)
     dial = tunnel(job)
     authkey(job, directory)
-    pid = start(job, directory, job.launch(python.executable, dial))
+    pid = start(job, directory, job.launch(python.executable, dial), found.bundle_dir)
     ready(job, pid, directory, kill_on_fail=True)
     tidy(job, found, directory)
     return job.deployed(pid, directory, python.executable, noop=False)
@@ -153,13 +158,17 @@ def find_python(job: HostDeploy, previous: Deployment | None) -> tuple[Probe, Fo
     """python: one round trip finds the interpreters, and tells of the remote dir, its bundles and any agent."""
     host = job.link.host
     job.report("python", "start", host.python or "looking for python3 (3.8+)")
-    found = probe(job.link, host.python, hint="" if host.python or previous is None else previous.python)
+    found = probe(job.link, job.layout, host.python, hint="" if host.python or previous is None else previous.python)
     python = choose_python(host, found)
     job.report("python", "ok", f"Python {python.version} at {python.executable}")
     if found.dir_error or not found.dir:
         raise DeployError.at(host.alias, "upload",
                              f"cannot use the remote directory {host.remote_dir} ({found.dir_error or 'no answer'})",
                              "set the host's remote_dir to a writable directory")
+    if found.owner and job.plan.cluster and found.owner != job.plan.cluster:
+        raise DeployError.at(host.alias, "upload", f"the remote directory {found.dir} belongs to another corral "
+                             f"cluster ({found.owner})", "give this host a remote_dir of its own "
+                             f"(`corral hosts add {host.alias} --remote-dir ... --replace`), or the default one")
     return found, python
 
 
@@ -192,9 +201,10 @@ def upload(job: HostDeploy, found: Probe, directory: str) -> None:
     if job.bundle.name in found.bundles:
         job.report("upload", "skip", f"{job.bundle.name} is already there")
         return
-    job.report("upload", "start", f"{job.bundle.name} ({len(job.bundle.data) // 1024} KiB) to {directory}")
-    job.link.put(job.bundle.data, f"{directory}/{job.bundle.name}", "upload")
-    job.report("upload", "ok", f"{directory}/{job.bundle.name}")
+    where = found.bundle_dir or directory
+    job.report("upload", "start", f"{job.bundle.name} ({len(job.bundle.data) // 1024} KiB) to {where}")
+    job.link.put(job.bundle.data, f"{where}/{job.bundle.name}", "upload")
+    job.report("upload", "ok", f"{where}/{job.bundle.name}")
 
 
 def tunnel(job: HostDeploy) -> str:
@@ -211,14 +221,16 @@ def tunnel(job: HostDeploy) -> str:
 
 
 def authkey(job: HostDeploy, directory: str) -> None:
-    """authkey: a 0600 file beside the bundle, never on a command line."""
+    """authkey: a 0600 file in the cluster's directory, never on a command line (and the marker of whose it is)."""
+    if job.plan.cluster:
+        job.link.put(job.plan.cluster.encode() + b"\n", f"{directory}/cluster", "authkey", mode=0o600)
     job.link.put(job.plan.authkey + b"\n", f"{directory}/authkey", "authkey", mode=0o600)
     job.report("authkey", "ok", f"{directory}/authkey (0600)")
 
 
-def start(job: HostDeploy, directory: str, launch: Launch) -> int:
+def start(job: HostDeploy, directory: str, launch: Launch, bundle_dir: str) -> int:
     """start: the agent, detached from the SSH session; its pid."""
-    pid = start_agent(job.link, directory, launch)
+    pid = start_agent(job.link, directory, launch, bundle_dir)
     job.report("start", "ok", f"pid {pid}")
     return pid
 
@@ -247,7 +259,9 @@ def ready(job: HostDeploy, pid: int, directory: str, kill_on_fail: bool) -> None
 
 
 def tidy(job: HostDeploy, found: Probe, directory: str) -> None:
-    """The new agent is up: the bundles of earlier versions go."""
+    """The new agent is up: the bundles of earlier versions go (shared ones stay: another cluster may run them)."""
+    if job.layout.shared:
+        return
     stale = [b for b in found.bundles if b != job.bundle.name]
     if stale:
         job.link.remove([f"{directory}/{b}" for b in stale], "ready")
