@@ -76,6 +76,7 @@ Host cmd
 Host keys
   IdentityFile {root}/keys/a
   IdentityFile {root}/keys/b
+  IdentityFile {root}/keys/%C
 
 Host only
   IdentityFile {root}/keys/only
