@@ -162,11 +162,15 @@ class Link:
             transport.set_keepalive(KEEPALIVE_SECONDS)
             self._transport = transport
             if self.remote_port:
-                try:
-                    self.forward(self.remote_port)  # the port the running agent dials
-                except DeployError:
-                    self._drop_transport()  # connected but no tunnel (an old session may still hold the port)
-                    raise
+                for attempt in range(4):  # the old session, just closed, may hold the port a moment longer
+                    try:
+                        self.forward(self.remote_port)  # the port the running agent dials
+                        break
+                    except DeployError:
+                        if attempt == 3:
+                            self._drop_transport()  # connected but no tunnel (an old session still holds the port)
+                            raise
+                        time.sleep(0.5)
             self._set_state("up", message)
 
     def ensure(self, on_tcp: Callable[[], None] | None = None, note: Callable[[str], None] | None = None) -> bool:
@@ -185,11 +189,6 @@ class Link:
             return self.sh("true", "connect", timeout=timeout).status == 0
         except DeployError:
             return False
-
-    def reset(self) -> None:
-        """Drop the connection (not the tunnel's port): the next ensure() connects afresh."""
-        with self.lock:
-            self._drop_transport()
 
     def _drop_transport(self) -> None:
         self._close_shell()
@@ -466,6 +465,8 @@ class Link:
                     with self.lock:
                         if self.closed.is_set():
                             return
+                        if self.active():  # a deploy (--reconnect, a failed health check) opened it meanwhile
+                            break
                         self.open(message="re-established" + (f", tunnel port {self.remote_port}" if self.remote_port else ""))
                     self.reconnects += 1
                     self.last_error = ""

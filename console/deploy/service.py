@@ -281,10 +281,8 @@ class DeployService:
                                   tags=tuple(opts["tags"]) if opts["tags"] is not None else None, direct=opts["direct"])
             link = self._link(host, float(opts["connect_timeout"]))
             link.agent_socket = opts["agent_socket"]
-            if opts["reconnect"]:
-                link.reset()
             previous = self.records.get(alias) or self._seen.get(alias)
-            job = HostDeploy(link, bundle, plan, report, self.registry)
+            job = HostDeploy(link, bundle, plan, report, self.registry, reconnect=opts["reconnect"])
             result = deploy_host(job, questions.asker(op, alias, asking, report), previous)
             link.supervise()
             with self.lock:

@@ -60,6 +60,7 @@ class HostDeploy:
     plan: DeployPlan
     report: Report
     registry: AgentRegistry
+    reconnect: bool = False  # replace the held connection with a new one
 
     @property
     def alias(self) -> str:
@@ -113,22 +114,24 @@ def deploy_host(job: HostDeploy, ask_host_key: Callable[[HostKeyUnknown], bool],
 
 
 def connect(job: HostDeploy, ask_host_key: Callable[[HostKeyUnknown], bool]) -> None:
-    """connect, hostkey, auth: the held link if it still answers; else a new connection (through the jump
-    hosts, if any), asking about each unknown host key on the way."""
+    """connect, hostkey, auth: the held link if it still answers (and no reconnect was asked); else a new
+    connection (through the jump hosts, if any), asking about each unknown host key on the way."""
     link, host = job.link, job.link.host
-    if link.active():
+    fresh = job.reconnect
+    if link.active() and not fresh:
         if link.healthy():
             for step in ("connect", "hostkey", "auth"):
                 job.report(step, "skip", f"the master already holds a connection to {host.target}")
             return
         job.report("connect", "info", "the held connection no longer answers: connecting afresh")
-        link.reset()
+        fresh = True
     route = f" via {host.proxy_jump}" if host.proxy_jump else (f" via `{host.proxy_command}`" if host.proxy_command else "")
     job.report("connect", "start", f"{host.target}{route}")
     for _ in range(MAX_HOPS + 1):  # at most one question per host on the way: the jump hosts, then this one
         try:
-            link.ensure(on_tcp=lambda: job.report("connect", "ok", f"{host.hostname}:{host.port} answers"),
-                        note=lambda text: job.report("auth", "info", text))
+            opened = link.open if fresh else link.ensure  # open() replaces a held connection under the link's lock
+            opened(on_tcp=lambda: job.report("connect", "ok", f"{host.hostname}:{host.port} answers"),
+                   note=lambda text: job.report("auth", "info", text))
             break
         except HostKeyUnknown as exc:
             if not ask_host_key(exc):
