@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 from multiprocessing import AuthenticationError
@@ -241,16 +242,19 @@ class Client:
         hostkey_timeout, drain_timeout (seconds)."""
         opts = dict(options, slots=slots, tags=list(tags) if tags is not None else None, accept_new=accept_new,
                     direct=direct, interactive=interactive)
+        opts.setdefault("agent_socket", os.environ.get("SSH_AUTH_SOCK", ""))  # our agent's keys, not the master's
         return cast(str, self._deploy_call("deploy", list(aliases), opts))
 
     def stop_agents(self, aliases: Sequence[str], drain: bool = False, **options: Any) -> str:
         """Ask the master to stop these hosts' agents over SSH (drain: let running jobs finish first;
         otherwise they are killed and re-queued); returns an operation id."""
+        options.setdefault("agent_socket", os.environ.get("SSH_AUTH_SOCK", ""))
         return cast(str, self._deploy_call("stop", list(aliases), drain, options))
 
     def remove_hosts(self, aliases: Sequence[str], force: bool = False) -> str:
         """Stop the hosts' agents, remove their bundles and files, drop them from corral's hosts file."""
-        return cast(str, self._deploy_call("remove", list(aliases), {"force": force}))
+        return cast(str, self._deploy_call("remove", list(aliases),
+                                           {"force": force, "agent_socket": os.environ.get("SSH_AUTH_SOCK", "")}))
 
     def deploy_progress(self, op_id: str, since: int = 0, wait: float = 0.0) -> Record:
         """An operation's events after sequence `since` (long-polling up to `wait` s), each host's state

@@ -75,6 +75,8 @@ class SshHost:
     remote_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     authorized: list[str] = field(default_factory=list)
+    sftp: bool = True  # False: no SFTP subsystem (files must go over exec channels)
+    options: str = ""  # more sshd_config lines (MaxAuthTries, HostCertificate...)
 
     @property
     def log(self) -> Path:
@@ -99,7 +101,7 @@ class SshHost:
             "PubkeyAuthentication yes\n"
             f"AuthorizedKeysFile {self.root / 'authorized_keys'}\n"
             "AllowTcpForwarding yes\n"
-            "Subsystem sftp internal-sftp\n"
+            + ("Subsystem sftp internal-sftp\n" if self.sftp else "") +
             "UsePAM no\n"
             "StrictModes no\n"
             "PermitRootLogin prohibit-password\n"
@@ -107,6 +109,7 @@ class SshHost:
             "MaxStartups 100:30:200\n"
             "ClientAliveInterval 5\n"
             "ClientAliveCountMax 3\n"
+            + self.options
         )
         if not (self.root / "authorized_keys").exists():
             (self.root / "authorized_keys").write_text("")
@@ -176,14 +179,15 @@ class SshLab:
         """What a master (or the CLI) needs to see this lab instead of the machine's ~/.ssh."""
         return {"CORRAL_SSH_CONFIG": str(self.config), "CORRAL_KNOWN_HOSTS": str(self.known_hosts)}
 
-    def add_host(self, alias: str, address: str, authorize: bool = True, trust: bool = True) -> SshHost:
+    def add_host(self, alias: str, address: str, authorize: bool = True, trust: bool = True, sftp: bool = True,
+                 options: str = "") -> SshHost:
         root = self.root / "hosts" / alias
         root.mkdir(parents=True)
         host_pub = keygen(root / "hostkey", f"hostkey-{alias}")
         remote = root / "remote"
         last_error: Exception | None = None
         for _ in range(5):
-            host = SshHost(alias, address, free_port(address), root, host_pub, remote)
+            host = SshHost(alias, address, free_port(address), root, host_pub, remote, sftp=sftp, options=options)
             if authorize:
                 host.authorize(self.public_key)
             try:

@@ -6,7 +6,6 @@ import ast
 import glob
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

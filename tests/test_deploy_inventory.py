@@ -17,7 +17,7 @@ import pytest
 from corral.console.errors import DeployError
 from corral.console.deploy.bundle import AGENT_DIR, build
 from corral.console.deploy.inventory import Entry, Inventory, dump_hosts, load_hosts_file
-from corral.console.deploy.ssh import Launch, remote_dir_expr
+from corral.console.deploy.remote import Launch, remote_dir_expr
 from tests.cluster import Cluster
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Input, Label, ProgressBar, SelectionList
+from textual.widgets import Label, ProgressBar, SelectionList
 
 from corral.console.deploy import STEPS
 from corral.console.tui.app import CorralApp

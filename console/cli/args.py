@@ -203,6 +203,7 @@ def _add_host_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--direct", action="store_true", default=None,
                    help="agents dial the master's --listen address instead of an SSH tunnel")
     p.add_argument("--ready-timeout", type=_seconds, default=30.0, help="seconds to wait for each agent to register (default 30)")
+    p.add_argument("--reconnect", action="store_true", help="drop the master's SSH connection to the hosts and connect afresh")
 
     p = sub.add_parser("stop", help="stop deployed agents over SSH (running jobs are killed and re-queued)")
     p.add_argument("aliases", nargs="+", metavar="ALIAS")

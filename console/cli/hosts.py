@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
@@ -29,13 +28,9 @@ def _inventory(args: argparse.Namespace) -> Inventory:
 
 
 def _deployments(args: argparse.Namespace) -> dict[str, Any]:
-    from ..deploy.service import DEPLOYMENTS_NAME
+    from ..deploy.records import Deployments
 
-    try:
-        data = json.loads((StateDir(args.home_path).home / DEPLOYMENTS_NAME).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return {alias: record.to_json() for alias, record in Deployments(StateDir(args.home_path).home).all().items()}
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
@@ -82,10 +77,9 @@ def _hosts_remove(args: argparse.Namespace) -> int:
                               "start the master (`corral master`) and run this again, or add --force to forget the host anyway")
         _inventory(args).remove(args.alias)
         if record:
-            from ..deploy.service import DEPLOYMENTS_NAME
+            from ..deploy.records import Deployments
 
-            path = StateDir(args.home_path).home / DEPLOYMENTS_NAME
-            path.write_text(json.dumps({k: v for k, v in _deployments(args).items() if k != args.alias}, indent=1))
+            Deployments(StateDir(args.home_path).home).drop(args.alias)
             print(f"corral hosts: {args.alias}'s files stay in {record.get('dir', '?')} on the host (--force)", file=sys.stderr)
         print(f"removed {args.alias}")
         return 0
@@ -132,7 +126,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     tags = list(parse_tags(args.tags, "--tags")) if args.tags is not None else None
     with Client(home=args.home_path) as client:
         op_id = client.deploy(args.aliases, slots=args.slots, tags=tags, accept_new=args.accept_new,
-                              direct=args.direct, ready_timeout=args.ready_timeout)
+                              direct=args.direct, ready_timeout=args.ready_timeout, reconnect=args.reconnect)
         return _follow(client, op_id, "deployed", args.aliases)
 
 

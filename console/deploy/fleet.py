@@ -18,6 +18,12 @@ log = logging.getLogger(__name__)
 MAX_PARALLEL = 32
 KEEP_EVENTS = 10_000
 
+# How a host's work tells of its progress: (step, status, message); status is one of
+# start ok skip wait info fail.
+Report = Callable[[str, str, str], None]
+# One host's work in an operation: (alias, report) -> (its result, a closing message), or a DeployError.
+Work = Callable[[str, Report], tuple[dict[str, Any], str]]
+
 # Per-host states in an operation's summary.
 RUNNING, WAITING, OK, FAILED = "running", "waiting", "ok", "failed"
 
@@ -68,7 +74,7 @@ class Operation:
                 summary["state"] = RUNNING
             self.cond.notify_all()
 
-    def reporter(self, host: str) -> Callable[[str, str, str], None]:
+    def reporter(self, host: str) -> Report:
         def report(step: str, status: str, message: str) -> None:
             self.event(host, step, status, message)
         return report
@@ -119,8 +125,7 @@ class Operation:
             }
 
 
-def run(op: Operation, work: Callable[[str, Callable[[str, str, str], None]], tuple[dict[str, Any], str]],
-        max_parallel: int = MAX_PARALLEL) -> None:
+def run(op: Operation, work: Work, max_parallel: int = MAX_PARALLEL) -> None:
     """Run `work(alias, report)` for every host of the operation in parallel; one host's failure never
     stops the others. `work` returns (result, closing message) or raises DeployError."""
 
@@ -143,8 +148,7 @@ def run(op: Operation, work: Callable[[str, Callable[[str, str, str], None]], tu
         op.finish()
 
 
-def start(op: Operation, work: Callable[[str, Callable[[str, str, str], None]], tuple[dict[str, Any], str]],
-          max_parallel: int = MAX_PARALLEL) -> threading.Thread:
+def start(op: Operation, work: Work, max_parallel: int = MAX_PARALLEL) -> threading.Thread:
     """run() in a background thread; follow it with op.snapshot()."""
     thread = threading.Thread(target=run, args=(op, work, max_parallel), name=f"{op.kind}-{op.id}", daemon=True)
     thread.start()

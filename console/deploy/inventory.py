@@ -1,8 +1,8 @@
-"""Hosts from the user's ~/.ssh/config (paramiko.SSHConfig) and corral's TOML hosts file in the state directory."""
+"""Hosts from the user's ~/.ssh/config (as `ssh -G` resolves them) and corral's TOML hosts file in the state directory."""
 
 from __future__ import annotations
 
-import getpass
+import dataclasses
 import os
 import re
 import sys
@@ -11,49 +11,38 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import paramiko
-
 from ..errors import DeployError
+from . import sshconfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 HOSTS_NAME = "hosts.toml"
 KNOWN_HOSTS_NAME = "known_hosts"
 DEFAULT_REMOTE_DIR = "~/.cache/corral"
-DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_WILDCARDS = set("*?!")
 _write_lock = threading.Lock()
 
 
 # ---- where the user's SSH files are -------------------------------------------------------
 
 def ssh_config_path() -> Path:
-    """$CORRAL_SSH_CONFIG, else ~/.ssh/config."""
+    """$CORRAL_SSH_CONFIG, else ~/.ssh/config (ssh's ~: the passwd entry's home)."""
     explicit = os.environ.get("CORRAL_SSH_CONFIG")
-    return Path(explicit).expanduser() if explicit else Path("~/.ssh/config").expanduser()
-
-
-def ssh_dir() -> Path:
-    """The directory holding the user's SSH files: that of the ssh config (tests point it elsewhere)."""
-    return ssh_config_path().parent
+    return Path(explicit).expanduser() if explicit else Path(sshconfig.ssh_home()) / ".ssh" / "config"
 
 
 def user_known_hosts() -> list[Path]:
-    """$CORRAL_KNOWN_HOSTS (os.pathsep-separated), else known_hosts beside the ssh config."""
+    """The user's known_hosts files where the config names none: $CORRAL_KNOWN_HOSTS (os.pathsep-separated),
+    else ssh's defaults, ~/.ssh/known_hosts and known_hosts2."""
     explicit = os.environ.get("CORRAL_KNOWN_HOSTS")
     if explicit:
         return [Path(p).expanduser() for p in explicit.split(os.pathsep) if p]
-    return [ssh_dir() / "known_hosts"]
-
-
-def default_identities() -> list[str]:
-    """The keys ssh would try when nothing names one: id_ed25519, id_ecdsa, id_rsa beside the ssh config."""
-    return [str(ssh_dir() / name) for name in DEFAULT_KEYS if (ssh_dir() / name).is_file()]
+    home = Path(sshconfig.ssh_home()) / ".ssh"
+    return [home / "known_hosts", home / "known_hosts2"]
 
 
 # ---- a host ---------------------------------------------------------------------------------
@@ -72,26 +61,30 @@ class Host:
     python: str = ""  # "": find a Python >= 3.8 on the host
     remote_dir: str = DEFAULT_REMOTE_DIR
     direct: bool = False
-    proxy_jump: str = ""
-    known_hosts: tuple[str, ...] = ()  # UserKnownHostsFile from ~/.ssh/config, if it names one
+    proxy_jump: str = ""  # ProxyJump: "a,user@b:port", the hop nearest the host last
+    known_hosts: tuple[str, ...] = ()  # UserKnownHostsFile, if the config names one (it replaces ssh's default)
     source: str = "corral"  # "corral", "ssh_config" or "corral+ssh_config"
+    proxy_command: str = ""  # ProxyCommand, expanded (used only without a ProxyJump, as ssh does)
+    identities_only: bool = False
+    identity_agent: str = ""  # IdentityAgent: "" the caller's SSH_AUTH_SOCK, "none", or a socket path
+    default_identities: bool = False  # `identity` is ssh's default list (missing ones are skipped silently)
+    global_known_hosts: tuple[str, ...] = ()  # GlobalKnownHostsFile
+    host_key_alias: str = ""  # HostKeyAlias: the name its key goes by in known_hosts
 
     @property
     def target(self) -> str:
         return f"{self.user}@{self.hostname}:{self.port}"
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "alias": self.alias, "hostname": self.hostname, "port": self.port, "user": self.user,
-            "identity": list(self.identity), "slots": self.slots, "tags": list(self.tags),
-            "python": self.python, "remote_dir": self.remote_dir, "direct": self.direct,
-            "proxy_jump": self.proxy_jump, "known_hosts": list(self.known_hosts), "source": self.source,
-        }
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> "Host":
-        return cls(**{**data, "identity": tuple(data.get("identity") or ()), "tags": tuple(data.get("tags") or ()),
-                      "known_hosts": tuple(data.get("known_hosts") or ())})
+    def from_wire(cls, data: dict[str, Any]) -> Host:
+        """The host of to_wire()'s dict (settings it does not know, from another version, are ignored)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+        return cls(**values)
 
 
 @dataclass
@@ -114,7 +107,7 @@ def check_alias(alias: str) -> str:
     return alias
 
 
-def parse_tags(text: str | list | tuple, where: str = "tags") -> tuple[str, ...]:
+def parse_tags(text: str | list[Any] | tuple[Any, ...], where: str = "tags") -> tuple[str, ...]:
     items = text.split(",") if isinstance(text, str) else list(text)
     tags = []
     for item in items:
@@ -252,18 +245,19 @@ class Inventory:
         self.hosts_path = self.home / HOSTS_NAME
         self.known_hosts_path = self.home / KNOWN_HOSTS_NAME
         self.config_path = config_path or ssh_config_path()
+        # ssh reads the user's and the system's config unless told one file (-F): so does corral
+        self.explicit_config = self.config_path if config_path or os.environ.get("CORRAL_SSH_CONFIG") else None
 
-    def ssh_config(self) -> paramiko.SSHConfig:
-        try:
-            return paramiko.SSHConfig.from_path(str(self.config_path))
-        except FileNotFoundError:
-            return paramiko.SSHConfig()
-        except Exception as exc:  # paramiko raises several kinds for a malformed file
-            raise DeployError(f"cannot read the ssh config {self.config_path}: {exc}", "fix the file") from None
+    def ssh_config(self) -> sshconfig.Scan:
+        """The Host lines of the ssh config and of what it includes (with ssh's defaults, the system's too)."""
+        found = sshconfig.scan(self.config_path)
+        if self.explicit_config is None:
+            sshconfig.scan(Path("/etc/ssh/ssh_config"), found=found)
+        return found
 
-    def ssh_aliases(self, config: paramiko.SSHConfig) -> set[str]:
-        """The concrete names of `Host` lines (patterns with *, ? or ! are defaults, not hosts)."""
-        return {name for name in config.get_hostnames() if not set(name) & _WILDCARDS and ALIAS_RE.match(name)}
+    def ssh_aliases(self, config: sshconfig.Scan) -> set[str]:
+        """The literal names of `Host` lines (patterns with *, ? or ! are defaults, not hosts)."""
+        return {name for name in config.aliases if ALIAS_RE.match(name)}
 
     def entries(self) -> list[Entry]:
         return load_hosts_file(self.hosts_path)
@@ -275,44 +269,43 @@ class Inventory:
         return [self._resolve(alias, config, corral.get(alias)) for alias in aliases]
 
     def get(self, alias: str) -> Host:
+        """The host by this name: corral's entry, a Host alias of the config, or a name a Host pattern matches."""
         config = self.ssh_config()
         corral = {e.alias: e for e in self.entries()}
-        if alias not in corral and alias not in self.ssh_aliases(config):
+        if alias not in corral and alias not in self.ssh_aliases(config) and not config.matches(alias) \
+                and not self._named_by_match(alias):
             raise DeployError(f"unknown host {alias!r}",
                               f"add it with `corral hosts add {alias} --hostname ...`, or to {self.config_path}",
                               host=alias, step="inventory")
+        check_alias(alias)
         return self._resolve(alias, config, corral.get(alias))
 
-    def _resolve(self, alias: str, config: paramiko.SSHConfig, entry: Entry | None) -> Host:
-        in_ssh = alias in self.ssh_aliases(config)
-        try:
-            found = config.lookup(alias)
-        except Exception as exc:
-            raise DeployError(f"{alias}: cannot look it up in {self.config_path}: {exc}", host=alias, step="inventory") from None
+    def _named_by_match(self, alias: str) -> bool:
+        """Whether a Match block (as ssh evaluates it) gives this name a HostName of its own."""
+        check_alias(alias)
+        return sshconfig.resolve(alias, self.explicit_config).hostname.lower() != alias.lower()
+
+    def hop(self, spec: str, via: str = "") -> Host:
+        """A ProxyJump hop, `[user@]host[:port]` (an alias or a name ssh resolves), reached through `via`."""
+        user, _, rest = spec.rpartition("@")
+        name, port = rest, 0
+        if rest.startswith("["):  # [v6 address]:port
+            name, _, tail = rest[1:].partition("]")
+            port = int(tail[1:]) if tail.startswith(":") and tail[1:].isdigit() else 0
+        elif rest.count(":") == 1:
+            name, _, digits = rest.partition(":")
+            port = int(digits) if digits.isdigit() else 0
+        found = sshconfig.resolve(name, self.explicit_config, port=port, user=user, proxy_jump=via)
+        return _host_of(name, found, None, "ssh_config")
+
+    def _resolve(self, alias: str, config: sshconfig.Scan, entry: Entry | None) -> Host:
+        in_ssh = alias in self.ssh_aliases(config) or config.matches(alias)
         values = dict(entry.values) if entry else {}
-        hostname = values.get("hostname") or found.get("hostname") or alias
-        try:
-            port = int(values.get("port") or found.get("port") or 22)
-        except ValueError:
-            raise DeployError(f"{alias}: bad Port {found.get('port')!r} in {self.config_path}", host=alias, step="inventory") from None
-        identity = values.get("identity") or found.get("identityfile") or []
-        known = found.get("userknownhostsfile", "")
+        found = sshconfig.resolve(alias, self.explicit_config, hostname=values.get("hostname", ""),
+                                  port=values.get("port", 0), user=values.get("user", ""),
+                                  proxy_jump=values.get("proxy_jump", ""))
         source = "corral+ssh_config" if entry and in_ssh else ("corral" if entry else "ssh_config")
-        return Host(
-            alias=alias,
-            hostname=hostname,
-            port=port,
-            user=values.get("user") or found.get("user") or getpass.getuser(),
-            identity=tuple(os.path.expanduser(p) for p in identity),
-            slots=values.get("slots"),
-            tags=tuple(values.get("tags") or ()),
-            python=values.get("python", ""),
-            remote_dir=values.get("remote_dir") or DEFAULT_REMOTE_DIR,
-            direct=bool(values.get("direct", False)),
-            proxy_jump=values.get("proxy_jump") or found.get("proxyjump", ""),
-            known_hosts=tuple(os.path.expanduser(p) for p in known.split()) if known else (),
-            source=source,
-        )
+        return _host_of(alias, found, entry, source)
 
     def add(self, alias: str, values: dict[str, Any], replace_existing: bool = False) -> Host:
         """Add (or, with replace_existing, replace) an entry of corral's hosts file; returns the resolved host."""
@@ -323,7 +316,7 @@ class Inventory:
                 raise DeployError(f"host {alias!r}: the identity file {path} does not exist",
                                   "give the private key's path (ssh-keygen makes one)")
         config = self.ssh_config()
-        if "hostname" not in values and alias not in self.ssh_aliases(config):
+        if "hostname" not in values and alias not in self.ssh_aliases(config) and not config.matches(alias):
             raise DeployError(f"host {alias!r} needs --hostname", f"it is not in {self.config_path} either")
         with _write_lock:
             entries = self.entries()
@@ -347,6 +340,21 @@ class Inventory:
                                       "remove it from that file yourself")
                 raise DeployError(f"unknown host {alias!r}", "list the hosts with `corral hosts`")
             save_hosts_file(self.hosts_path, [e for e in entries if e.alias != alias])
+
+
+def _host_of(alias: str, found: sshconfig.Resolved, entry: Entry | None, source: str) -> Host:
+    """The Host of ssh's resolution, with what corral's entry adds (an identity of its own replaces ssh's)."""
+    values = dict(entry.values) if entry else {}
+    identity = tuple(os.path.expanduser(p) for p in values["identity"]) if values.get("identity") else found.identity_files
+    return Host(
+        alias=alias, hostname=found.hostname, port=found.port, user=found.user, identity=identity,
+        slots=values.get("slots"), tags=tuple(values.get("tags") or ()), python=values.get("python", ""),
+        remote_dir=values.get("remote_dir") or DEFAULT_REMOTE_DIR, direct=bool(values.get("direct", False)),
+        proxy_jump=found.proxy_jump, known_hosts=found.user_known_hosts, source=source,
+        proxy_command="" if found.proxy_jump else found.proxy_command, identities_only=found.identities_only,
+        identity_agent=found.identity_agent, default_identities=found.default_identities and not values.get("identity"),
+        global_known_hosts=found.global_known_hosts, host_key_alias=found.host_key_alias,
+    )
 
 
 def with_overrides(host: Host, slots: int | None = None, tags: tuple[str, ...] | None = None,

@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
-import getpass
-import json
+import hashlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import DeployError, HostKeyUnknown
-from .fleet import Operation, start
+from ..errors import DeployError
+from .fleet import Operation, Report, start
+from .records import Deployment, Deployments
+from .registry import AgentRegistry
 
 if TYPE_CHECKING:  # paramiko is imported only once something is deployed: the master starts fast
-    from ..master.scheduler import Scheduler
     from ..state import StateDir
+    from .hostkeys import HostKeyQuestions, KnownHosts
     from .inventory import Host, Inventory
-    from .ssh import KnownHosts, Link
+    from .link import Link
+    from .remote import Layout
 
 log = logging.getLogger(__name__)
 
-DEPLOYMENTS_NAME = "deployments.json"
 KEEP_OPERATIONS = 50
+
+# One host's part of an operation: (the operation, alias, report) -> (result, closing message), or a DeployError.
+OpWork = Callable[[Operation, str, Report], tuple[dict[str, Any], str]]
 
 # The methods clients may call through the manager; every argument and result is plain data.
 EXPOSED = ("deploy", "stop", "remove", "progress", "answer_host_key", "links", "hosts", "operations")
@@ -38,11 +41,14 @@ DEPLOY_DEFAULTS: dict[str, Any] = {
     "connect_timeout": 10.0,
     "hostkey_timeout": 300.0,  # how long an interactive question waits for its answer
     "drain_timeout": 120.0,  # an upgrade drains the old agent this long at most
+    "agent_socket": "",  # the caller's SSH_AUTH_SOCK: its agent's keys are offered (the master may have none)
+    "reconnect": False,  # drop the held SSH connection and connect afresh
 }
 STOP_DEFAULTS: dict[str, Any] = {
     "drain_timeout": None,  # None: a drain waits as long as the running jobs take
     "connect_timeout": 10.0,
     "force": False,  # remove(): forget the host even if its agent and files cannot be removed
+    "agent_socket": "",
 }
 
 
@@ -55,7 +61,9 @@ def _check_options(options: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise DeployError(f"unknown option(s): {', '.join(sorted(map(str, unknown)))}", f"known: {', '.join(defaults)}")
     merged = {**defaults, **{k: v for k, v in options.items() if v is not None}}
-    for key in ("accept_new", "interactive", "force"):
+    if not isinstance(merged.get("agent_socket", ""), str):
+        raise DeployError(f"agent_socket must be a path, not {merged['agent_socket']!r}")
+    for key in ("accept_new", "interactive", "force", "reconnect"):
         if key in merged and not isinstance(merged[key], bool):
             raise DeployError(f"option {key} must be true or false, not {merged[key]!r}")
     for key in ("ready_timeout", "connect_timeout", "hostkey_timeout", "drain_timeout"):
@@ -82,58 +90,68 @@ def _check_aliases(aliases: Any) -> list[str]:
     return list(dict.fromkeys(aliases))
 
 
+def cluster_id(authkey: bytes) -> str:
+    """A cluster's name on its hosts, from its authkey (which it does not reveal): two masters, two names."""
+    return hashlib.sha256(b"corral cluster\0" + authkey).hexdigest()[:12]
+
+
+def _connection(host: Host) -> tuple[Any, ...]:
+    """The settings of a host that make its SSH connection: a change in one of them needs a new one."""
+    return (host.hostname, host.port, host.user, host.identity, host.proxy_jump, host.proxy_command,
+            host.identities_only, host.identity_agent, host.known_hosts, host.global_known_hosts, host.host_key_alias)
+
+
 class DeployService:
     """Registered on the master's manager beside the scheduler. The SSH connections (and so the agents'
     tunnels) live here, in the long-lived master; the CLI and the console only ask and follow."""
 
-    def __init__(self, state: "StateDir", scheduler: "Scheduler", master: tuple[str, int], authkey: bytes) -> None:
+    def __init__(self, state: StateDir, registry: AgentRegistry, master: tuple[str, int], authkey: bytes) -> None:
         self.state = state
-        self.scheduler = scheduler
+        self.registry = registry
         self.master = master
         self.authkey = authkey
         self.lock = threading.Lock()
-        self._links: dict[str, "Link"] = {}
-        self._jumps: dict[str, "Link"] = {}
+        self.records = Deployments(state.home)
+        self.cluster = cluster_id(authkey)
+        self._links: dict[str, Link] = {}
+        self._jumps: dict[str, Link] = {}
         self._ops: OrderedDict[str, Operation] = OrderedDict()
         self._busy: dict[str, str] = {}  # alias -> id of the operation working on it
-        self._answers: dict[tuple[str, str], dict[str, Any]] = {}  # (op id, alias) -> {"event", "accept"}
-        self._seen: dict[str, dict[str, Any]] = {}  # alias -> dir and Python of its last deploy (outlives a stop)
+        self._questions: HostKeyQuestions | None = None  # made by the first deploy (it needs paramiko)
+        self._seen: dict[str, Deployment] = {}  # alias -> dir and Python of its last deploy (outlives a stop)
         self._closed = threading.Event()
-        self.deployments_path = state.home / DEPLOYMENTS_NAME
 
     # ---- the pieces, made on first use -------------------------------------------------------
 
-    def _inventory(self) -> "Inventory":
+    def _inventory(self) -> Inventory:
         from .inventory import Inventory
 
         return Inventory(self.state.home)
 
-    def _known(self) -> "KnownHosts":
+    def _known(self) -> KnownHosts:
+        from .hostkeys import KnownHosts
         from .inventory import KNOWN_HOSTS_NAME
-        from .ssh import KnownHosts
 
         return KnownHosts(self.state.home / KNOWN_HOSTS_NAME)
 
-    def _host(self, alias: str) -> "Host":
+    def _host(self, alias: str) -> Host:
         from .inventory import Host
 
         try:
             return self._inventory().get(alias)
         except DeployError:
-            record = self._deployments().get(alias)
-            if record is None:
+            record = self.records.get(alias)
+            if record is None or not record.host:
                 raise
-            return Host.from_wire(record["host"])  # removed from the inventory while deployed
+            return Host.from_wire(record.host)  # removed from the inventory while deployed
 
-    def _link(self, host: "Host", timeout: float) -> "Link":
+    def _link(self, host: Host, timeout: float) -> Link:
         """The held link to this host, or a new one if there is none or its connection settings changed."""
-        from .ssh import Link
+        from .link import Link
 
         with self.lock:
             link = self._links.get(host.alias)
-            same = link is not None and (link.host.hostname, link.host.port, link.host.user, link.host.identity,
-                                         link.host.proxy_jump) == (host.hostname, host.port, host.user,
-                                                                   host.identity, host.proxy_jump)
+            same = link is not None and _connection(link.host) == _connection(host)
             if link is not None and same and not link.closed.is_set():
                 link.host = host  # slots, tags... may have changed; the connection has not
                 return link
@@ -144,78 +162,44 @@ class DeployService:
             self._links[host.alias] = link
             return link
 
-    def _jump_link(self, name: str) -> "Link":
-        """A connection to a ProxyJump host: an inventory alias, or [user@]host[:port]."""
-        from .inventory import Host
-        from .ssh import Link
+    def _jump_link(self, spec: str, via: str, depth: int) -> Link:
+        """The held connection to a ProxyJump hop, `[user@]host[:port]` (resolved by ssh), reached through `via`."""
+        from .link import Link
 
+        key = f"{via}>{spec}"
         with self.lock:
-            link = self._jumps.get(name)
+            link = self._jumps.get(key)
             if link is not None and not link.closed.is_set():
                 return link
-        try:
-            host = self._inventory().get(name)
-        except DeployError:
-            user, _, rest = name.rpartition("@")
-            hostname, _, port = rest.partition(":")
-            host = Host(alias=name, hostname=hostname, port=int(port) if port.isdigit() else 22,
-                        user=user or getpass.getuser())
-        link = Link(host, self._known(), self.master, on_state=None)
+        host = self._inventory().hop(spec, via)
+        link = Link(host, self._known(), self.master, jump=self._jump_link, depth=depth)
         with self.lock:
-            self._jumps[name] = link
+            self._jumps[key] = link
         return link
 
-    def _on_link_state(self, link: "Link", state: str, message: str) -> None:
+    def _on_link_state(self, link: Link, state: str, message: str) -> None:
         if state == "down":
             log.warning("%s: SSH link down: %s", link.host.alias, message or "connection lost")
         elif state == "up" and message:
             log.warning("%s: SSH link %s", link.host.alias, message)
 
-    def _registered(self, alias: str, pid: int) -> bool:
-        return any(a["name"] == alias and a["pid"] == pid and a["state"] == "up" for a in self.scheduler.agent_list())
-
-    # ---- deployments.json: what the master has deployed, so a restarted master re-opens the tunnels ----
-
-    def _deployments(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.deployments_path.read_text())
-            return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable %s: %s", self.deployments_path, exc)
-            return {}
-
-    def _record(self, alias: str, record: dict[str, Any] | None) -> None:
-        with self.lock:
-            data = self._deployments()
-            if record is None:
-                data.pop(alias, None)
-            else:
-                data[alias] = record
-            tmp = self.deployments_path.with_name(DEPLOYMENTS_NAME + ".tmp")
-            fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.deployments_path)
-
     def resume(self) -> None:
         """In the background: re-open the links (and tunnel ports) of agents deployed by an earlier master."""
-        if not any(not r.get("stopped") for r in self._deployments().values()):
+        if not any(r.stopped is None for r in self.records.all().values()):
             return
         threading.Thread(target=self._resume, name="deploy-resume", daemon=True).start()
 
     def _resume(self) -> None:
-        for alias, record in self._deployments().items():
+        for alias, record in self.records.all().items():
             if self._closed.is_set():
                 return
-            if record.get("stopped"):
+            if record.stopped is not None:
                 continue
             try:
                 host = self._host(alias)
                 link = self._link(host, 10.0)
-                if record.get("mode") == "tunnel" and record.get("remote_port"):
-                    link.remote_port = int(record["remote_port"])
+                if record.mode == "tunnel" and record.remote_port:
+                    link.remote_port = int(record.remote_port)
                 link.open(message=f"re-opened after a master restart (tunnel port {link.remote_port})"
                           if link.remote_port else "re-opened after a master restart")
             except DeployError as exc:
@@ -230,14 +214,15 @@ class DeployService:
         self._closed.set()
         with self.lock:
             links = list(self._links.values()) + list(self._jumps.values())
-            for waiting in self._answers.values():
-                waiting["event"].set()
+            questions = self._questions
+        if questions is not None:
+            questions.release_all()
         for link in links:
             link.close()
 
     # ---- operations -----------------------------------------------------------------------------
 
-    def _begin(self, kind: str, aliases: list[str], work: Callable[[Operation, str, Callable[[str, str, str], None]], tuple[dict, str]]) -> str:
+    def _begin(self, kind: str, aliases: list[str], work: OpWork) -> str:
         op = Operation(kind, aliases)
         with self.lock:
             self._ops[op.id] = op
@@ -247,7 +232,7 @@ class DeployService:
                     break
                 self._ops.pop(old_id)
 
-        def guarded(alias: str, report: Callable[[str, str, str], None]) -> tuple[dict, str]:
+        def guarded(alias: str, report: Report) -> tuple[dict[str, Any], str]:
             with self.lock:
                 other = self._busy.get(alias)
                 if other is None:
@@ -273,97 +258,60 @@ class DeployService:
 
     # ---- the API (plain data in, plain data out) ----------------------------------------------
 
-    def deploy(self, aliases: list, options: dict | None = None) -> str:
+    def deploy(self, aliases: list[Any], options: dict[str, Any] | None = None) -> str:
         """Deploy agents to these hosts in parallel; returns an operation id to follow with progress()."""
         aliases = _check_aliases(aliases)
         opts = _check_options(options, DEPLOY_DEFAULTS)
         for alias in aliases:
             self._host(alias)  # an unknown alias fails the whole call, before anything starts
         from .bundle import build
+        from .hostkeys import AskPolicy
         from .inventory import with_overrides
-        from .ssh import DeployPlan, deploy_host
+        from .steps import DeployPlan, HostDeploy, deploy_host
 
         bundle = build()
-        plan = DeployPlan(authkey=self.authkey, master=self.master, ready_timeout=float(opts["ready_timeout"]),
+        plan = DeployPlan(authkey=self.authkey, master=self.master, cluster=self.cluster, ready_timeout=float(opts["ready_timeout"]),
                           upgrade_drain_timeout=float(opts["drain_timeout"]))
+        asking = AskPolicy(accept_new=opts["accept_new"], interactive=opts["interactive"],
+                           timeout=float(opts["hostkey_timeout"]))
+        questions = self._host_key_questions()
 
-        def work(op: Operation, alias: str, report: Callable[[str, str, str], None]) -> tuple[dict, str]:
+        def work(op: Operation, alias: str, report: Report) -> tuple[dict[str, Any], str]:
             host = with_overrides(self._host(alias), slots=opts["slots"],
                                   tags=tuple(opts["tags"]) if opts["tags"] is not None else None, direct=opts["direct"])
             link = self._link(host, float(opts["connect_timeout"]))
-            previous = self._deployments().get(alias) or self._seen.get(alias)
-            result = deploy_host(link, bundle, plan, report, self._asker(op, alias, opts, report), self._registered,
-                                 on_upgrade=self.scheduler.drain_agent, previous=previous,
-                                 on_replaced=self.scheduler.retire_agent)
+            link.agent_socket = opts["agent_socket"]
+            previous = self.records.get(alias) or self._seen.get(alias)
+            job = HostDeploy(link, bundle, plan, report, self.registry, reconnect=opts["reconnect"])
+            result = deploy_host(job, questions.asker(op, alias, asking, report), previous)
             link.supervise()
-            record = {"host": host.to_wire(), "mode": result["mode"], "remote_port": result["port"],
-                      "pid": result["pid"], "bundle": result["bundle"], "dir": result["dir"],
-                      "python": result["python"], "python_setting": host.python, "deployed": time.time()}
             with self.lock:
-                self._seen[alias] = {"dir": result["dir"], "python": result["python"], "python_setting": host.python}
-            self._record(alias, record)
-            if result["noop"]:
-                return result, f"already running (pid {result['pid']}, {bundle.name}): nothing to do"
-            return result, f"agent pid {result['pid']} up ({result['mode']}, {bundle.name})"
+                self._seen[alias] = Deployment(dir=result.dir, python=result.python, python_setting=host.python)
+            self.records.put(alias, Deployment(host=host.to_wire(), mode=result.mode, remote_port=result.port,
+                                               pid=result.pid, bundle=result.bundle, dir=result.dir,
+                                               python=result.python, python_setting=host.python, deployed=time.time()))
+            if result.noop:
+                return result.to_wire(), f"already running (pid {result.pid}, {bundle.name}): nothing to do"
+            return result.to_wire(), f"agent pid {result.pid} up ({result.mode}, {bundle.name})"
 
         return self._begin("deploy", aliases, work)
 
-    def _asker(self, op: Operation, alias: str, opts: dict[str, Any],
-               report: Callable[[str, str, str], None]) -> Callable[[HostKeyUnknown], bool]:
-        def ask(exc: HostKeyUnknown) -> bool:
-            what = f"{exc.key_type} {exc.fingerprint}"  # type: ignore[attr-defined]
-            if opts["accept_new"]:
-                report("hostkey", "info", f"accepting the new key {what} (--accept-new)")
-                return True
-            if not opts["interactive"]:
-                return False
-            waiting = {"event": threading.Event(), "accept": None}
-            question = {"host_id": exc.host_id, "key_type": exc.key_type,  # type: ignore[attr-defined]
-                        "fingerprint": exc.fingerprint, "asked": time.time()}  # type: ignore[attr-defined]
-            with op.cond:
-                op.questions[alias] = question
-            with self.lock:
-                self._answers[(op.id, alias)] = waiting
-            report("hostkey", "wait", f"unknown host key {what}: accept or reject it")
-            try:
-                answered = waiting["event"].wait(float(opts["hostkey_timeout"]))
-            finally:
-                with self.lock:
-                    self._answers.pop((op.id, alias), None)
-                with op.cond:
-                    op.questions.pop(alias, None)
-            if not answered or waiting["accept"] is None:
-                raise DeployError(f"{alias}: hostkey: no answer about the unknown key {what} "
-                                  f"within {opts['hostkey_timeout']:g}s", "deploy again and answer the question",
-                                  host=alias, step="hostkey")
-            if not waiting["accept"]:
-                raise DeployError(f"{alias}: hostkey: the operator rejected the host key {what}", "",
-                                  host=alias, step="hostkey")
-            report("hostkey", "info", f"the operator accepted {what}; it goes to corral's known_hosts")
-            return True
+    def _host_key_questions(self) -> HostKeyQuestions:
+        from .hostkeys import HostKeyQuestions
 
-        return ask
+        with self.lock:
+            if self._questions is None:
+                self._questions = HostKeyQuestions()
+            return self._questions
 
     def answer_host_key(self, op_id: str, alias: str, fingerprint: str, accept: bool) -> bool:
         """Answer an open host-key question; the fingerprint must be the one asked about."""
         op = self._op(op_id)
         if not isinstance(accept, bool):
             raise DeployError("accept must be true or false")
-        with op.cond:
-            question = op.questions.get(alias)
-        with self.lock:
-            waiting = self._answers.get((op.id, alias))
-        if question is None or waiting is None:
-            raise DeployError(f"no open host-key question for {alias!r} in operation {op_id}",
-                              "it was answered already, or it timed out")
-        if fingerprint != question["fingerprint"]:
-            raise DeployError(f"{alias}: hostkey: the answer names {fingerprint}, the question {question['fingerprint']}",
-                              "answer about the key that was shown")
-        waiting["accept"] = accept
-        waiting["event"].set()
-        return True
+        return self._host_key_questions().answer(op, alias, fingerprint, accept)
 
-    def stop(self, aliases: list, drain: bool = False, options: dict | None = None) -> str:
+    def stop(self, aliases: list[Any], drain: bool = False, options: dict[str, Any] | None = None) -> str:
         """Stop the agents on these hosts over SSH: drained (running jobs finish) or at once (killed, re-queued)."""
         aliases = _check_aliases(aliases)
         if not isinstance(drain, bool):
@@ -372,7 +320,7 @@ class DeployService:
         for alias in aliases:
             self._host(alias)
 
-        def work(op: Operation, alias: str, report: Callable[[str, str, str], None]) -> tuple[dict, str]:
+        def work(op: Operation, alias: str, report: Report) -> tuple[dict[str, Any], str]:
             pid = self._stop_agent(alias, drain, opts, report)
             self._drop(alias)
             return {"pid": pid, "drained": drain}, (f"agent pid {pid} {'drained and ' if drain else ''}stopped"
@@ -380,17 +328,17 @@ class DeployService:
 
         return self._begin("stop", aliases, work)
 
-    def remove(self, aliases: list, options: dict | None = None) -> str:
+    def remove(self, aliases: list[Any], options: dict[str, Any] | None = None) -> str:
         """Stop the agent, remove its bundle and files, and drop the host from corral's hosts file."""
         aliases = _check_aliases(aliases)
         opts = _check_options(options, STOP_DEFAULTS)
         for alias in aliases:
             self._host(alias)
 
-        def work(op: Operation, alias: str, report: Callable[[str, str, str], None]) -> tuple[dict, str]:
-            from .ssh import remove_files
+        def work(op: Operation, alias: str, report: Report) -> tuple[dict[str, Any], str]:
+            from .remote import remove_files
 
-            deployed = alias in self._deployments() or alias in self._links  # running, or stopped: files remain
+            deployed = self.records.get(alias) is not None or alias in self._links  # running, or stopped: files remain
             pid = 0
             if deployed:
                 try:
@@ -398,7 +346,7 @@ class DeployService:
                     link = self._links[alias]
                     directory, _ = self._running(link)
                     if directory:
-                        remove_files(link, directory)
+                        remove_files(link, directory, self._layout(link).bundles if self._layout(link).shared else "")
                     report("remove", "ok", f"removed the bundle and files from {directory or link.host.remote_dir}")
                 except DeployError as exc:
                     if not opts["force"]:
@@ -413,38 +361,44 @@ class DeployService:
 
         return self._begin("remove", aliases, work)
 
-    def _running(self, link: "Link") -> tuple[str, int]:
-        from .ssh import running_agent
+    def _layout(self, link: Link) -> Layout:
+        from .remote import Layout
 
-        return running_agent(link, "stop")
+        return Layout.of(link.host, self.cluster)
 
-    def _stop_agent(self, alias: str, drain: bool, opts: dict[str, Any], report: Callable[[str, str, str], None]) -> int:
-        from .ssh import stop_remote
+    def _running(self, link: Link) -> tuple[str, int]:
+        from .remote import running_agent
+
+        return running_agent(link, self._layout(link), "stop")
+
+    def _stop_agent(self, alias: str, drain: bool, opts: dict[str, Any], report: Report) -> int:
+        from .remote import stop_remote
 
         host = self._host(alias)
         link = self._link(host, float(opts["connect_timeout"]))
-        if link.ensure():
+        link.agent_socket = opts["agent_socket"]
+        if link.ensure(note=lambda text: report("auth", "info", text)):
             report("connect", "ok", host.target)
         directory, pid = self._running(link)
         if not pid:
             report("stop", "skip", "no agent is running there")
-            self.scheduler.retire_agent(alias, "stopped (it was not running)")
+            self.registry.retire_agent(alias, "stopped (it was not running)")
             return 0
         if drain:
-            self.scheduler.drain_agent(alias)
+            self.registry.drain_agent(alias)
         last = [0.0]
 
         def tick() -> None:
             now = time.monotonic()
             if drain and now - last[0] >= 2.0:
                 last[0] = now
-                busy = next((a["busy"] for a in self.scheduler.agent_list() if a["name"] == alias), 0)
+                busy = next((a["busy"] for a in self.registry.agent_list() if a["name"] == alias), 0)
                 report("stop", "info", f"draining: {busy} job(s) still running")
 
         stop_remote(link, pid, drain, report, opts["drain_timeout"], tick)
         if directory:
             link.remove([f"{directory}/agent.pid"], "stop")
-        self.scheduler.retire_agent(alias, "drained and stopped by the operator" if drain else "stopped by the operator")
+        self.registry.retire_agent(alias, "drained and stopped by the operator" if drain else "stopped by the operator")
         report("stop", "ok", f"agent pid {pid} is gone" + ("" if drain else "; its jobs went back to the queue"))
         return pid
 
@@ -455,13 +409,12 @@ class DeployService:
             link = self._links.pop(alias, None)
         if link is not None:
             link.close()
-        record = self._deployments().get(alias)
-        if forget or record is None:
-            self._record(alias, None)
+        if forget:
+            self.records.drop(alias)
         else:
-            self._record(alias, dict(record, stopped=time.time(), pid=0, remote_port=None))
+            self.records.mark_stopped(alias, time.time())
 
-    def _forget(self, alias: str, report: Callable[[str, str, str], None]) -> None:
+    def _forget(self, alias: str, report: Report) -> None:
         inventory = self._inventory()
         if any(e.alias == alias for e in inventory.entries()):
             inventory.remove(alias)
@@ -469,21 +422,21 @@ class DeployService:
         else:
             report("remove", "skip", f"{alias} is not in corral's hosts file (it comes from {inventory.config_path})")
 
-    def progress(self, op_id: str, since: int = 0, wait: float = 0.0) -> dict:
+    def progress(self, op_id: str, since: int = 0, wait: float = 0.0) -> dict[str, Any]:
         """Events of an operation after `since`, long-polling up to `wait` seconds; hosts' states; questions."""
         if isinstance(since, bool) or not isinstance(since, int) or isinstance(wait, bool) or not isinstance(wait, (int, float)):
             raise DeployError("progress() takes an operation id, a sequence number and seconds to wait")
         return self._op(op_id).snapshot(since, wait)
 
-    def links(self) -> list[dict]:
+    def links(self) -> list[dict[str, Any]]:
         """The SSH connections the master holds: alias, target, state, tunnel port, reconnects, last error."""
         with self.lock:
             links = list(self._links.values())
         return sorted((link.wire() for link in links), key=lambda w: w["alias"])
 
-    def hosts(self) -> list[dict]:
+    def hosts(self) -> list[dict[str, Any]]:
         """The inventory, each host with what the master knows of it (deployed, link state)."""
-        deployed = self._deployments()
+        deployed = {alias: record.to_json() for alias, record in self.records.all().items()}
         with self.lock:
             states = {alias: link.state for alias, link in self._links.items()}
         out = []
@@ -494,7 +447,7 @@ class DeployService:
             out.append(wire)
         return out
 
-    def operations(self) -> list[dict]:
+    def operations(self) -> list[dict[str, Any]]:
         """The recent operations, newest last: id, kind, hosts, done, ok and failed hosts."""
         with self.lock:
             ops = list(self._ops.values())

@@ -250,7 +250,8 @@ class CorralApp(App[str]):
                     screen.show(snapshot)
             for question in snapshot["questions"]:
                 key = (snapshot["id"], question["alias"], question["fingerprint"])
-                if key not in self.asked:
+                # One modal at a time (two pushed in one handler race in Textual); the next comes with a later snapshot.
+                if key not in self.asked and not any(isinstance(s, HostKeyScreen) for s in self.screen_stack):
                     self.asked.add(key)
                     self.push_screen(HostKeyScreen(snapshot["id"], question),
                                      lambda accept, key=key: self.post_message(AnswerHostKey(*key, bool(accept))))
