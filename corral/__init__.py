@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _here = os.path.dirname(os.path.abspath(__file__))
 _checkout = os.path.dirname(_here)
 if not os.path.exists(os.path.join(_here, "agent")) and os.path.isfile(os.path.join(_checkout, "agent", "__init__.py")):
-    __path__.append(_checkout)  # type: ignore[name-defined]  # noqa: F821 - a package's own __path__
+    __path__.append(_checkout)  # noqa: F821 - a package's own __path__
 
 # What `from corral import X` gives, imported on first use: importing corral itself stays stdlib-only
 # (the agent's zipapp carries this file too).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import gc
 import logging
 from pathlib import Path
@@ -242,6 +244,10 @@ class CorralApp(App[str]):
     def on_deploy_hosts_loaded(self, message: DeployHostsLoaded) -> None:
         self.main.pick_hosts(message.hosts)
 
+    def _host_key_answered(self, key: tuple[str, str, str], accept: bool | None) -> None:
+        op_id, alias, fingerprint = key
+        self.post_message(AnswerHostKey(op_id, alias, fingerprint, bool(accept)))
+
     def on_operation_progressed(self, message: OperationProgressed) -> None:
         snapshot = message.snapshot
         if snapshot["kind"] == "deploy":
@@ -253,8 +259,7 @@ class CorralApp(App[str]):
                 # One modal at a time (two pushed in one handler race in Textual); the next comes with a later snapshot.
                 if key not in self.asked and not any(isinstance(s, HostKeyScreen) for s in self.screen_stack):
                     self.asked.add(key)
-                    self.push_screen(HostKeyScreen(snapshot["id"], question),
-                                     lambda accept, key=key: self.post_message(AnswerHostKey(*key, bool(accept))))
+                    self.push_screen(HostKeyScreen(snapshot["id"], question), functools.partial(self._host_key_answered, key))
         if not snapshot["done"]:
             return
         self.poller.wake()
