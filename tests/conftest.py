@@ -12,6 +12,17 @@ from scripts.sshlab import SshLab, kill_remote_agents, sshd_missing
 from tests.cluster import Cluster
 
 REQUIRE_SSHD_ENV = "CORRAL_REQUIRE_SSHD"
+SOAK_ENV = "CORRAL_SOAK"  # CI sets it: the long fault-injection runs are deselected from a plain `pytest -q`
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the `soak` tests unless CORRAL_SOAK=1 (CI sets it) or they were asked for with `-m soak`."""
+    if os.environ.get(SOAK_ENV) == "1" or "soak" in (config.getoption("markexpr") or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak")]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]
 
 
 @pytest.fixture
