@@ -14,7 +14,8 @@ import time
 import traceback
 from typing import IO, Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
-from .protocol import OUTPUT_TAIL_BYTES, JobResult, JobState, Task, tail_text
+from . import codecache
+from .protocol import CHUNK_CALL, OUTPUT_TAIL_BYTES, JobResult, JobState, Task, tail_text
 
 # Set by init_worker() in each pool worker process.
 # The pipe to the agent carries tagged tuples (agent/pool.py reads them, in order):
@@ -29,6 +30,7 @@ _cancel_seen = -1
 _cancel_ids: FrozenSet[int] = frozenset()
 _current_job: Optional[int] = None  # the callable job running now, the only one a signal may interrupt
 _functions: Dict[str, Callable[..., Any]] = {}
+MAX_FAILURE_BYTES = 2 * 1024 * 1024  # a failed call's pickled exception, at most (else the caller gets its text)
 LIVE_SECONDS = 0.5  # how often a running shell job's output tails go to the agent (when they changed)
 
 
@@ -153,6 +155,7 @@ def _run_shell(task: Task, started: float) -> JobResult:
     env.update(task.env)
     env["CORRAL_JOB_ID"] = str(task.job_id)
     env["CORRAL_ATTEMPT"] = str(task.attempt)
+    env = codecache.shell_env(env)
     try:
         proc = subprocess.Popen(
             ["/bin/sh", "-c", task.command or ""],
@@ -288,6 +291,8 @@ def _run_callable(task: Task, started: float) -> JobResult:
     global _current_job
     name = task.func or ""
     try:
+        if codecache.enter(task):  # its shipped code and cwd lead sys.path; names found before may differ now
+            _functions.clear()
         func = _resolve(name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the job's failure
         return JobResult(
@@ -305,6 +310,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
     saved_cwd = os.getcwd() if task.cwd else None
     try:
         args, kwargs = pickle.loads(task.payload) if task.payload else ((), {})
+        calls = kwargs if args == CHUNK_CALL else None  # (CHUNK_CALL, [args, ...]): a chunk, one call per args
         if task.cwd:
             os.chdir(task.cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -312,7 +318,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
                 _current_job = task.job_id
                 if task.timeout:
                     signal.setitimer(signal.ITIMER_REAL, task.timeout)
-                result = func(*args, **kwargs)
+                result = func(*args, **kwargs) if calls is None else [func(*each) for each in calls]
             finally:
                 _current_job = None
                 if task.timeout:
@@ -323,6 +329,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
         error = f"timed out after {task.timeout:g}s" if state == JobState.TIMEOUT.value else "cancelled"
     except Exception as exc:  # noqa: BLE001 - the job's own failure, reported as data
         state, error, tb = JobState.FAILED.value, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        value = _failure_value(exc, tb)
     finally:
         if saved_cwd is not None:
             os.chdir(saved_cwd)
@@ -341,6 +348,21 @@ def _run_callable(task: Task, started: float) -> JobResult:
         started=started,
         ended=time.time(),
     )
+
+
+def _failure_value(exc: BaseException, tb: str) -> Optional[bytes]:
+    """What the caller needs to re-raise a failed call: (traceback, the pickled exception or None when it
+    does not survive a round trip), kept under MAX_FAILURE_BYTES."""
+    pickled: Optional[bytes] = None
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)  # an exception whose __init__ does not take its args back fails here, not there
+        pickled = data
+    except Exception:  # noqa: BLE001 - any exception may refuse to pickle; the caller gets the text instead
+        pass
+    if pickled is not None and len(pickled) > MAX_FAILURE_BYTES:
+        pickled = None
+    return pickle.dumps((tb[-OUTPUT_TAIL_BYTES:], pickled))
 
 
 def _apply_env(env: Dict[str, str]) -> Dict[str, Optional[str]]:

@@ -6,8 +6,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
-# Bump when a wire record changes shape; master and agent compare it at register().
-PROTOCOL_VERSION = 1
+# Bump when a wire record changes shape or meaning; master and agent compare it at register().
+# 2: shipped code (CODE_ENV, CODE_TYPEID), chunked calls (CHUNK_CALL), a failed callable's value.
+PROTOCOL_VERSION = 2
 
 # The one name registered on the master's BaseManager; its methods are the API.
 SCHEDULER_TYPEID = "get_scheduler"
@@ -15,6 +16,22 @@ SCHEDULER_TYPEID = "get_scheduler"
 # Output kept per stream per attempt (the tail), and the cap on one job's pickled payload.
 OUTPUT_TAIL_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024
+
+# ---- shipped code (see agent/codecache.py, console/ship.py, console/master/codestore.py) --------------
+# A job whose env names a code bundle (CORRAL_CODE=<sha256 hex>) runs with that bundle at the front of
+# its sys.path (and of PYTHONPATH for a shell job): the agent fetches it from the master once, checks
+# its hash and caches it on its host. The master serves bundles under this name, beside the scheduler.
+CODE_ENV = "CORRAL_CODE"
+CODE_TYPEID = "get_code_store"
+# What one bundle may hold: its zip as sent, its files, and their size unpacked.
+MAX_BUNDLE_BYTES = 8 * 1024 * 1024
+MAX_BUNDLE_FILES = 2000
+MAX_BUNDLE_UNPACKED = 32 * 1024 * 1024
+
+# A callable job's payload is the pickle of (args, kwargs), or of (CHUNK_CALL, [args, ...]): a chunk of
+# calls (Pool.map and friends) whose value is the list of func(*args) for each. A failed callable's
+# value is the pickle of (traceback text, pickle of the exception or None): the caller re-raises it.
+CHUNK_CALL = "corral:chunk"
 
 
 class JobState(str, enum.Enum):

@@ -13,6 +13,7 @@ from multiprocessing.managers import BaseManager
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Set, Tuple
 
+from . import codecache
 from .connection import SERIALIZER
 from .errors import CorralError, NameTaken
 from .pool import JobPool, released
@@ -80,6 +81,9 @@ class Agent:
         self.stopping = threading.Event()  # second signal: kill everything and leave
         self.disconnected = threading.Event()
         self.stop_signals = 0
+        # Shipped code: fetched from the master before a task that needs it reaches the pool.
+        self.code = codecache.CodeCache(lambda digest: codecache.fetch(self.address, self.authkey, digest),
+                                        self._queue_results, verbose=verbose)
 
     # ---- signals: handlers only set flags; the loops act -------------------------------
 
@@ -204,7 +208,7 @@ class Agent:
             # credit on the master: each report() renews it as slots free up, and this parked
             # take() then receives new work the moment it is submitted.
             rows, cancel = scheduler.take(self.session, pool.wanted(), TAKE_WAIT_SECONDS)
-            _received(pool, rows, cancel)
+            _received(pool, self.code, rows, cancel)
 
     def _report(self, scheduler: Any) -> None:
         """Send results as soon as there are any (what piles up meanwhile goes in the next call),
@@ -226,7 +230,7 @@ class Agent:
                 tasks, cancel = scheduler.report(self.session, rows, holding.running, holding.wanted)
             self.outbox.acknowledge(len(batch))
             next_beat = time.time() + HEARTBEAT_SECONDS
-            _received(pool, tasks, cancel)
+            _received(pool, self.code, tasks, cancel)
 
     def _queue_results(self, results: List[JobResult]) -> None:
         """The pool's way out: settled results wait in the outbox for the report loop."""
@@ -263,12 +267,13 @@ class Agent:
             self.outbox.acknowledge(len(pending))
 
 
-def _received(pool: JobPool, rows: List[Tuple[Any, ...]], cancel: List[int]) -> None:
-    """What a take() or report() brought back: ids to cancel, and packed tasks to run."""
+def _received(pool: JobPool, code: codecache.CodeCache, rows: List[Tuple[Any, ...]], cancel: List[int]) -> None:
+    """What a take() or report() brought back: ids to cancel, and packed tasks to run (their shipped
+    code on this host first)."""
     if cancel:
         pool.cancel(cancel)
     if rows:
-        pool.accept([Task._make(row) for row in rows])
+        pool.accept(code.prepare([Task._make(row) for row in rows]))
 
 
 def next_name(name: str) -> str:

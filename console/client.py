@@ -12,8 +12,11 @@ from typing import Any, Callable, Iterable, Sequence, cast
 
 from corral.agent.connection import SERIALIZER
 from corral.agent.errors import CorralError
-from corral.agent.protocol import SCHEDULER_TYPEID, JobSpec, JobState
+from corral.agent.protocol import CODE_ENV, CODE_TYPEID, SCHEDULER_TYPEID, JobSpec, JobState
 
+from . import ship as shipping
+from .batches import batch_name, in_batch
+from .callables import Call, describe
 from .deploy import DEPLOY_TYPEID
 from .errors import AuthFailed, JobFailed, MapTimeout, MasterUnreachable
 from .master.validate import check
@@ -22,6 +25,7 @@ from .state import StateDir
 SUBMIT_BATCH = 10_000  # jobs per submit() round trip
 SUBMIT_BYTES = 16 * 1024 * 1024  # ... or about this many bytes of commands and arguments
 WAIT_POLL_SECONDS = 1.0  # each wait() call on the master is a long poll this long
+SHIPPED_SECONDS = 60.0  # how long a bundle the master said it holds is taken as still there (it may evict)
 
 
 Record = dict[str, Any]  # a job, agent, status or operation as the master sends it (see the README's JSON section)
@@ -34,6 +38,7 @@ class _ClientManager(BaseManager):
 
 _ClientManager.register(SCHEDULER_TYPEID)
 _ClientManager.register(DEPLOY_TYPEID)
+_ClientManager.register(CODE_TYPEID)
 
 
 def _spec_wire(spec: JobSpec | Record) -> Record:
@@ -51,6 +56,8 @@ class Client:
     def __init__(self, home: Path | None = None, address: tuple[str, int] | None = None,
                  authkey: bytes | None = None) -> None:
         self.state = StateDir(home)
+        self._shipped: dict[str, float] = {}  # code bundles the master said it holds -> when it said so
+        self._code_proxy: Any = None
         self.address = address or self.state.master_address()
         key = authkey or self.state.authkey()
         self._manager = _ClientManager(address=self.address, authkey=key, serializer=SERIALIZER)
@@ -124,26 +131,37 @@ class Client:
     def submit_command(self, command: str, **options: Any) -> int:
         return self.submit([JobSpec(command=command, **options)])[0]
 
-    def submit_call(self, func: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                    **options: Any) -> int:
-        payload = pickle.dumps((tuple(args), dict(kwargs or {})))
-        return self.submit([JobSpec(func=func, payload=payload, **options)])[0]
+    def submit_call(self, func: str | Callable[..., Any], args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+                    ship: Sequence[Any] | None = None, **options: Any) -> int:
+        """Queue one call of `func` (a function object or a "module:function" name); its code is shipped
+        when agents cannot import it (see prepare_call)."""
+        call, options = self.prepare_call(func, ship, options)
+        payload = pickle.dumps(call.args(tuple(args), dict(kwargs or {})))
+        return self.submit([JobSpec(func=call.name, payload=payload, **options)])[0]
 
-    def map(self, func: str, iterable: Iterable[Any], timeout: float | None = None, **options: Any) -> list[Any]:
+    def map(self, func: str | Callable[..., Any], iterable: Iterable[Any], timeout: float | None = None,
+            ship: Sequence[Any] | None = None, **options: Any) -> list[Any]:
         """Like Pool.map over the cluster: func(x) for each x, results in order.
 
         One spec travels with the payloads; a small map is submitted, run and answered in a single
-        round trip. JobFailed if a job does not end done; MapTimeout if `timeout` passes first."""
-        template = JobSpec(func=func, **options).to_wire()
+        round trip. Its jobs are one batch, named "map-N [i/n]" unless `name` is given.
+        JobFailed if a job does not end done; MapTimeout if `timeout` passes first."""
+        call, options = self.prepare_call(func, ship, options)
+        template = JobSpec(func=call.name, **options).to_wire()
         check(template, "map()")  # the master checks it too; a bad one is said here, before any pickling
-        payloads = [pickle.dumps(((x,), {})) for x in iterable]
+        if call.bound or call.keywords:
+            payloads = [pickle.dumps(call.args((x,))) for x in iterable]
+        else:
+            payloads = [pickle.dumps(((x,), {})) for x in iterable]
         if not payloads:
             return []
+        template["name"] = template["name"] or batch_name("map", self.state.home)
         deadline = None if timeout is None else time.monotonic() + timeout
         ids: list[int] = []
         outcomes: dict[int, Outcome] = {}
         for start in range(0, len(payloads), SUBMIT_BATCH):
             last = start + SUBMIT_BATCH >= len(payloads)
+            template["batch"] = [start + 1, len(payloads)]
             new_ids, finished = self._call("submit_map", template, payloads[start : start + SUBMIT_BATCH],
                                            WAIT_POLL_SECONDS if last else 0.0)
             ids += new_ids
@@ -158,6 +176,47 @@ class Client:
             pending = [j for j in ids if j not in outcomes]
             outcomes.update((row[0], row) for row in self._call("wait_outcomes", pending, poll))
         return self._unpack([outcomes[j] for j in ids])
+
+    def submit_batch(self, template: dict[str, Any], payloads: list[bytes],
+                     wait: float = 0.0) -> tuple[list[int], list[tuple[Any, ...]]]:
+        """Queue one callable over pickled (args, kwargs) payloads (at most SUBMIT_BATCH): the template is a
+        JobSpec's wire form, with "batch": [first index, total or None] to name the jobs "NAME [i/total]".
+        Returns (ids, outcomes of those final within `wait` seconds)."""
+        ids, finished = self._call("submit_map", template, payloads, wait)
+        return list(ids), list(finished)
+
+    # ---- functions as objects, and their code ---------------------------------------------
+
+    def prepare_call(self, func: str | Callable[..., Any], ship: Sequence[Any] | None = None,
+                     options: dict[str, Any] | None = None) -> tuple[Call, dict[str, Any]]:
+        """The Call of `func`, and job options naming the code it needs shipped: the module of a function
+        object that agents cannot import (and `ship`'s modules and folders), sent to the master once."""
+        call = describe(func)
+        options = dict(options or {})
+        bundle = shipping.bundle_for(call, ship)
+        if bundle is not None:
+            self.ship(bundle)
+            options["env"] = {**dict(options.get("env") or {}), CODE_ENV: bundle.digest}
+        return call, options
+
+    def ship(self, bundle: shipping.Bundle) -> None:
+        """Make sure the master holds a code bundle (its answer is remembered for SHIPPED_SECONDS)."""
+        said = self._shipped.get(bundle.digest)
+        if said is not None and time.monotonic() - said < SHIPPED_SECONDS:
+            return
+        store = self._code_store()
+        if self._invoke(store, "missing", ([bundle.digest],)):
+            self._invoke(store, "put", (bundle.digest, bundle.data))
+        self._shipped[bundle.digest] = time.monotonic()
+
+    def _code_store(self) -> Any:
+        """A proxy for the master's code store, on this Client's manager (made on first use)."""
+        if self._code_proxy is None:
+            try:
+                self._code_proxy = getattr(self._manager, CODE_TYPEID)()
+            except (ConnectionError, OSError, EOFError) as exc:
+                raise self._lost(exc) from None
+        return self._code_proxy
 
     # ---- waiting and results --------------------------------------------------------------
 
@@ -175,6 +234,11 @@ class Client:
             states.update(self._call("wait", pending, poll))
             pending = [j for j in pending if j not in states]
         return states
+
+    def wait_outcomes(self, ids: Sequence[int], timeout: float = WAIT_POLL_SECONDS) -> list[Outcome]:
+        """Long poll: the outcomes (as outcomes() gives them) of those of `ids` final within `timeout`
+        (it returns early once all of them are)."""
+        return list(self._call("wait_outcomes", list(ids), timeout))
 
     def outcomes(self, ids: Sequence[int]) -> list[Outcome]:
         """(id, state, exit_code, value bytes, error) per job, in order."""
@@ -207,8 +271,17 @@ class Client:
     def agents(self) -> list[Record]:
         return cast("list[Record]", self._call("agent_list"))
 
-    def cancel(self, ids: Sequence[int]) -> dict[int, str]:
-        return cast("dict[int, str]", self._call("cancel", list(ids)))
+    def cancel(self, ids: Sequence[int], queued_only: bool = False) -> dict[int, str]:
+        """Cancel jobs: {id: "cancelled" | "cancelling" | "already final"}. queued_only: leave running
+        jobs be (their outcome is "running")."""
+        outcome = self._call("cancel", list(ids), True) if queued_only else self._call("cancel", list(ids))
+        return cast("dict[int, str]", outcome)
+
+    def cancel_batch(self, name: str) -> dict[int, str]:
+        """Cancel the queued and running jobs of one batch (a Pool's "pool-3": its jobs are "pool-3 [i/n]")."""
+        active = self.jobs([JobState.QUEUED.value, JobState.RUNNING.value, JobState.HELD.value], limit=10**7)
+        ids = [job["id"] for job in active if in_batch(job["name"], name)]
+        return self.cancel(ids) if ids else {}
 
     def requeue(self, ids: Sequence[int]) -> list[int]:
         return cast("list[int]", self._call("requeue", list(ids)))

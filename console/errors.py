@@ -23,6 +23,11 @@ class MapTimeout(CorralError):
     """Client.map's timeout passed before every job was final."""
 
 
+class CannotShip(CorralError):
+    """A callable or code the client cannot send to agents: a lambda, a nested function, an object that does
+    not pickle, code over the shipping limits. Raised at submit; nothing of that submission was queued."""
+
+
 class DeployError(CorralError):
     """A deploy, stop or inventory operation that failed on one host, at one step."""
 

@@ -1,4 +1,4 @@
-"""corral, a cluster operations console for the terminal: `from corral import Client` is the Python entry point."""
+"""corral, a cluster operations console for the terminal; `from corral import Client, Pool, Executor` for Python."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ if not os.path.exists(os.path.join(_here, "agent")) and os.path.isfile(os.path.j
 # (the agent's zipapp carries this file too).
 _EXPORTS = {
     "Client": "corral.console.client",
+    "Pool": "corral.console.pool",
+    "Executor": "corral.console.pool",
     "JobSpec": "corral.agent.protocol",
     "CorralError": "corral.agent.errors",
 }

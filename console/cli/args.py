@@ -128,7 +128,11 @@ def _job_options(p: argparse.ArgumentParser) -> None:
                    help="run only on agents with this tag (repeatable)")
     p.add_argument("--env", action="append", type=_job(validate.parse_env_pair), default=[], metavar="K=V",
                    help="environment variable (repeatable)")
-    p.add_argument("--cwd", type=_job(validate.cwd_rule), help="working directory on the agent")
+    p.add_argument("--cwd", type=_job(validate.cwd_rule),
+                   help="working directory on the agent (a callable's cwd is on its sys.path)")
+    p.add_argument("--ship", action="append", default=[], metavar="DIR",
+                   help="send this folder's code with the job, ahead of the rest of its sys.path (PYTHONPATH for a"
+                   " command); see README 'Shipping code' (repeatable)")
     p.add_argument("--count", type=_job(validate.parse_count), default=1,
                    help=f"submit N copies (at most {validate.MAX_JOBS:,}), with CORRAL_INDEX=0..N-1")
     p.add_argument("--wait", action="store_true", help="wait, print the output, exit with the job's exit code")
@@ -154,7 +158,8 @@ def _add_job_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("cancel", help="cancel jobs (running ones are killed within a second)")
-    p.add_argument("ids", type=_job_id, nargs="+", metavar="ID")
+    p.add_argument("ids", type=_job_id, nargs="*", metavar="ID")
+    p.add_argument("--batch", metavar="NAME", help="every queued or running job of a batch (e.g. pool-3)")
 
     p = sub.add_parser("requeue", help="submit finished jobs again (new ids)")
     p.add_argument("ids", type=_job_id, nargs="+", metavar="ID")

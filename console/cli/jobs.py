@@ -10,11 +10,11 @@ import sys
 from typing import Any, Sequence
 
 from corral.agent.errors import CorralError
-from corral.agent.protocol import JobSpec, JobState
+from corral.agent.protocol import CODE_ENV, JobSpec, JobState
 
 from ..client import Client
 from . import render
-from .render import EXIT_TIMEOUT
+from .render import EXIT_TIMEOUT, EXIT_USAGE
 
 
 def _specs(args: argparse.Namespace, base: dict[str, Any]) -> list[JobSpec]:
@@ -30,11 +30,23 @@ def _specs(args: argparse.Namespace, base: dict[str, Any]) -> list[JobSpec]:
 def _submit(args: argparse.Namespace, base: dict[str, Any]) -> int:
     """Submit --count jobs; print their ids, or with --wait their output, and exit as the worst of them."""
     with Client(home=args.home_path) as client:
+        _ship(client, args)
         ids = client.submit(_specs(args, base))
         if not args.wait:
             print("\n".join(map(str, ids)))
             return 0
         return _wait_and_print(client, ids, None)
+
+
+def _ship(client: Client, args: argparse.Namespace) -> None:
+    """--ship DIR: the folders' code goes to the master as one bundle; the jobs' env names it."""
+    if args.ship:
+        from .. import ship
+
+        bundle = ship.build(ship.named_sources(args.ship))
+        if bundle is not None:
+            client.ship(bundle)
+            args.env = [*args.env, (CODE_ENV, bundle.digest)]
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -102,10 +114,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.batch):  # a malformed command line, as argparse would report it
+        print("corral cancel: give job ids or --batch NAME, not both (see corral cancel --help)", file=sys.stderr)
+        return EXIT_USAGE
     with Client(home=args.home_path) as client:
+        if args.batch:
+            return _cancel_batch(client, args.batch)
         outcome = client.cancel(args.ids)
     for job_id in args.ids:
         print(f"{job_id}: {outcome[job_id]}")
+    return 0
+
+
+def _cancel_batch(client: Client, name: str) -> int:
+    outcome = client.cancel_batch(name)
+    if not outcome:
+        raise CorralError(f"no queued or running job belongs to batch {name!r}",
+                          "its jobs are named NAME [i/n]; see `corral jobs`")
+    counts = {what: sum(1 for v in outcome.values() if v == what) for what in ("cancelled", "cancelling")}
+    print(f"{name}: {counts['cancelled']} cancelled, {counts['cancelling']} running ones cancelling")
     return 0
 
 

@@ -153,7 +153,8 @@ def jsonable(record: Record) -> Record:
     """A job record as stable JSON: bytes fields become a decoded value (or its repr), payload is dropped."""
     out = {k: v for k, v in record.items() if k not in ("payload", "value", "attempt_list")}
     if "value" in record:
-        out["value"] = _json_value(record["value"])
+        # Only a done job's value is its return value (a failed callable's is how to re-raise it, for Pool).
+        out["value"] = _json_value(record["value"]) if record.get("state") == JobState.DONE.value else None
     if "attempt_list" in record:
         out["attempts_detail"] = [dict(a, counted=bool(a["counted"])) for a in record["attempt_list"]]
     return out

@@ -19,12 +19,20 @@ from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, LOST, QUEUED, RUNNIN
 from .reports import check_results
 from .store import Journal, Outcome, encode_env, encode_tags
 from .rows import pack
-from .validate import MAX_JOBS, Checked, check, is_whole, payload_rule, shown, size_rule
+from .validate import MAX_JOBS, Checked, batch_rule, check, is_whole, payload_rule, shown, size_rule
 from .views import Views
 
 log = logging.getLogger(__name__)
 
 RECENT_FINAL = 200_000  # final states kept in memory for wait(); older ones are read from the journal
+
+
+def batch_names(name: str, batch: tuple[int, int | None], count: int) -> list[str]:
+    """Each job's name in a batch (a Pool's or an Executor's): "NAME [i/total]", or "NAME [i]" when the
+    total is open (validate.batch_rule's (first index, total or None))."""
+    first, total = batch
+    head, tail = (f"{name} [" if name else "["), (f"/{total}]" if total is not None else "]")
+    return [f"{head}{i}{tail}" for i in range(first, first + count)]
 
 
 def _times(n: int) -> str:
@@ -173,7 +181,12 @@ class Scheduler:
                     size_rule(None, payload)
                 except BadJobSpec as exc:
                     raise BadJobSpec(f"{where}: {exc.message}", exc.hint) from None
-        ids = self._queue([base] * len(payloads), payloads)
+        checked = [base] * len(payloads)
+        batch = template.get("batch")
+        if batch is not None:  # a Pool's or an Executor's: each job is named "NAME [i/total]"
+            checked = [base._replace(name=name)
+                       for name in batch_names(base.name, batch_rule(batch, len(payloads)), len(payloads))]
+        ids = self._queue(checked, payloads)
         return ids, (self.wait_outcomes(ids, wait) if wait and wait > 0 else [])
 
     def _queue(self, checked: list[Checked], payloads: list[bytes] | None = None) -> list[int]:
@@ -206,8 +219,11 @@ class Scheduler:
             log.info("queued %s", first if total == 1 else f"{first}..{first + total - 1}")
         return list(range(first, first + total))
 
-    def cancel(self, ids: Any) -> dict[int, str]:
-        """Cancel jobs: queued ones at once, running ones by their agent (within a second)."""
+    def cancel(self, ids: Any, queued_only: Any = False) -> dict[int, str]:
+        """Cancel jobs: queued ones at once, running ones by their agent (within a second). queued_only:
+        leave running jobs be (their outcome says "running"), as a future's cancel() does."""
+        if type(queued_only) is not bool:
+            raise BadJobSpec(f"cancel()'s queued_only must be True or False, not {shown(queued_only)}")
         with self.lock:
             job_ids = self.check_ids(ids)
             outcome: dict[int, str] = {}
@@ -224,6 +240,8 @@ class Scheduler:
                     self._changed(job_id)
                     rows.append((CANCELLED, job.failures, None, now, None, None, "cancelled before it ran", job_id))
                     outcome[job_id] = CANCELLED
+                elif queued_only:
+                    outcome[job_id] = job.state
                 else:
                     agent = self.agents.get(job.agent or "")
                     if agent is not None:

@@ -18,9 +18,10 @@ from multiprocessing.managers import BaseManager, Server
 from typing import Any, Callable, Mapping, Protocol, Sequence, Tuple, cast
 
 from corral.agent.connection import SERIALIZER
-from corral.agent.protocol import SCHEDULER_TYPEID
+from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID
 
 from ..state import StateDir
+from . import codestore
 from .scheduler import Scheduler
 from .store import Journal
 
@@ -165,6 +166,10 @@ MasterManager.register(
 )
 
 
+# Shipped code: clients put bundles, agents get them (see codestore.py).
+MasterManager.register(CODE_TYPEID, callable=codestore.get_code_store, exposed=codestore.EXPOSED)
+
+
 def register_service(typeid: str, exposed: Sequence[str]) -> None:
     """Serve a service under `typeid` beside the scheduler (before serve() builds the server)."""
     MasterManager.register(typeid, callable=functools.partial(get_service, typeid), exposed=tuple(exposed))
@@ -199,6 +204,7 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
     authkey = state.ensure_authkey()
     journal = Journal(state.journal_path, fsync=fsync)
     _scheduler = Scheduler(journal, lease_seconds=lease, max_lost=max_lost)
+    codestore.open_store(state.home / "shipped")
     registry = getattr(MasterManager, "_registry")  # what register() filled in (BaseManager's, unstubbed)
     server = CorralServer(registry, (host, port), authkey, SERIALIZER)
     address = server.address

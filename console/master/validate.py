@@ -204,6 +204,17 @@ def count_rule(value: Any, said: str | None = None) -> int:
     return value
 
 
+def batch_rule(value: Any, count: int) -> tuple[int, int | None]:
+    """A submission's place in its batch (a Pool's, an Executor's): [first index, total or None],
+    covering its `count` jobs; the master names them "NAME [i/total]" from it."""
+    first: Any = value[0] if type(value) in (list, tuple) and len(value) == 2 else None
+    total: Any = value[1] if first is not None else None
+    if (not is_whole(first) or not 1 <= first <= 10**12 or not (total is None or is_whole(total))
+            or (total is not None and not first + count - 1 <= total <= 10**12)):
+        raise Invalid("batch", f"must be [first index, total or None] covering {count} jobs, not {shown(value)}")
+    return first, total
+
+
 def size_rule(command: str | None, payload: bytes | None) -> None:
     size = len(payload or b"")
     if command is not None:

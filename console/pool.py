@@ -1,0 +1,806 @@
+"""Pool and Executor over Client: multiprocessing.Pool and concurrent.futures semantics, each task a corral job."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import multiprocessing
+import pickle
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]  # public since 3.4, not in typeshed
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from corral.agent.errors import BadJobSpec, CorralError
+from corral.agent.protocol import CHUNK_CALL, CODE_ENV, MAX_PAYLOAD_BYTES, JobSpec, JobState
+
+from . import ship as shipping
+from .batches import batch_name
+from .callables import Call, describe
+from .client import SUBMIT_BATCH, SUBMIT_BYTES, Client
+from .errors import JobFailed, MasterUnreachable
+
+POLL_SECONDS = 0.05  # the engine's long polls: how late it may notice a result or pick up new work
+WINDOW = 2000  # jobs one wait call asks about (the oldest in flight)
+RECONNECT_SECONDS = 30.0  # how long the engine tries to reach a master that went away before failing its work
+SLOTS_SECONDS = 2.0  # how long the cluster's slot count is reused for chunk sizes
+DONE, FAILED, CANCELLED = JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value
+
+Settle = Callable[[bool, Any], None]  # (ok, value or exception): called once, in the engine's thread
+
+
+# ---- outcomes into values and exceptions --------------------------------------------------------------
+
+def job_exception(job_id: int, state: str, value: bytes | None, error: str) -> BaseException:
+    """The exception a failed job stands for: the task's own (type, args) with the remote traceback as its
+    cause, as multiprocessing raises it; JobFailed when it cannot be rebuilt here or the job did not fail
+    by raising (timeout, cancelled, lost)."""
+    hint = f"see `corral show {job_id}`"
+    if state != FAILED or value is None:
+        return JobFailed(f"job {job_id} ended {state}: {error or state}", hint)
+    try:
+        tb, pickled = pickle.loads(value)
+    except Exception:  # noqa: BLE001 - a value of another shape: keep the message
+        return JobFailed(f"job {job_id} failed: {error}", hint)
+    exc: BaseException | None = None
+    if pickled is not None:
+        try:
+            loaded = pickle.loads(pickled)
+            exc = loaded if isinstance(loaded, BaseException) else None
+        except Exception:  # noqa: BLE001 - its class is not importable here, or does not unpickle
+            exc = None
+    if exc is None:
+        exc = JobFailed(f"job {job_id} failed: {error}", hint)
+    if tb:
+        exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def _decode(outcome: tuple[Any, ...]) -> tuple[bool, Any, str]:
+    """(ok, value or exception, state) of one outcome row (id, state, exit_code, value, error)."""
+    job_id, state, _exit_code, value, error = outcome
+    if state == DONE:
+        try:
+            return True, (pickle.loads(value) if value is not None else None), state
+        except Exception as exc:  # noqa: BLE001 - e.g. the value's class is not importable here
+            return False, exc, state
+    return False, job_exception(job_id, state, value, error), state
+
+
+def _run_hook(hook: Callable[[Any], Any] | None, arg: Any) -> None:
+    """A user callback, in the engine's thread: its exception is printed, never the end of the pool."""
+    if hook is None:
+        return
+    try:
+        hook(arg)
+    except Exception:  # noqa: BLE001 - the caller's code; the engine must go on
+        print(f"corral: exception in callback {hook!r}:", file=sys.stderr)
+        traceback.print_exc()
+
+
+# ---- the engine: one thread per Pool/Executor doing all of its master I/O -------------------------------
+
+class _Template:
+    """One callable as this pool submits it: the wire template (name, tags, timeout, shipped code)."""
+
+    def __init__(self, call: Call, wire: dict[str, Any]) -> None:
+        self.call = call
+        self.wire = wire
+
+
+class _Work:
+    """One job to be: its template, its position in its batch, its payload, and who hears how it ended.
+    `listed`: its settle takes the list of its calls' values (a chunk), even when it holds one call."""
+
+    __slots__ = ("template", "index", "total", "payload", "settle", "calls", "listed", "job_id", "submitted")
+
+    def __init__(self, template: _Template, index: int, total: int | None, payload: bytes, settle: Settle,
+                 calls: int = 1, listed: bool = False) -> None:
+        self.template, self.index, self.total, self.payload, self.settle = template, index, total, payload, settle
+        self.calls, self.listed = calls, listed
+        self.job_id: int | None = None
+        self.submitted = threading.Event()  # set once it has a job id (or never will)
+
+    def finish(self, ok: bool, value: Any) -> None:
+        """Hand the outcome to whoever waits (a chunk of one call still gives a list)."""
+        self.submitted.set()
+        self.settle(ok, [value] if ok and self.listed and self.calls == 1 else value)
+
+
+RUN, CLOSE, TERMINATE = "run", "close", "terminate"
+
+
+class _Engine:
+    """Submits queued work (at most `cap` jobs on the cluster at once), polls for outcomes, settles them.
+
+    Callers only queue work here; this thread talks to the master, so submitting never waits for the
+    network and one round trip carries many jobs. A small batch is submitted and answered in a single
+    round trip (submit_map waits for it); results are polled every POLL_SECONDS."""
+
+    def __init__(self, home: Path | None, cap: int | None) -> None:
+        self.home = home
+        self.cap = cap
+        self.cv = threading.Condition()
+        self.outbox: deque[_Work] = deque()
+        self.watching: dict[int, _Work] = {}
+        self.state = RUN
+        self.thread = threading.Thread(target=self._run, name="corral-pool", daemon=True)
+        self.thread.start()
+
+    def put(self, works: Sequence[_Work]) -> None:
+        with self.cv:
+            if self.state == TERMINATE:
+                raise ValueError("Pool not running")
+            self.outbox.extend(works)
+            self.cv.notify_all()
+
+    def close(self) -> None:
+        with self.cv:
+            if self.state == RUN:
+                self.state = CLOSE
+            self.cv.notify_all()
+
+    def idle(self) -> bool:
+        with self.cv:
+            return not self.outbox and not self.watching
+
+    def terminate(self, client: Client | None) -> None:
+        """Stop: unsent work is dropped, the cluster's queued and running jobs of this pool are cancelled,
+        and whatever had not ended fails with "terminated" (no callbacks run for it)."""
+        with self.cv:
+            self.state = TERMINATE
+            dropped = list(self.outbox) + list(self.watching.values())
+            self.outbox.clear()
+            ids = list(self.watching)
+            self.watching.clear()
+            self.cv.notify_all()
+        if ids and client is not None:
+            try:
+                client.cancel(ids)
+            except CorralError as exc:
+                print(f"corral: could not cancel the pool's jobs: {exc}", file=sys.stderr)
+        stop = _Terminated("the pool was terminated before this task ended")
+        for work in dropped:
+            work.finish(False, stop)
+
+    def cancel(self, works: Sequence[_Work], client: Client) -> set[_Work]:
+        """Cancel work not yet running: unsent, or queued on the cluster. Returns what was cancelled
+        (its waiters are told by the caller: a future becomes cancelled)."""
+        cancelled: set[_Work] = set()
+        with self.cv:
+            for work in works:
+                if work.job_id is None and work in self.outbox:
+                    self.outbox.remove(work)
+                    work.submitted.set()
+                    cancelled.add(work)
+        for work in works:
+            if work not in cancelled and work.job_id is None:
+                work.submitted.wait(10.0)  # being submitted this instant: its id comes within a round trip
+        queued = {work.job_id: work for work in works if work not in cancelled and work.job_id is not None}
+        if queued:
+            outcome = client.cancel(list(queued), queued_only=True)
+            cancelled |= {work for job_id, work in queued.items() if outcome.get(job_id) == CANCELLED}
+        return cancelled
+
+    def cancel_all(self, client: Client) -> None:
+        """Cancel every task not yet running (Executor.shutdown(cancel_futures=True))."""
+        with self.cv:
+            works = list(self.outbox) + list(self.watching.values())
+        for work in self.cancel(works, client):
+            work.finish(False, _Cancelled(JobFailed("cancelled before it ran")))
+
+    # ---- the thread ----
+
+    def _run(self) -> None:
+        client: Client | None = None
+        try:
+            client = self._connect(None)
+            while True:
+                with self.cv:
+                    while self.state == RUN and not self.outbox and not self.watching:
+                        self.cv.wait()
+                    if self.state == TERMINATE or (self.state == CLOSE and not self.outbox and not self.watching):
+                        return
+                    batch = self._take_batch()
+                    more = bool(self.outbox)
+                if batch:
+                    client = self._guarded(client, lambda c: self._submit(c, batch, more), batch)
+                elif self.watching:
+                    client = self._guarded(client, self._poll, None)
+        except BaseException as exc:  # noqa: BLE001 - the engine's own failure: every waiter must hear of it
+            self._fail_all(exc if isinstance(exc, Exception) else CorralError(f"the pool's engine stopped: {exc!r}"))
+        finally:
+            if client is not None:
+                client.close()
+
+    def _take_batch(self) -> list[_Work]:
+        """The next work to submit (lock held): no more than the cap leaves room for, one message's worth."""
+        room = len(self.outbox) if self.cap is None else self.cap - len(self.watching)
+        batch: list[_Work] = []
+        size = 0
+        while self.outbox and len(batch) < min(room, SUBMIT_BATCH) and size < SUBMIT_BYTES:
+            work = self.outbox.popleft()
+            batch.append(work)
+            size += len(work.payload) + 64
+        return batch
+
+    def _connect(self, old: Client | None) -> Client:
+        if old is not None:
+            old.close()
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            try:
+                return Client(home=self.home)
+            except MasterUnreachable:
+                if old is None or time.monotonic() > deadline or self.state == TERMINATE:
+                    raise
+                time.sleep(0.5)
+
+    def _guarded(self, client: Client, step: Callable[[Client], None], batch: list[_Work] | None) -> Client:
+        """Run one step; a master that went away is waited for (RECONNECT_SECONDS) and the step retried."""
+        while True:
+            try:
+                step(client)
+                return client
+            except MasterUnreachable:
+                client = self._connect(client)
+            except CorralError as exc:
+                if batch is None:
+                    raise
+                for work in batch:  # the master refused this submission (BadJobSpec): its tasks fail, not the pool
+                    work.finish(False, exc)
+                return client
+
+    def _submit(self, client: Client, batch: list[_Work], more: bool) -> None:
+        groups: list[list[_Work]] = []
+        for work in batch:
+            last = groups[-1][-1] if groups else None
+            if (last is not None and last.template is work.template and last.total == work.total
+                    and last.index + 1 == work.index):
+                groups[-1].append(work)
+            else:
+                groups.append([work])
+        for n, group in enumerate(groups):
+            head = group[0]
+            template = dict(head.template.wire, batch=[head.index, head.total])
+            # The last group of a burst waits briefly on the master: a small one is answered in this trip.
+            wait = POLL_SECONDS if n == len(groups) - 1 and not more else 0.0
+            ids, finished = client.submit_batch(template, [work.payload for work in group], wait)
+            with self.cv:
+                for job_id, work in zip(ids, group):
+                    work.job_id = job_id
+                    self.watching[job_id] = work
+                    work.submitted.set()
+                terminated = self.state == TERMINATE
+            if terminated:  # terminate() ran meanwhile, before these ids were known to it
+                client.cancel(ids)
+                return
+            self._settle(finished)
+
+    def _poll(self, client: Client) -> None:
+        with self.cv:
+            window = list(itertools.islice(self.watching, WINDOW))
+        self._settle(client.wait_outcomes(window, POLL_SECONDS))
+
+    def _settle(self, outcomes: list[tuple[Any, ...]]) -> None:
+        for outcome in outcomes:
+            with self.cv:
+                work = self.watching.pop(outcome[0], None)
+                if not self.watching:
+                    self.cv.notify_all()
+            if work is not None:
+                ok, value, state = _decode(outcome)
+                work.finish(ok, value if ok or state != CANCELLED else _Cancelled(value))
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self.cv:
+            self.state = TERMINATE
+            works = list(self.outbox) + list(self.watching.values())
+            self.outbox.clear()
+            self.watching.clear()
+            self.cv.notify_all()
+        for work in works:
+            work.finish(False, exc)
+
+
+class _Terminated(JobFailed):
+    """What a task of a terminated pool raises (its callbacks do not run, as with multiprocessing)."""
+
+
+class _Cancelled(Exception):
+    """A job that ended `cancelled` on the cluster (by its future, an operator, or the pool): futures
+    become cancelled; Pool results raise the JobFailed inside."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# ---- what Pool and Executor share: naming a callable, chunking, payloads ---------------------------
+
+class _Submitter:
+    """Turns calls into work for the engine: the callable's template (its code shipped once), payloads,
+    chunks, batch names ("pool-3 [17/200]")."""
+
+    kind = "pool"
+
+    def __init__(self, processes: int | None, home: Path | None, tags: Sequence[str], ship: Sequence[Any] | None,
+                 timeout: float | None, name: str | None) -> None:
+        if processes is not None and (type(processes) is not int or processes < 1):
+            raise ValueError("Number of processes must be at least 1")
+        self._home = home
+        self._local = threading.local()
+        client = self._client()  # here and now: an unreachable master is the constructor's error
+        self.name = name or batch_name(self.kind, client.state.home)
+        self._processes = processes
+        self._tags = tuple(tags)
+        self._timeout = timeout
+        self._ship = list(ship or ())
+        self._templates: dict[Any, _Template] = {}
+        self._lock = threading.Lock()
+        self._singles = itertools.count(1)
+        self._slots: tuple[float, int] = (0.0, 0)
+        self._engine = _Engine(home, processes)
+
+    def _client(self) -> Client:
+        """This thread's Client (a proxy is not shared between threads)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = Client(home=self._home)
+        return client
+
+    def _template(self, func: Any) -> _Template:
+        """The template for `func`, made once per pool: describing it, building and shipping its code."""
+        try:
+            cached = self._templates.get(func)
+        except TypeError:  # unhashable (a partial of unhashable things): describe it each time
+            cached = None
+        if cached is not None:
+            return cached
+        call = describe(func)
+        wire = JobSpec(func=call.name, name=self.name, tags=self._tags, timeout=self._timeout).to_wire()
+        bundle = shipping.bundle_for(call, self._ship)
+        if bundle is not None:
+            self._client().ship(bundle)
+            wire["env"] = {CODE_ENV: bundle.digest}
+        template = _Template(call, wire)
+        try:
+            self._templates[func] = template
+        except TypeError:
+            pass
+        return template
+
+    def _workers(self) -> int:
+        """How many jobs run at once for chunk sizes: `processes`, else the cluster's free slots (its slots
+        when none is free), read at most every SLOTS_SECONDS."""
+        if self._processes is not None:
+            return self._processes
+        when, slots = self._slots
+        if time.monotonic() - when > SLOTS_SECONDS:
+            agents = [a for a in self._client().agents() if a.get("state") == "up"]
+            total = sum(int(a.get("slots") or 0) for a in agents)
+            free = total - sum(int(a.get("busy") or 0) for a in agents)
+            slots = max(1, free if free > 0 else total)
+            self._slots = (time.monotonic(), slots)
+        return slots
+
+    def _chunksize(self, count: int, chunksize: int | None) -> int:
+        if chunksize is not None:
+            if type(chunksize) is not int or chunksize < 1:
+                raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+            return chunksize
+        size, extra = divmod(count, self._workers() * 4)  # multiprocessing.Pool's own heuristic
+        return size + 1 if extra else max(size, 1)
+
+    def _payload(self, template: _Template, chunk: Sequence[tuple[Any, ...]], kwargs: dict[str, Any] | None = None) -> bytes:
+        call = template.call
+        if len(chunk) == 1:
+            data = pickle.dumps(call.args(chunk[0], kwargs))
+        else:
+            data = pickle.dumps((CHUNK_CALL, [call.bound + args for args in chunk]))
+        if len(data) > MAX_PAYLOAD_BYTES:
+            raise BadJobSpec(f"a task's arguments pickle to {len(data)} bytes; the limit is {MAX_PAYLOAD_BYTES}",
+                             "pass large data by path, or use a smaller chunksize")
+        return data
+
+    def _chunk_limit(self, func: Any, chunksize: int) -> int:
+        # A partial's keywords travel with one call's payload only: such calls are not chunked.
+        return 1 if self._template(func).call.keywords else chunksize
+
+    def _single(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, settle: Settle) -> _Work:
+        """One call, one job, named "NAME [k]" (k counts this pool's open-ended jobs)."""
+        template = self._template(func)
+        work = _Work(template, next(self._singles), None, self._payload(template, [tuple(args)], kwargs), settle)
+        self._engine.put([work])
+        return work
+
+    def _chunk(self, func: Any, chunk: Sequence[tuple[Any, ...]], settle: Settle) -> _Work:
+        """One chunk of calls as one open-ended job (imap's); it settles with the list of their values."""
+        template = self._template(func)
+        work = _Work(template, next(self._singles), None, self._payload(template, chunk), settle, len(chunk), True)
+        self._engine.put([work])
+        return work
+
+    def _chunks(self, func: Any, items: Sequence[tuple[Any, ...]], size: int,
+                settle_chunk: Callable[[int], Settle]) -> list[_Work]:
+        """Work for every chunk of `items` (argument tuples), queued at once, named "NAME [i/n]"; chunk i
+        settles settle_chunk(i) with the list of its values."""
+        template = self._template(func)
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        works = [_Work(template, i + 1, len(chunks), self._payload(template, chunk), settle_chunk(i), len(chunk), True)
+                 for i, chunk in enumerate(chunks)]
+        self._engine.put(works)
+        return works
+
+
+# ---- multiprocessing.Pool ---------------------------------------------------------------------------
+
+class AsyncResult:
+    """multiprocessing.pool.AsyncResult: get(timeout), wait(timeout), ready(), successful()."""
+
+    def __init__(self, callback: Callable[[Any], Any] | None = None,
+                 error_callback: Callable[[BaseException], Any] | None = None) -> None:
+        self._event = threading.Event()
+        self._callback, self._error_callback = callback, error_callback
+        self._success = False
+        self._value: Any = None
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        self.wait(timeout)
+        if not self.ready():
+            raise multiprocessing.TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _set(self, ok: bool, value: Any) -> None:
+        if isinstance(value, _Cancelled):
+            value = value.error
+        self._success, self._value = ok, value
+        if not isinstance(value, _Terminated):  # callbacks first, as multiprocessing: wait() returning means they ran
+            _run_hook(self._callback if ok else self._error_callback, value)
+        self._event.set()
+
+
+class MapResult(AsyncResult):
+    """The result of map_async/starmap_async: the values of every chunk in order, or the first failure."""
+
+    def __init__(self, chunks: int, callback: Callable[[Any], Any] | None,
+                 error_callback: Callable[[BaseException], Any] | None) -> None:
+        super().__init__(callback, error_callback)
+        self._parts: list[list[Any] | None] = [None] * chunks
+        self._left = chunks
+        self._lock = threading.Lock()
+        if chunks == 0:
+            self._set(True, [])
+
+    def _settle_chunk(self, index: int) -> Settle:
+        def settle(ok: bool, value: Any) -> None:
+            with self._lock:
+                if self._event.is_set() or self._left == 0:
+                    return
+                if not ok:
+                    self._left = 0
+                else:
+                    self._parts[index] = value
+                    self._left -= 1
+                    if self._left:
+                        return
+            if ok:
+                self._set(True, [v for part in self._parts for v in part or ()])
+            else:
+                self._set(False, value)  # the first failure ends the map (the other chunks still run)
+        return settle
+
+
+class IMapIterator:
+    """imap / imap_unordered: reads its iterable as results are taken (a bounded read-ahead), and a failing
+    iterable surfaces where it failed, after the results before it."""
+
+    def __init__(self, owner: "Pool", func: Any, iterable: Iterable[Any], chunksize: int, star: bool,
+                 ordered: bool) -> None:
+        if type(chunksize) is not int or chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        self._owner, self._func, self._star, self._ordered = owner, func, star, ordered
+        self._chunksize = owner._chunk_limit(func, chunksize)  # describes func: a lambda is refused here
+        self._source = iter(iterable)
+        self._cond = threading.Condition()
+        self._done: dict[int, tuple[bool, Any]] = {}  # chunk index -> (ok, values or exception)
+        self._ready: deque[Any] = deque()  # values of taken chunks, to hand out one by one
+        self._sent = 0  # chunks submitted
+        self._taken = 0  # chunks handed out (in order for imap)
+        self._source_error: BaseException | None = None
+        self._exhausted = False
+        self._fill()
+
+    def __iter__(self) -> "IMapIterator":
+        return self
+
+    def __next__(self) -> Any:
+        return self.next()
+
+    def _fill(self) -> None:
+        """Submit chunks until READ_AHEAD are out, reading the iterable in the caller's thread."""
+        ahead = 2 * self._owner._workers()
+        while not self._exhausted and self._sent - self._taken < ahead:
+            try:
+                chunk = [tuple(x) if self._star else (x,) for x in itertools.islice(self._source, self._chunksize)]
+                if not chunk:
+                    self._exhausted = True
+                    return
+                self._owner._check_running()
+                self._owner._chunk(self._func, chunk, self._settle(self._sent))
+            except Exception as exc:  # noqa: BLE001 - the iterable (or an argument that will not pickle) failed here
+                self._source_error, self._exhausted = exc, True
+                return
+            self._sent += 1
+
+    def _settle(self, index: int) -> Settle:
+        def settle(ok: bool, value: Any) -> None:
+            if isinstance(value, _Cancelled):
+                value = value.error
+            with self._cond:
+                self._done[index] = (ok, value)
+                self._cond.notify_all()
+        return settle
+
+    def next(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._ready:
+                return self._ready.popleft()
+            self._fill()
+            with self._cond:
+                key = self._pick()
+                if key is None:
+                    if self._taken == self._sent:  # nothing out: the end, or the iterable's error
+                        error, self._source_error = self._source_error, None
+                        if error is not None:
+                            raise error
+                        raise StopIteration
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise multiprocessing.TimeoutError
+                    self._cond.wait(remaining)
+                    continue
+                ok, value = self._done.pop(key)
+                self._taken += 1
+            if not ok:
+                raise value
+            self._ready.extend(value)
+
+    def _pick(self) -> int | None:
+        if self._ordered:
+            return self._taken if self._taken in self._done else None
+        return next(iter(self._done), None)
+
+
+class Pool(_Submitter):
+    """A drop-in for multiprocessing.pool.Pool whose tasks are corral jobs on the cluster.
+
+    `processes` caps how many of this pool's jobs are on the cluster at once (None: no cap beyond the
+    cluster's slots); `home` picks the master (its state directory); `tags` and `timeout` apply to every
+    job; `ship` names more code to send (modules, module names, folders) besides what each function's
+    module needs. The jobs are one batch, named "pool-N [i/n]" in the console."""
+
+    kind = "pool"
+
+    def __init__(self, processes: int | None = None, *, home: Path | str | None = None, tags: Sequence[str] = (),
+                 ship: Sequence[Any] | None = None, timeout: float | None = None, name: str | None = None) -> None:
+        super().__init__(processes, Path(home) if home is not None else None, tags, ship, timeout, name)
+        self._state = RUN
+
+    def __repr__(self) -> str:
+        return f"<corral.Pool {self.name} state={self._state}>"
+
+    def _check_running(self) -> None:
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    # ---- the API ----
+
+    def apply(self, func: Any, args: Sequence[Any] = (), kwds: dict[str, Any] | None = None) -> Any:
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func: Any, args: Sequence[Any] = (), kwds: dict[str, Any] | None = None,
+                    callback: Callable[[Any], Any] | None = None,
+                    error_callback: Callable[[BaseException], Any] | None = None) -> AsyncResult:
+        self._check_running()
+        result = AsyncResult(callback, error_callback)
+        self._single(func, tuple(args), dict(kwds or {}), result._set)
+        return result
+
+    def map(self, func: Any, iterable: Iterable[Any], chunksize: int | None = None) -> list[Any]:
+        values: list[Any] = self._map_async(func, iterable, chunksize, False, None, None).get()
+        return values
+
+    def map_async(self, func: Any, iterable: Iterable[Any], chunksize: int | None = None,
+                  callback: Callable[[Any], Any] | None = None,
+                  error_callback: Callable[[BaseException], Any] | None = None) -> MapResult:
+        return self._map_async(func, iterable, chunksize, False, callback, error_callback)
+
+    def starmap(self, func: Any, iterable: Iterable[Iterable[Any]], chunksize: int | None = None) -> list[Any]:
+        values: list[Any] = self._map_async(func, iterable, chunksize, True, None, None).get()
+        return values
+
+    def starmap_async(self, func: Any, iterable: Iterable[Iterable[Any]], chunksize: int | None = None,
+                      callback: Callable[[Any], Any] | None = None,
+                      error_callback: Callable[[BaseException], Any] | None = None) -> MapResult:
+        return self._map_async(func, iterable, chunksize, True, callback, error_callback)
+
+    def _map_async(self, func: Any, iterable: Iterable[Any], chunksize: int | None, star: bool,
+                   callback: Callable[[Any], Any] | None,
+                   error_callback: Callable[[BaseException], Any] | None) -> MapResult:
+        self._check_running()
+        items = [tuple(x) for x in iterable] if star else [(x,) for x in iterable]  # the iterable's error: here
+        if not items:
+            return MapResult(0, callback, error_callback)
+        size = self._chunk_limit(func, self._chunksize(len(items), chunksize))
+        result = MapResult(-(-len(items) // size), callback, error_callback)
+        self._chunks(func, items, size, result._settle_chunk)
+        return result
+
+    def imap(self, func: Any, iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
+        self._check_running()
+        return IMapIterator(self, func, iterable, chunksize, star=False, ordered=True)
+
+    def imap_unordered(self, func: Any, iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
+        self._check_running()
+        return IMapIterator(self, func, iterable, chunksize, star=False, ordered=False)
+
+    def close(self) -> None:
+        """No more tasks; those submitted run to their end (join() waits for them)."""
+        if self._state == RUN:
+            self._state = CLOSE
+            self._engine.close()
+
+    def terminate(self) -> None:
+        """Cancel this pool's queued and running jobs on the cluster, now."""
+        if self._state != TERMINATE:
+            self._state = TERMINATE
+            self._engine.terminate(self._client())
+
+    def join(self) -> None:
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        self._engine.thread.join()
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()
+            self._local.client = None
+
+    def __enter__(self) -> "Pool":
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+
+# ---- concurrent.futures --------------------------------------------------------------------------
+
+class _JobFuture(concurrent.futures.Future[Any]):
+    """A Future whose cancel() cancels its job on the cluster while it is still queued there."""
+
+    def __init__(self, owner: "Executor") -> None:
+        super().__init__()
+        self._owner = owner
+        self._work: _Work | None = None
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state in ("RUNNING", "FINISHED"):
+                return False
+            if self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED"):
+                return True
+        work = self._work
+        if work is not None and not self._owner._cancel([work]):
+            return False
+        return self._cancel_here()
+
+    def _cancel_here(self) -> bool:
+        if not super().cancel():
+            return False
+        self.set_running_or_notify_cancel()  # CANCELLED_AND_NOTIFIED: wait() and as_completed() see it
+        return True
+
+    def _settle(self, ok: bool, value: Any) -> None:
+        with self._condition:
+            if self._state != "PENDING":
+                return  # cancelled here first
+        try:
+            if isinstance(value, _Cancelled):
+                self._cancel_here()
+            elif ok:
+                self.set_result(value)
+            else:
+                self.set_exception(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancel() won the race
+
+
+class Executor(_Submitter, concurrent.futures.Executor):
+    """A concurrent.futures.Executor whose calls are corral jobs: submit(), map(timeout, chunksize),
+    shutdown(wait, cancel_futures); futures work with as_completed() and wait(), and cancel() of a
+    queued one cancels its job. `max_workers` caps this executor's jobs on the cluster at once."""
+
+    kind = "executor"
+
+    def __init__(self, max_workers: int | None = None, *, home: Path | str | None = None, tags: Sequence[str] = (),
+                 ship: Sequence[Any] | None = None, timeout: float | None = None, name: str | None = None) -> None:
+        if max_workers is not None and (type(max_workers) is not int or max_workers < 1):
+            raise ValueError("max_workers must be greater than 0")
+        super().__init__(max_workers, Path(home) if home is not None else None, tags, ship, timeout, name)
+        self._shutdown = False
+        self._futures_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<corral.Executor {self.name}>"
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        self._check_open()
+        future = _JobFuture(self)
+        future._work = self._single(fn, args, kwargs, future._settle)
+        return future
+
+    def map(self, fn: Any, *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Results in order, as an iterator; every call is submitted before this returns (as the stdlib's)."""
+        self._check_open()
+        if type(chunksize) is not int or chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end = None if timeout is None else time.monotonic() + timeout
+        items = list(zip(*iterables))
+        futures: list[_JobFuture] = []
+        if items:
+            size = self._chunk_limit(fn, chunksize)
+            futures = [_JobFuture(self) for _ in range(-(-len(items) // size))]
+            works = self._chunks(fn, items, size, lambda i: futures[i]._settle)
+            for future, work in zip(futures, works):
+                future._work = work
+        return self._results(futures, end)
+
+    @staticmethod
+    def _results(futures: list[_JobFuture], end: float | None) -> Iterator[Any]:
+        """Each chunk's values in order; past `end`, TimeoutError; leaving early cancels what has not run."""
+        pending = list(reversed(futures))
+        try:
+            while pending:
+                future = pending[-1]
+                values = future.result() if end is None else future.result(end - time.monotonic())
+                pending.pop()
+                yield from values
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _cancel(self, works: Sequence[_Work]) -> set[_Work]:
+        return self._engine.cancel(works, self._client())
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        if cancel_futures:
+            self._engine.cancel_all(self._client())
+        self._engine.close()
+        if wait:
+            self._engine.thread.join()
+
