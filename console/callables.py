@@ -78,9 +78,13 @@ def describe(func: Any) -> Call:
                       "pass a function, or a 'module:function' name")
     if getattr(target, "__name__", "") == "<lambda>":
         raise _refuse(f"lambda {qualname}", "a lambda has no name an agent can import")
-    if "<locals>" in qualname:
-        raise _refuse(qualname, "a function defined inside another function has no name an agent can import")
     module = sys.modules.get(module_name)
+    if "<locals>" in qualname:
+        alias = next((k for k, v in vars(module).items() if v is target), None) if module is not None else None
+        if alias is not None:  # found at module level under another name: a decorator replaced it
+            raise _refuse(f"{module_name}.{alias}", f"its name says {qualname}: a decorator replaced it without"
+                          " functools.wraps", "decorate the wrapper with @functools.wraps(func)")
+        raise _refuse(qualname, "a function defined inside another function has no name an agent can import")
     if module is None:
         raise _refuse(qualname, f"its module {module_name!r} is not imported here")
     found = _lookup(module, qualname)
