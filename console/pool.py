@@ -30,7 +30,9 @@ RECONNECT_SECONDS = 30.0  # how long the engine tries to reach a master that wen
 SLOTS_SECONDS = 2.0  # how long the cluster's slot count is reused for chunk sizes
 DONE, FAILED, CANCELLED = JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value
 
-Settle = Callable[[bool, Any], None]  # (ok, value or exception): called once, in the engine's thread
+# (key, ok, value or exception): called once per job, in the engine's thread; the key is the work's own (a
+# chunk's index in its map), so one bound method serves every chunk of a map (no closure per item).
+Settle = Callable[[int, bool, Any], None]
 
 
 # ---- outcomes into values and exceptions --------------------------------------------------------------
@@ -96,19 +98,19 @@ class _Work:
     """One job to be: its template, its position in its batch, its payload, and who hears how it ended.
     `listed`: its settle takes the list of its calls' values (a chunk), even when it holds one call."""
 
-    __slots__ = ("template", "index", "total", "payload", "settle", "calls", "listed", "job_id", "submitted")
+    __slots__ = ("template", "index", "total", "payload", "settle", "key", "calls", "listed", "job_id", "done")
 
     def __init__(self, template: _Template, index: int, total: int | None, payload: bytes, settle: Settle,
-                 calls: int = 1, listed: bool = False) -> None:
+                 key: int = 0, calls: int = 1, listed: bool = False) -> None:
         self.template, self.index, self.total, self.payload, self.settle = template, index, total, payload, settle
-        self.calls, self.listed = calls, listed
-        self.job_id: int | None = None
-        self.submitted = threading.Event()  # set once it has a job id (or never will)
+        self.key, self.calls, self.listed = key, calls, listed
+        self.job_id: int | None = None  # set (under the engine's lock) once submitted
+        self.done = False
 
     def finish(self, ok: bool, value: Any) -> None:
         """Hand the outcome to whoever waits (a chunk of one call still gives a list)."""
-        self.submitted.set()
-        self.settle(ok, [value] if ok and self.listed and self.calls == 1 else value)
+        self.done = True
+        self.settle(self.key, ok, [value] if ok and self.listed and self.calls == 1 else value)
 
 
 RUN, CLOSE, TERMINATE = "run", "close", "terminate"
@@ -166,6 +168,7 @@ class _Engine:
         stop = _Terminated("the pool was terminated before this task ended")
         for work in dropped:
             work.finish(False, stop)
+        self._wake()
 
     def cancel(self, works: Sequence[_Work], client: Client) -> set[_Work]:
         """Cancel work not yet running: unsent, or queued on the cluster. Returns what was cancelled
@@ -175,11 +178,9 @@ class _Engine:
             for work in works:
                 if work.job_id is None and work in self.outbox:
                     self.outbox.remove(work)
-                    work.submitted.set()
                     cancelled.add(work)
-        for work in works:
-            if work not in cancelled and work.job_id is None:
-                work.submitted.wait(10.0)  # being submitted this instant: its id comes within a round trip
+            # One being submitted this instant gets its id within a round trip.
+            self.cv.wait_for(lambda: all(w in cancelled or w.job_id is not None or w.done for w in works), 10.0)
         queued = {work.job_id: work for work in works if work not in cancelled and work.job_id is not None}
         if queued:
             outcome = client.cancel(list(queued), queued_only=True)
@@ -253,6 +254,7 @@ class _Engine:
                     raise
                 for work in batch:  # the master refused this submission (BadJobSpec): its tasks fail, not the pool
                     work.finish(False, exc)
+                self._wake()
                 return client
 
     def _submit(self, client: Client, batch: list[_Work], more: bool) -> None:
@@ -274,8 +276,8 @@ class _Engine:
                 for job_id, work in zip(ids, group):
                     work.job_id = job_id
                     self.watching[job_id] = work
-                    work.submitted.set()
                 terminated = self.state == TERMINATE
+                self.cv.notify_all()  # a cancel() may be waiting for these ids
             if terminated:  # terminate() ran meanwhile, before these ids were known to it
                 client.cancel(ids)
                 return
@@ -287,14 +289,21 @@ class _Engine:
         self._settle(client.wait_outcomes(window, POLL_SECONDS))
 
     def _settle(self, outcomes: list[tuple[Any, ...]]) -> None:
-        for outcome in outcomes:
-            with self.cv:
-                work = self.watching.pop(outcome[0], None)
-                if not self.watching:
-                    self.cv.notify_all()
+        if not outcomes:
+            return
+        with self.cv:
+            pop = self.watching.pop
+            works = [pop(outcome[0], None) for outcome in outcomes]
+            if not self.watching:
+                self.cv.notify_all()
+        for outcome, work in zip(outcomes, works):
             if work is not None:
                 ok, value, state = _decode(outcome)
                 work.finish(ok, value if ok or state != CANCELLED else _Cancelled(value))
+
+    def _wake(self) -> None:
+        with self.cv:
+            self.cv.notify_all()
 
     def _fail_all(self, exc: Exception) -> None:
         with self.cv:
@@ -305,6 +314,7 @@ class _Engine:
             self.cv.notify_all()
         for work in works:
             work.finish(False, exc)
+        self._wake()
 
 
 class _Terminated(JobFailed):
@@ -418,21 +428,21 @@ class _Submitter:
         self._engine.put([work])
         return work
 
-    def _chunk(self, func: Any, chunk: Sequence[tuple[Any, ...]], settle: Settle) -> _Work:
-        """One chunk of calls as one open-ended job (imap's); it settles with the list of their values."""
+    def _chunk(self, func: Any, chunk: Sequence[tuple[Any, ...]], settle: Settle, key: int) -> _Work:
+        """One chunk of calls as one open-ended job (imap's); it settles with `key` and the list of their values."""
         template = self._template(func)
-        work = _Work(template, next(self._singles), None, self._payload(template, chunk), settle, len(chunk), True)
+        work = _Work(template, next(self._singles), None, self._payload(template, chunk), settle, key, len(chunk), True)
         self._engine.put([work])
         return work
 
-    def _chunks(self, func: Any, items: Sequence[tuple[Any, ...]], size: int,
-                settle_chunk: Callable[[int], Settle]) -> list[_Work]:
+    def _chunks(self, func: Any, items: Sequence[tuple[Any, ...]], size: int, settle: Settle) -> list[_Work]:
         """Work for every chunk of `items` (argument tuples), queued at once, named "NAME [i/n]"; chunk i
-        settles settle_chunk(i) with the list of its values."""
+        settles with key i and the list of its values."""
         template = self._template(func)
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        works = [_Work(template, i + 1, len(chunks), self._payload(template, chunk), settle_chunk(i), len(chunk), True)
-                 for i, chunk in enumerate(chunks)]
+        payload = self._payload
+        works = [_Work(template, n + 1, -(-len(items) // size), payload(template, items[i : i + size]), settle, n,
+                       len(items[i : i + size]), True)
+                 for n, i in enumerate(range(0, len(items), size))]
         self._engine.put(works)
         return works
 
@@ -468,7 +478,7 @@ class AsyncResult:
             return self._value
         raise self._value
 
-    def _set(self, ok: bool, value: Any) -> None:
+    def _set(self, key: int, ok: bool, value: Any) -> None:
         if isinstance(value, _Cancelled):
             value = value.error
         self._success, self._value = ok, value
@@ -487,25 +497,23 @@ class MapResult(AsyncResult):
         self._left = chunks
         self._lock = threading.Lock()
         if chunks == 0:
-            self._set(True, [])
+            self._set(0, True, [])
 
-    def _settle_chunk(self, index: int) -> Settle:
-        def settle(ok: bool, value: Any) -> None:
-            with self._lock:
-                if self._event.is_set() or self._left == 0:
-                    return
-                if not ok:
-                    self._left = 0
-                else:
-                    self._parts[index] = value
-                    self._left -= 1
-                    if self._left:
-                        return
-            if ok:
-                self._set(True, [v for part in self._parts for v in part or ()])
+    def _set_chunk(self, index: int, ok: bool, value: Any) -> None:
+        with self._lock:
+            if self._event.is_set() or self._left == 0:
+                return
+            if not ok:
+                self._left = 0
             else:
-                self._set(False, value)  # the first failure ends the map (the other chunks still run)
-        return settle
+                self._parts[index] = value
+                self._left -= 1
+                if self._left:
+                    return
+        if ok:
+            self._set(0, True, [v for part in self._parts for v in part or ()])
+        else:
+            self._set(0, False, value)  # the first failure ends the map (the other chunks still run)
 
 
 class IMapIterator:
@@ -544,20 +552,18 @@ class IMapIterator:
                     self._exhausted = True
                     return
                 self._owner._check_running()
-                self._owner._chunk(self._func, chunk, self._settle(self._sent))
+                self._owner._chunk(self._func, chunk, self._set_chunk, self._sent)
             except Exception as exc:  # noqa: BLE001 - the iterable (or an argument that will not pickle) failed here
                 self._source_error, self._exhausted = exc, True
                 return
             self._sent += 1
 
-    def _settle(self, index: int) -> Settle:
-        def settle(ok: bool, value: Any) -> None:
-            if isinstance(value, _Cancelled):
-                value = value.error
-            with self._cond:
-                self._done[index] = (ok, value)
-                self._cond.notify_all()
-        return settle
+    def _set_chunk(self, index: int, ok: bool, value: Any) -> None:
+        if isinstance(value, _Cancelled):
+            value = value.error
+        with self._cond:
+            self._done[index] = (ok, value)
+            self._cond.notify_all()
 
     def next(self, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -652,7 +658,7 @@ class Pool(_Submitter):
             return MapResult(0, callback, error_callback)
         size = self._chunk_limit(func, self._chunksize(len(items), chunksize))
         result = MapResult(-(-len(items) // size), callback, error_callback)
-        self._chunks(func, items, size, result._settle_chunk)
+        self._chunks(func, items, size, result._set_chunk)
         return result
 
     def imap(self, func: Any, iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
@@ -688,6 +694,11 @@ class Pool(_Submitter):
         self._check_running()
         return self
 
+    def __del__(self) -> None:
+        # Forgotten while running: its engine finishes what was submitted, then its thread ends.
+        if getattr(self, "_state", None) == RUN:
+            self._engine.close()
+
     def __exit__(self, *exc: object) -> None:
         self.terminate()
 
@@ -719,7 +730,7 @@ class _JobFuture(concurrent.futures.Future[Any]):
         self.set_running_or_notify_cancel()  # CANCELLED_AND_NOTIFIED: wait() and as_completed() see it
         return True
 
-    def _settle(self, ok: bool, value: Any) -> None:
+    def _settle(self, key: int, ok: bool, value: Any) -> None:
         with self._condition:
             if self._state != "PENDING":
                 return  # cancelled here first
@@ -774,7 +785,7 @@ class Executor(_Submitter, concurrent.futures.Executor):
         if items:
             size = self._chunk_limit(fn, chunksize)
             futures = [_JobFuture(self) for _ in range(-(-len(items) // size))]
-            works = self._chunks(fn, items, size, lambda i: futures[i]._settle)
+            works = self._chunks(fn, items, size, lambda i, ok, value: futures[i]._settle(i, ok, value))
             for future, work in zip(futures, works):
                 future._work = work
         return self._results(futures, end)
@@ -795,6 +806,10 @@ class Executor(_Submitter, concurrent.futures.Executor):
 
     def _cancel(self, works: Sequence[_Work]) -> set[_Work]:
         return self._engine.cancel(works, self._client())
+
+    def __del__(self) -> None:
+        if getattr(self, "_engine", None) is not None and not getattr(self, "_shutdown", True):
+            self._engine.close()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._shutdown = True
