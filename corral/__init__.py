@@ -34,4 +34,18 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'corral' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("corral.console"):
+            raise
+        # On an agent's host (the zipapp carries corral.agent only): a job's module may still say
+        # `from corral import Pool` at its top; only using it here is an error.
+        return _elsewhere(name)
+
+
+def _elsewhere(name: str) -> Any:
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError(f"corral.{name} needs corral's console side, which this host (an agent's) does not have")
+    unavailable.__name__ = unavailable.__qualname__ = name
+    return unavailable

@@ -20,6 +20,8 @@ TASK = '''
 import os
 import sys
 
+from corral import Pool  # noqa: F401 - the agent's host has no corral.console: importing the name still works
+
 import {helper} as helper
 
 
