@@ -234,6 +234,7 @@ def prune(directory: Path, keep: str, limit: int = KEEP_BUNDLES) -> None:
 # What this module put at the front of sys.path for the current job, and which modules were loaded before.
 _active: Tuple[str, ...] = ()
 _before: FrozenSet[str] = frozenset()
+_last: Tuple[Optional[str], Optional[str]] = (None, None)  # (CORRAL_CODE, cwd) of the job before
 _NEVER_SHADOWED = frozenset({"corral", "__main__", "__mp_main__"}) | frozenset(sys.builtin_module_names)
 
 
@@ -250,8 +251,12 @@ def enter(task: Task) -> bool:
     """Make sys.path start with this job's entries; True when what is importable changed. The modules
     the previous job's entries brought in are forgotten first, so no job sees another's code; the
     agent's own modules (loaded before any job) are never touched."""
-    global _active, _before
-    entries = job_entries(task) if (task.env or task.cwd) else ()
+    global _active, _before, _last
+    key = (task.env.get(CODE_ENV) if task.env else None, task.cwd)
+    if key == _last:
+        return False  # the hot path: the same code and cwd as the job before (a map's jobs)
+    _last = key
+    entries = job_entries(task) if key != (None, None) else ()
     if entries == _active:
         return False
     if _active:

@@ -144,7 +144,8 @@ class Client:
         """Like Pool.map over the cluster: func(x) for each x, results in order.
 
         One spec travels with the payloads; a small map is submitted, run and answered in a single
-        round trip. Its jobs are one batch, named "map-N [i/n]" unless `name` is given.
+        round trip. Its jobs are one batch and share one name ("map-N" unless `name` is given; no index
+        per job, which would cost the master per job: Pool.map has those).
         JobFailed if a job does not end done; MapTimeout if `timeout` passes first."""
         call, options = self.prepare_call(func, ship, options)
         template = JobSpec(func=call.name, **options).to_wire()
@@ -161,7 +162,6 @@ class Client:
         outcomes: dict[int, Outcome] = {}
         for start in range(0, len(payloads), SUBMIT_BATCH):
             last = start + SUBMIT_BATCH >= len(payloads)
-            template["batch"] = [start + 1, len(payloads)]
             new_ids, finished = self._call("submit_map", template, payloads[start : start + SUBMIT_BATCH],
                                            WAIT_POLL_SECONDS if last else 0.0)
             ids += new_ids
