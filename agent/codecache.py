@@ -167,11 +167,13 @@ class CodeCache:
         if not is_digest(digest):
             return f"{CODE_ENV}={str(digest)[:80]!r} does not name a code bundle (a sha256 hex digest)"
         target = bundle_dir(digest, self.directory)
-        if target.is_dir():
-            _touch(target)
-            return ""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            if not self.checked:
+                own_directory(self.directory)
+                self.checked = True
+            if target.is_dir():
+                _touch(target)
+                return ""
             with open(self.directory / f"{digest}.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # another agent on this host may be fetching it right now
                 if not target.is_dir():
@@ -185,6 +187,16 @@ class CodeCache:
             return f"cannot get the job's shipped code {digest[:12]}: {type(exc).__name__}: {exc}"
         prune(self.directory, keep=digest)
         return ""
+
+
+def own_directory(directory: Path) -> None:
+    """Make the cache directory (0700), or check that it is ours and no one else can write to it: what is
+    in it runs as code, unchecked once unpacked (as ssh's StrictModes, a directory of another user's is refused)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise BadBundle(f"the code cache {directory} is not this user's alone (owner uid {info.st_uid},"
+                        f" mode {info.st_mode & 0o777:o}); refusing to run code from it")
 
 
 def unpack(files: List[Tuple[str, bytes]], target: Path) -> None:

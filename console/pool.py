@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]  # public since 3.4, not in typeshed
 from pathlib import Path
@@ -534,6 +535,8 @@ class IMapIterator:
         self._taken = 0  # chunks handed out (in order for imap)
         self._source_error: BaseException | None = None
         self._exhausted = False
+        self._reading = threading.Lock()  # the caller's next() and the pool's close() may both read the iterable
+        owner._imaps.add(self)
         self._fill()
 
     def __iter__(self) -> "IMapIterator":
@@ -542,21 +545,24 @@ class IMapIterator:
     def __next__(self) -> Any:
         return self.next()
 
-    def _fill(self) -> None:
-        """Submit chunks until READ_AHEAD are out, reading the iterable in the caller's thread."""
-        ahead = 2 * self._owner._workers()
-        while not self._exhausted and self._sent - self._taken < ahead:
-            try:
-                chunk = [tuple(x) if self._star else (x,) for x in itertools.islice(self._source, self._chunksize)]
-                if not chunk:
-                    self._exhausted = True
+    def _fill(self, everything: bool = False) -> None:
+        """Submit chunks until two per slot are out (or, closing the pool, all of them), reading the iterable
+        in the calling thread."""
+        with self._reading:
+            ahead = None if everything else 2 * self._owner._workers()
+            while not self._exhausted and (ahead is None or self._sent - self._taken < ahead):
+                try:
+                    chunk = [tuple(x) if self._star else (x,) for x in itertools.islice(self._source, self._chunksize)]
+                    if not chunk:
+                        self._exhausted = True
+                        return
+                    if self._owner._state == TERMINATE:
+                        raise ValueError("Pool not running")
+                    self._owner._chunk(self._func, chunk, self._set_chunk, self._sent)
+                except Exception as exc:  # noqa: BLE001 - the iterable (or an argument that will not pickle) failed here
+                    self._source_error, self._exhausted = exc, True
                     return
-                self._owner._check_running()
-                self._owner._chunk(self._func, chunk, self._set_chunk, self._sent)
-            except Exception as exc:  # noqa: BLE001 - the iterable (or an argument that will not pickle) failed here
-                self._source_error, self._exhausted = exc, True
-                return
-            self._sent += 1
+                self._sent += 1
 
     def _set_chunk(self, index: int, ok: bool, value: Any) -> None:
         if isinstance(value, _Cancelled):
@@ -609,6 +615,7 @@ class Pool(_Submitter):
     def __init__(self, processes: int | None = None, *, home: Path | str | None = None, tags: Sequence[str] = (),
                  ship: Sequence[Any] | None = None, timeout: float | None = None, name: str | None = None) -> None:
         super().__init__(processes, Path(home) if home is not None else None, tags, ship, timeout, name)
+        self._imaps: weakref.WeakSet[IMapIterator] = weakref.WeakSet()
         self._state = RUN
 
     def __repr__(self) -> str:
@@ -670,9 +677,12 @@ class Pool(_Submitter):
         return IMapIterator(self, func, iterable, chunksize, star=False, ordered=False)
 
     def close(self) -> None:
-        """No more tasks; those submitted run to their end (join() waits for them)."""
+        """No more tasks; those submitted run to their end (join() waits for them). An imap still being read
+        has the rest of its iterable read and submitted now, as multiprocessing's task handler would."""
         if self._state == RUN:
             self._state = CLOSE
+            for it in list(self._imaps):
+                it._fill(everything=True)
             self._engine.close()
 
     def terminate(self) -> None:

@@ -187,6 +187,15 @@ def test_imap_next_timeout(pool: Pool, tasks: types.ModuleType) -> None:  # noqa
         pool.imap(tasks.identity, [], 1).next(timeout=1)
 
 
+def test_an_imap_still_being_read_completes_after_close_and_join(pool_cluster: Cluster, tasks: types.ModuleType) -> None:  # noqa: F811
+    p = Pool(2, home=pool_cluster.home)
+    it = p.imap(tasks.sqr, range(100))  # lazily read: only a few chunks are out yet
+    assert next(it) == 0
+    p.close()  # reads the rest now, as multiprocessing's task handler would have
+    p.join()
+    assert list(it) == [x * x for x in range(1, 100)]
+
+
 def test_imap_unordered(pool: Pool, tasks: types.ModuleType) -> None:  # noqa: F811
     assert sorted(pool.imap_unordered(tasks.sqr, list(range(10)))) == [x * x for x in range(10)]
     assert sorted(pool.imap_unordered(tasks.sqr, list(range(1000)), chunksize=100)) == [x * x for x in range(1000)]

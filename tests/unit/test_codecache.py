@@ -143,3 +143,23 @@ def test_a_jobs_code_leads_sys_path_and_is_forgotten_after(tmp_path: Path, monke
         for name in ("shipped_mod_xyz", "cwd_mod_xyz"):
             sys.modules.pop(name, None)
     assert os.getcwd()
+
+
+def test_a_cache_directory_others_can_write_to_is_refused(tmp_path: Path) -> None:
+    files = [("m.py", b"X = 1\n")]
+    digest = bundle_digest(files)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    unpack(files, shared / digest)  # planted by someone who could write there
+    ready, failed = codecache.CodeCache(lambda d: make_zip(dict(files)), shared).prepare([tuple(task({CODE_ENV: digest}))])
+    assert not ready and "is not this user's alone" in failed[0][7]
+    if os.geteuid() == 0:  # and one owned by another user
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        os.chown(other, 65534, 65534)
+        ready, failed = codecache.CodeCache(lambda d: b"", other).prepare([tuple(task({CODE_ENV: digest}))])
+        assert not ready and "owner uid 65534" in failed[0][7]
+    fresh = tmp_path / "fresh" / "code"
+    ready, _ = codecache.CodeCache(lambda d: make_zip(dict(files)), fresh).prepare([tuple(task({CODE_ENV: digest}))])
+    assert ready and fresh.stat().st_mode & 0o777 == 0o700
