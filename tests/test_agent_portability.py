@@ -65,3 +65,28 @@ def test_agent_runs_jobs_under_python_3_8(cluster: Cluster) -> None:
         timed = c.submit_command("sleep 20", timeout=0.5)
         assert c.wait([shell, call, timed], timeout=30) == {shell: "done", call: "done", timed: "timeout"}
         assert c.values([call]) == [8]
+
+
+@pytest.mark.skipif(_python38() is None, reason="no Python 3.8 interpreter on this machine (pyenv 3.8 not installed)")
+def test_shipped_code_and_pool_chunks_run_under_python_3_8(cluster: Cluster, tmp_path: Path) -> None:
+    from corral import Pool
+    from tests.cluster import wait_for
+    from tests.shipkit import forget, import_from, write_module
+
+    log = open(cluster.logs / "agent-py38.log", "ab")
+    proc = subprocess.Popen([_python38(), "-m", "corral.agent", "-v", "--name", "py38", "--slots", "2", "--tags", "old"],
+                            env=cluster.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    cluster.agents["py38"] = proc
+    with cluster.client() as c:
+        wait_for(lambda: any(a["name"] == "py38" for a in c.agents()), what="the 3.8 agent to register")
+    write_module(tmp_path, "py38_helper", "def twice(x):\n    return 2 * x\n")
+    write_module(tmp_path, "py38_task", "import sys\nimport py38_helper\n\ndef f(x):\n"
+                 "    return py38_helper.twice(x), sys.version_info[:2]\n\ndef boom():\n    raise KeyError('k')\n")
+    module = import_from(tmp_path, "py38_task")
+    try:
+        with Pool(home=cluster.home, tags=["old"]) as p:
+            assert p.map(module.f, range(6), chunksize=3) == [(2 * x, (3, 8)) for x in range(6)]
+            with pytest.raises(KeyError):
+                p.apply(module.boom)
+    finally:
+        forget("py38_task", "py38_helper")

@@ -282,3 +282,13 @@ def test_a_failed_task_whose_exception_cannot_come_back_is_jobfailed(pool_cluste
         assert "raise Odd(1, 2)" in caught.value.__cause__.tb
     finally:
         forget(name)
+
+
+def test_corral_show_json_of_a_failed_callable_has_no_value(pool_cluster: Cluster, tasks: types.ModuleType) -> None:  # noqa: F811
+    import json
+
+    with Client(home=pool_cluster.home) as c:
+        job = c.submit_call(tasks.raising)
+        assert c.wait([job], 30) == {job: "failed"}
+    shown = json.loads(pool_cluster.corral("show", str(job), "--json").stdout)
+    assert shown["state"] == "failed" and shown["value"] is None and "KeyError" in shown["error"]
