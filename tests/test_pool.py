@@ -353,6 +353,9 @@ def test_a_batch_is_named_and_cancelled_as_a_group(pool_cluster: Cluster, tasks:
             assert done.stdout.startswith(f"{p.name}: ") and "cancelled" in done.stdout
             with pytest.raises(JobFailed, match="cancelled"):
                 result.get(timeout=15)
+    for usage in (("cancel",), ("cancel", "5", "--batch", p.name)):
+        done = pool_cluster.corral(*usage)
+        assert done.returncode == 2 and done.stderr.startswith("corral cancel: give job ids or --batch NAME")
     missing = pool_cluster.corral("cancel", "--batch", "pool-999999")
     assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
     assert "no queued or running job belongs to batch 'pool-999999'" in missing.stderr
