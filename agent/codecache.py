@@ -16,7 +16,7 @@ import uuid
 import zipfile
 from multiprocessing.managers import BaseManager
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from .connection import SERIALIZER
 from .errors import CorralError
@@ -129,24 +129,21 @@ def fetch(address: Tuple[str, int], authkey: bytes, digest: str) -> bytes:
 class CodeCache:
     """The agent's side: before tasks reach the pool, every bundle they name is on this host's disk."""
 
-    def __init__(self, fetch: Callable[[str], bytes], fail: Callable[[List[JobResult]], None],
-                 directory: Optional[Path] = None, verbose: bool = False) -> None:
+    def __init__(self, fetch: Callable[[str], bytes], directory: Optional[Path] = None, verbose: bool = False) -> None:
         self.fetch = fetch
-        self.fail = fail  # where the results of tasks whose code cannot be had go (the agent's outbox)
         self.directory = directory or CACHE_DIR
         self.verbose = verbose
         self.checked = False  # the directory is ours (made or checked once)
 
-    def prepare(self, tasks: List[Task]) -> List[Task]:
-        """The tasks ready to run; those whose code could not be had fail (to `fail`), with the reason.
-        Each bundle is fetched at most once, however many tasks need it (the take loop is one thread;
+    def prepare(self, tasks: List[Task]) -> Tuple[List[Task], List[JobResult]]:
+        """(tasks ready to run, failed results for tasks whose code could not be had). Each bundle is fetched at most once, however many tasks need it (the take loop is one thread;
         a lock file keeps other agents on this host from fetching it too)."""
         wanted: Dict[str, str] = {}
         for task in tasks:
             if task.env and CODE_ENV in task.env:
                 wanted.setdefault(task.env[CODE_ENV], "")
         if not wanted:
-            return tasks
+            return tasks, []
         for digest in wanted:
             wanted[digest] = self.ensure(digest)
         ready, failed = [], []
@@ -158,9 +155,7 @@ class CodeCache:
                                         started=now, ended=now))
             else:
                 ready.append(task)
-        if failed:
-            self.fail(failed)
-        return ready
+        return ready, failed
 
     def ensure(self, digest: str) -> str:
         """"" once the bundle is unpacked here; else why it cannot be (the job's error)."""

@@ -83,7 +83,7 @@ class Agent:
         self.stop_signals = 0
         # Shipped code: fetched from the master before a task that needs it reaches the pool.
         self.code = codecache.CodeCache(lambda digest: codecache.fetch(self.address, self.authkey, digest),
-                                        self._queue_results, verbose=verbose)
+                                        verbose=verbose)
 
     # ---- signals: handlers only set flags; the loops act -------------------------------
 
@@ -273,7 +273,11 @@ def _received(pool: JobPool, code: codecache.CodeCache, rows: List[Tuple[Any, ..
     if cancel:
         pool.cancel(cancel)
     if rows:
-        pool.accept(code.prepare([Task._make(row) for row in rows]))
+        ready, failed = code.prepare([Task._make(row) for row in rows])
+        if failed:
+            pool.report(failed)  # never held: straight to the outbox, with why their code is missing
+        if ready:
+            pool.accept(ready)
 
 
 def next_name(name: str) -> str:

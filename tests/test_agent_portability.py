@@ -6,6 +6,7 @@ import ast
 import glob
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 

@@ -12,7 +12,7 @@ import pytest
 from corral import Executor, Pool
 from tests.cluster import Cluster
 from tests.shipkit import forget, import_from, write_module
-from tests.sshhosts import SshLab, lab, ssh_cluster  # noqa: F401 (fixtures)
+from scripts.sshlab import SshLab
 
 pytestmark = pytest.mark.sshd
 

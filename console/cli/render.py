@@ -154,7 +154,8 @@ def jsonable(record: Record) -> Record:
     out = {k: v for k, v in record.items() if k not in ("payload", "value", "attempt_list")}
     if "value" in record:
         # Only a done job's value is its return value (a failed callable's is how to re-raise it, for Pool).
-        out["value"] = _json_value(record["value"]) if record.get("state") == JobState.DONE.value else None
+        ended_otherwise = record.get("state", JobState.DONE.value) != JobState.DONE.value
+        out["value"] = None if ended_otherwise else _json_value(record["value"])
     if "attempt_list" in record:
         out["attempts_detail"] = [dict(a, counted=bool(a["counted"])) for a in record["attempt_list"]]
     return out

@@ -106,8 +106,8 @@ def test_a_bundle_is_fetched_once_and_a_bad_one_fails_its_tasks(tmp_path: Path) 
 
     cache = codecache.CodeCache(fetch, tmp_path / "cache")
     bad = "0" * 64
-    rows = [tuple(task({CODE_ENV: d})._replace(job_id=i)) for i, d in enumerate([digest, digest, bad, digest])]
-    ready, failed = cache.prepare(rows + [tuple(task()._replace(job_id=9))])
+    rows = [task({CODE_ENV: d})._replace(job_id=i) for i, d in enumerate([digest, digest, bad, digest])]
+    ready, failed = cache.prepare(rows + [task()._replace(job_id=9)])
     assert [r[0] for r in ready] == [0, 1, 3, 9] and [f[0] for f in failed] == [2]
     assert "not a readable zip" in failed[0][7]
     assert fetched == [digest, bad]
@@ -152,14 +152,14 @@ def test_a_cache_directory_others_can_write_to_is_refused(tmp_path: Path) -> Non
     shared.mkdir(mode=0o777)
     os.chmod(shared, 0o777)
     unpack(files, shared / digest)  # planted by someone who could write there
-    ready, failed = codecache.CodeCache(lambda d: make_zip(dict(files)), shared).prepare([tuple(task({CODE_ENV: digest}))])
+    ready, failed = codecache.CodeCache(lambda d: make_zip(dict(files)), shared).prepare([task({CODE_ENV: digest})])
     assert not ready and "is not this user's alone" in failed[0][7]
     if os.geteuid() == 0:  # and one owned by another user
         other = tmp_path / "other"
         other.mkdir(mode=0o700)
         os.chown(other, 65534, 65534)
-        ready, failed = codecache.CodeCache(lambda d: b"", other).prepare([tuple(task({CODE_ENV: digest}))])
+        ready, failed = codecache.CodeCache(lambda d: b"", other).prepare([task({CODE_ENV: digest})])
         assert not ready and "owner uid 65534" in failed[0][7]
     fresh = tmp_path / "fresh" / "code"
-    ready, _ = codecache.CodeCache(lambda d: make_zip(dict(files)), fresh).prepare([tuple(task({CODE_ENV: digest}))])
+    ready, _ = codecache.CodeCache(lambda d: make_zip(dict(files)), fresh).prepare([task({CODE_ENV: digest})])
     assert ready and fresh.stat().st_mode & 0o777 == 0o700
