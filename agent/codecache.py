@@ -21,7 +21,6 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 from .connection import SERIALIZER
 from .errors import CorralError
 from .protocol import (
-    CODE_ENV,
     CODE_TYPEID,
     MAX_BUNDLE_BYTES,
     MAX_BUNDLE_FILES,
@@ -136,12 +135,10 @@ class CodeCache:
         self.checked = False  # the directory is ours (made or checked once)
 
     def prepare(self, tasks: List[Task]) -> Tuple[List[Task], List[JobResult]]:
-        """(tasks ready to run, failed results for tasks whose code could not be had). Each bundle is fetched at most once, however many tasks need it (the take loop is one thread;
-        a lock file keeps other agents on this host from fetching it too)."""
-        wanted: Dict[str, str] = {}
-        for task in tasks:
-            if task.env and CODE_ENV in task.env:
-                wanted.setdefault(task.env[CODE_ENV], "")
+        """(tasks ready to run, failed results for tasks whose code could not be had). Each bundle is
+        fetched at most once, however many tasks need it (the take loop is one thread; a lock file keeps
+        other agents on this host from fetching it too)."""
+        wanted: Dict[str, str] = {task.code: "" for task in tasks if task.code is not None}
         if not wanted:
             return tasks, []
         for digest in wanted:
@@ -149,7 +146,7 @@ class CodeCache:
         ready, failed = [], []
         now = time.time()
         for task in tasks:
-            problem = wanted.get(task.env[CODE_ENV], "") if task.env and CODE_ENV in task.env else ""
+            problem = wanted[task.code] if task.code is not None else ""
             if problem:
                 failed.append(JobResult(task.job_id, task.attempt, JobState.FAILED.value, error=problem,
                                         started=now, ended=now))
@@ -160,7 +157,7 @@ class CodeCache:
     def ensure(self, digest: str) -> str:
         """"" once the bundle is unpacked here; else why it cannot be (the job's error)."""
         if not is_digest(digest):
-            return f"{CODE_ENV}={str(digest)[:80]!r} does not name a code bundle (a sha256 hex digest)"
+            return f"code {str(digest)[:80]!r} does not name a code bundle (a sha256 hex digest)"
         target = bundle_dir(digest, self.directory)
         try:
             if not self.checked:
@@ -241,13 +238,13 @@ def prune(directory: Path, keep: str, limit: int = KEEP_BUNDLES) -> None:
 # What this module put at the front of sys.path for the current job, and which modules were loaded before.
 _active: Tuple[str, ...] = ()
 _before: FrozenSet[str] = frozenset()
-_last: Tuple[Optional[str], Optional[str]] = (None, None)  # (CORRAL_CODE, cwd) of the job before
+_last: Tuple[Optional[str], Optional[str]] = (None, None)  # (code, cwd) of the job before
 _NEVER_SHADOWED = frozenset({"corral", "__main__", "__mp_main__"}) | frozenset(sys.builtin_module_names)
 
 
 def job_entries(task: Task) -> Tuple[str, ...]:
     """What goes at the front of a callable job's sys.path: its shipped code, then its cwd."""
-    digest = task.env.get(CODE_ENV) if task.env else None
+    digest = task.code
     entries: Tuple[str, ...] = (str(bundle_dir(digest)),) if digest and is_digest(digest) else ()
     if task.cwd:
         entries += (os.path.abspath(task.cwd),)
@@ -259,7 +256,7 @@ def enter(task: Task) -> bool:
     the previous job's entries brought in are forgotten first, so no job sees another's code; the
     agent's own modules (loaded before any job) are never touched."""
     global _active, _before, _last
-    key = (task.env.get(CODE_ENV) if task.env else None, task.cwd)
+    key = (task.code, task.cwd)
     if key == _last:
         return False  # the hot path: the same code and cwd as the job before (a map's jobs)
     _last = key
@@ -273,7 +270,7 @@ def enter(task: Task) -> bool:
                 sys.path.remove(entry)
     _before = frozenset(sys.modules) if entries else frozenset()
     sys.path[:0] = entries
-    digest = task.env.get(CODE_ENV) if task.env else None
+    digest = task.code
     if entries and digest and entries[0] == str(bundle_dir(digest)):
         # A module of the same name loaded from elsewhere (the agent's own path) must not shadow the shipped one.
         for name in _top_names(entries[0]):
@@ -306,9 +303,8 @@ def _forget(entries: Tuple[str, ...], before: FrozenSet[str]) -> None:
             del sys.modules[name]
 
 
-def shell_env(env: Dict[str, str]) -> Dict[str, str]:
-    """A shell job's environment with its shipped code at the front of PYTHONPATH."""
-    digest = env.get(CODE_ENV)
+def shell_env(env: Dict[str, str], digest: Optional[str]) -> Dict[str, str]:
+    """A shell job's environment with its shipped code (bundle `digest`) at the front of PYTHONPATH."""
     if not digest or not is_digest(digest):
         return env
     rest = env.get("PYTHONPATH")

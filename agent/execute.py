@@ -155,7 +155,7 @@ def _run_shell(task: Task, started: float) -> JobResult:
     env.update(task.env)
     env["CORRAL_JOB_ID"] = str(task.job_id)
     env["CORRAL_ATTEMPT"] = str(task.attempt)
-    env = codecache.shell_env(env)
+    env = codecache.shell_env(env, task.code)
     try:
         proc = subprocess.Popen(
             ["/bin/sh", "-c", task.command or ""],

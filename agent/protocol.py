@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 # Bump when a wire record changes shape or meaning; master and agent compare it at register().
-# 2: shipped code (CODE_ENV, CODE_TYPEID), chunked calls (CHUNK_CALL), a failed callable's value.
+# 2: shipped code (JobSpec.code, Task.code, CODE_TYPEID), chunked calls (CHUNK_CALL), a failed callable's value.
 PROTOCOL_VERSION = 2
 
 # The one name registered on the master's BaseManager; its methods are the API.
@@ -18,10 +18,9 @@ OUTPUT_TAIL_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024
 
 # ---- shipped code (see agent/codecache.py, console/ship.py, console/master/codestore.py) --------------
-# A job whose env names a code bundle (CORRAL_CODE=<sha256 hex>) runs with that bundle at the front of
-# its sys.path (and of PYTHONPATH for a shell job): the agent fetches it from the master once, checks
-# its hash and caches it on its host. The master serves bundles under this name, beside the scheduler.
-CODE_ENV = "CORRAL_CODE"
+# A job whose `code` names a bundle (the sha256 hex digest of its files) runs with that bundle at the
+# front of its sys.path (and of PYTHONPATH for a shell job): the agent fetches it from the master once,
+# checks its hash and caches it on its host. The master serves bundles under this name, beside the scheduler.
 CODE_TYPEID = "get_code_store"
 # What one bundle may hold: its zip as sent, its files, and their size unpacked.
 MAX_BUNDLE_BYTES = 8 * 1024 * 1024
@@ -76,6 +75,8 @@ class JobSpec:
     timeout: Optional[float] = None
     retries: int = 0
     tags: Tuple[str, ...] = ()
+    # The code bundle shipped with the job (its sha256 hex digest; see agent/codecache.py), or None.
+    code: Optional[str] = None
 
     def to_wire(self) -> Dict[str, Any]:
         return {
@@ -89,6 +90,7 @@ class JobSpec:
             "timeout": self.timeout,
             "retries": self.retries,
             "tags": list(self.tags),
+            "code": self.code,
         }
 
 
@@ -103,6 +105,7 @@ class Task(NamedTuple):
     env: Dict[str, str]
     cwd: Optional[str]
     timeout: Optional[float]
+    code: Optional[str] = None  # the job's shipped code bundle (a sha256 hex digest), if any
 
 
 class JobResult(NamedTuple):

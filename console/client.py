@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence, cast
 
 from corral.agent.connection import SERIALIZER
 from corral.agent.errors import CorralError
-from corral.agent.protocol import CODE_ENV, CODE_TYPEID, SCHEDULER_TYPEID, JobSpec, JobState
+from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID, JobSpec, JobState
 
 from . import ship as shipping
 from .batches import batch_name, in_batch
@@ -189,14 +189,14 @@ class Client:
 
     def prepare_call(self, func: str | Callable[..., Any], ship: Sequence[Any] | None = None,
                      options: dict[str, Any] | None = None) -> tuple[Call, dict[str, Any]]:
-        """The Call of `func`, and job options naming the code it needs shipped: the module of a function
-        object that agents cannot import (and `ship`'s modules and folders), sent to the master once."""
+        """The Call of `func`, and job options naming the code it needs shipped (`code`): the module of a
+        function object that agents cannot import (and `ship`'s modules and folders), sent to the master once."""
         call = describe(func)
         options = dict(options or {})
         bundle = shipping.bundle_for(call, ship)
         if bundle is not None:
             self.ship(bundle)
-            options["env"] = {**dict(options.get("env") or {}), CODE_ENV: bundle.digest}
+            options["code"] = bundle.digest
         return call, options
 
     def ship(self, bundle: shipping.Bundle) -> None:

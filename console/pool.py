@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from corral.agent.errors import BadJobSpec, CorralError
-from corral.agent.protocol import CHUNK_CALL, CODE_ENV, MAX_PAYLOAD_BYTES, JobSpec, JobState
+from corral.agent.protocol import CHUNK_CALL, MAX_PAYLOAD_BYTES, JobSpec, JobState
 
 from . import ship as shipping
 from .batches import batch_name
@@ -373,11 +373,11 @@ class _Submitter:
         if cached is not None:
             return cached
         call = describe(func)
-        wire = JobSpec(func=call.name, name=self.name, tags=self._tags, timeout=self._timeout).to_wire()
         bundle = shipping.bundle_for(call, self._ship)
         if bundle is not None:
             self._client().ship(bundle)
-            wire["env"] = {CODE_ENV: bundle.digest}
+        wire = JobSpec(func=call.name, name=self.name, tags=self._tags, timeout=self._timeout,
+                       code=bundle.digest if bundle is not None else None).to_wire()
         template = _Template(call, wire)
         try:
             self._templates[func] = template

@@ -18,6 +18,7 @@ import pytest
 
 from corral import Client, Pool
 from corral.agent.codecache import BadBundle, bundle_digest
+from corral.agent.errors import BadJobSpec
 from corral.agent.protocol import MAX_BUNDLE_UNPACKED
 from corral.console.errors import CannotShip, JobFailed
 from tests.cluster import Cluster
@@ -168,6 +169,22 @@ def test_corral_call_ship_and_cwd(pool_cluster: Cluster, tmp_path: Path) -> None
     assert "25" in shell.stdout
 
 
+def test_the_shipped_code_is_the_jobs_code_field_not_its_environment(pool_cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
+    import json
+
+    name = unique("fieldtask")
+    write_module(tmp_path / "src", name, "import os\n\ndef env():\n    return sorted(k for k in os.environ if k.startswith('CORRAL_C'))\n")
+    queued = pool_cluster.corral("call", "--ship", str(tmp_path / "src"), f"{name}:env")
+    assert queued.returncode == 0, queued.stderr
+    job = int(queued.stdout.strip())
+    with Client(home=pool_cluster.home) as c:
+        assert c.wait([job], 30) == {job: "done"} and c.values([job]) == [[]]  # nothing in the job's environment
+    shown = json.loads(pool_cluster.corral("show", str(job), "--json").stdout)
+    digest = bundle_digest([(f"{name}.py", (tmp_path / "src" / f"{name}.py").read_bytes())])
+    assert shown["code"] == digest and shown["env"] == {}
+    assert f"code      {digest} (shipped)" in pool_cluster.corral("show", str(job)).stdout
+
+
 def test_shipping_over_the_limits_is_refused_with_one_line(pool_cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
     big = tmp_path / "big"
     big.mkdir()
@@ -245,7 +262,7 @@ def test_concurrent_jobs_needing_a_new_bundle_fetch_it_once_per_host(pool_cluste
     module = import_from(tmp_path, name)
     try:
         with Pool(home=pool_cluster.home) as p:
-            digest = p._template(module.slow).wire["env"]["CORRAL_CODE"]
+            digest = p._template(module.slow).wire["code"]
             assert p.map(module.slow, range(40), chunksize=1) == list(range(40))
             with pool_cluster.client() as c:
                 agents = {j["agent"] for j in c.jobs(limit=40) if j["name"].startswith(p.name + " ")}
@@ -260,12 +277,14 @@ def test_concurrent_jobs_needing_a_new_bundle_fetch_it_once_per_host(pool_cluste
 def test_a_job_whose_bundle_is_gone_fails_with_the_reason(pool_cluster: Cluster, solo: str) -> None:  # noqa: F811
     missing = hashlib.sha256(b"never shipped").hexdigest()
     with Client(home=pool_cluster.home) as c:
-        job = c.submit([{"func": "nowhere:f", "env": {"CORRAL_CODE": missing}, "tags": [solo]}])[0]
+        job = c.submit([{"func": "nowhere:f", "code": missing, "tags": [solo]}])[0]
         assert c.wait([job], 30) == {job: "failed"}
         assert f"the master holds no code bundle {missing[:12]}" in c.job(job)["error"]
-        bad = c.submit([{"func": "nowhere:f", "env": {"CORRAL_CODE": "../../etc"}, "tags": [solo]}])[0]
-        assert c.wait([bad], 30) == {bad: "failed"}
-        assert "does not name a code bundle" in c.job(bad)["error"]
+        # A reference that is not a bundle's name is the job spec's fault: refused at submit, by the master too.
+        with pytest.raises(BadJobSpec, match="code must name a shipped code bundle"):
+            c.submit([{"func": "nowhere:f", "code": "../../etc", "tags": [solo]}])
+        with pytest.raises(BadJobSpec, match="code must name a shipped code bundle"):
+            c._call("submit", [{"func": "nowhere:f", "code": "../../etc", "tags": [solo]}])
     with Pool(home=pool_cluster.home, tags=[solo]) as p:  # the agent is fine
         assert p.apply(pow, (2, 3)) == 8
 

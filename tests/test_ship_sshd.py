@@ -44,7 +44,7 @@ def test_code_is_shipped_once_to_an_agent_on_a_real_sshd_host(ssh_cluster: Clust
     module = import_from(tmp_path / "mods", name)
     try:
         with Pool(home=ssh_cluster.home, tags=["far"]) as p:
-            digest = p._template(module.visit).wire["env"]["CORRAL_CODE"]
+            digest = p._template(module.visit).wire["code"]
             results = p.map(module.visit, range(6), chunksize=1)
             with ssh_cluster.client() as c:
                 agents = {j["agent"] for j in c.jobs(limit=20) if j["name"].startswith(p.name + " ")}

@@ -10,7 +10,7 @@ import sys
 from typing import Any, Sequence
 
 from corral.agent.errors import CorralError
-from corral.agent.protocol import CODE_ENV, JobSpec, JobState
+from corral.agent.protocol import JobSpec, JobState
 
 from ..client import Client
 from . import render
@@ -30,23 +30,25 @@ def _specs(args: argparse.Namespace, base: dict[str, Any]) -> list[JobSpec]:
 def _submit(args: argparse.Namespace, base: dict[str, Any]) -> int:
     """Submit --count jobs; print their ids, or with --wait their output, and exit as the worst of them."""
     with Client(home=args.home_path) as client:
-        _ship(client, args)
-        ids = client.submit(_specs(args, base))
+        code = _ship(client, args)
+        ids = client.submit(_specs(args, dict(base, code=code) if code else base))
         if not args.wait:
             print("\n".join(map(str, ids)))
             return 0
         return _wait_and_print(client, ids, None)
 
 
-def _ship(client: Client, args: argparse.Namespace) -> None:
-    """--ship DIR: the folders' code goes to the master as one bundle; the jobs' env names it."""
-    if args.ship:
-        from .. import ship
+def _ship(client: Client, args: argparse.Namespace) -> str | None:
+    """--ship DIR: the folders' code goes to the master as one bundle; its digest is the jobs' `code`."""
+    if not args.ship:
+        return None
+    from .. import ship
 
-        bundle = ship.build(ship.named_sources(args.ship))
-        if bundle is not None:
-            client.ship(bundle)
-            args.env = [*args.env, (CODE_ENV, bundle.digest)]
+    bundle = ship.build(ship.named_sources(args.ship))
+    if bundle is None:
+        return None
+    client.ship(bundle)
+    return bundle.digest
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -96,6 +96,8 @@ def job_detail(record: Record) -> str:
     if record["cwd"] or record["env"]:
         env = " ".join(f"{k}={v}" for k, v in record["env"].items())
         lines.append(f"  cwd       {record['cwd'] or '-'}   env {env or '-'}")
+    if record.get("code"):
+        lines.append(f"  code      {record['code']} (shipped)")
     lines.append(f"  submitted {clock(record['submitted'])}"
                  f"   exit {record['exit_code'] if record['exit_code'] is not None else '-'}")
     if record["func"] and record["value"] is not None:

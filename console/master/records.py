@@ -16,9 +16,9 @@ FINAL = frozenset(s.value for s in FINAL_STATES)
 RESULT_STATES = frozenset({DONE, FAILED, TIMEOUT, CANCELLED, RELEASED})  # what an agent may report
 
 # The wire form of one attempt, in agent.protocol.Task's field order:
-# (job_id, attempt, command, func, payload, env, cwd, timeout).
+# (job_id, attempt, command, func, payload, env, cwd, timeout, code).
 TaskTuple = Tuple[int, int, Optional[str], Optional[str], Optional[bytes], "dict[str, str]", Optional[str],
-                  Optional[float]]
+                  Optional[float], Optional[str]]
 
 
 class AgentState(str, enum.Enum):
@@ -40,21 +40,24 @@ class Job:
 
     __slots__ = (
         "id", "name", "command", "func", "payload", "env", "cwd", "priority", "timeout", "retries",
-        "tags", "state", "attempts", "failures", "lost", "agent", "submitted", "started",
+        "tags", "state", "attempts", "failures", "lost", "agent", "submitted", "started", "code",
     )
 
     def __init__(self, id: int, name: str, command: str | None, func: str | None, payload: bytes | None,
                  env: dict[str, str], cwd: str | None, priority: int, timeout: float | None, retries: int,
                  tags: frozenset[str], state: str = QUEUED, attempts: int = 0, failures: int = 0, lost: int = 0,
-                 agent: str | None = None, submitted: float = 0.0, started: float | None = None) -> None:
+                 agent: str | None = None, submitted: float = 0.0, started: float | None = None,
+                 code: str | None = None) -> None:
         self.id, self.name, self.command, self.func, self.payload = id, name, command, func, payload
         self.env, self.cwd, self.priority, self.timeout, self.retries = env, cwd, priority, timeout, retries
         self.tags, self.state, self.attempts, self.failures, self.lost = tags, state, attempts, failures, lost
         self.agent, self.submitted, self.started = agent, submitted, started
+        self.code = code  # the shipped code bundle's digest (agent/codecache.py), or None
 
     def task(self) -> TaskTuple:
         """The wire form of this job's current attempt (agent.protocol.Task, as a plain tuple)."""
-        return (self.id, self.attempts, self.command, self.func, self.payload, self.env, self.cwd, self.timeout)
+        return (self.id, self.attempts, self.command, self.func, self.payload, self.env, self.cwd, self.timeout,
+                self.code)
 
     @property
     def what(self) -> str:

@@ -73,7 +73,7 @@ class Scheduler:
         for row in self.journal.active_jobs():
             job = Job(row.id, row.name, row.command, row.func, row.payload, json.loads(row.env), row.cwd,
                       row.priority, row.timeout, row.retries, frozenset(json.loads(row.tags)), row.state,
-                      row.attempts, row.failures, row.lost, row.agent, row.submitted, row.started)
+                      row.attempts, row.failures, row.lost, row.agent, row.submitted, row.started, row.code)
             self.jobs[job.id] = job
             if job.state == QUEUED:
                 self._enqueue(job)
@@ -197,7 +197,8 @@ class Scheduler:
         no_tags: frozenset[str] = frozenset()
         # The records are made before the lock (dispatch need not wait on them); only ids are given under it.
         new = [Job(0, c.name, c.command, c.func, c.payload if payloads is None else payloads[i], c.env, c.cwd,
-                   c.priority, c.timeout, c.retries, frozenset(c.tags) if c.tags else no_tags, submitted=now)
+                   c.priority, c.timeout, c.retries, frozenset(c.tags) if c.tags else no_tags, submitted=now,
+                   code=c.code)
                for i, c in enumerate(checked)]
         with self.lock:
             first = self.next_id
@@ -205,7 +206,7 @@ class Scheduler:
                 job.id = first + i
             self.journal.write([(Journal.INSERT_JOB, [
                 (job.id, job.name, job.command, job.func, job.payload, encode_env(job.env), job.cwd, job.priority,
-                 job.timeout, job.retries, encode_tags(c.tags), now) for job, c in zip(new, checked)])])
+                 job.timeout, job.retries, encode_tags(c.tags), now, job.code) for job, c in zip(new, checked)])])
             self.next_id = first + total
             jobs, changes, seq = self.jobs, self.changes, self.seq
             for job in new:
@@ -267,7 +268,8 @@ class Scheduler:
                 raise UnknownJob(f"no job {job_id}")
             specs.append({"name": row.name, "command": row.command, "func": row.func, "payload": row.payload,
                           "env": json.loads(row.env), "cwd": row.cwd, "priority": row.priority,
-                          "timeout": row.timeout, "retries": row.retries, "tags": json.loads(row.tags)})
+                          "timeout": row.timeout, "retries": row.retries, "tags": json.loads(row.tags),
+                          "code": row.code})
         return self.submit(specs)
 
     def wait(self, ids: Any, timeout: float | None = 1.0) -> dict[int, str]:

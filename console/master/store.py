@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     ended     REAL,
     exit_code INTEGER,
     value     BLOB,
-    error     TEXT
+    error     TEXT,
+    code      TEXT
 );
 CREATE TABLE IF NOT EXISTS attempts (
     job_id    INTEGER NOT NULL,
@@ -55,6 +56,12 @@ CREATE TABLE IF NOT EXISTS attempts (
 ) WITHOUT ROWID;
 DROP INDEX IF EXISTS jobs_active;
 """
+
+# Columns added since a journal's first release: (table, column, its declaration). A journal written
+# before them gets them on open (ALTER TABLE ... ADD COLUMN; old rows read as the default).
+ADDED_COLUMNS = (
+    ("jobs", "code", "TEXT"),  # the shipped code bundle (issue 12)
+)
 
 
 
@@ -83,6 +90,7 @@ class JobRow(NamedTuple):
     exit_code: int | None
     value: bytes | None
     error: str | None
+    code: str | None  # the shipped code bundle's digest
 
 
 class SummaryRow(NamedTuple):
@@ -164,6 +172,7 @@ class Journal:
             # scheduler call, so a submit never waits behind one.
             self.db.execute("PRAGMA wal_autocheckpoint=0")
             self.db.executescript(SCHEMA)
+            self._add_columns()
             self.reader = self._open(path)
         except sqlite3.Error as exc:
             raise journal_error(path, exc) from None
@@ -177,6 +186,23 @@ class Journal:
             raise sqlite3.DatabaseError(f"cannot switch to WAL mode (got {mode})")
         db.execute("PRAGMA busy_timeout=5000")
         return db
+
+    def _add_columns(self) -> None:
+        """Bring a journal written by an older corral up to this schema (ADDED_COLUMNS), in one transaction."""
+        missing = []
+        for table, column, declaration in ADDED_COLUMNS:
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                missing.append(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        if missing:
+            self.db.execute("BEGIN")
+            try:
+                for sql in missing:
+                    self.db.execute(sql)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database without blocking writers (PASSIVE)."""
@@ -204,7 +230,7 @@ class Journal:
 
     INSERT_JOB = (
         "INSERT INTO jobs (id, name, command, func, payload, env, cwd, priority, timeout, retries, tags,"
-        " state, submitted) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?)"
+        " state, submitted, code) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?,?)"
     )
     DISPATCH = "UPDATE jobs SET state='running', attempts=?, agent=?, started=? WHERE id=?"
     REQUEUE = "UPDATE jobs SET state='queued', attempts=?, failures=?, lost=?, agent=NULL WHERE id=?"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, NamedTuple
 
+from corral.agent.codecache import is_digest
 from corral.agent.errors import BadJobSpec
 from corral.agent.protocol import MAX_PAYLOAD_BYTES, JobSpec
 
@@ -47,6 +48,7 @@ class Checked(NamedTuple):
     timeout: float | None
     retries: int
     tags: tuple[str, ...]
+    code: str | None
 
 
 def is_whole(value: Any) -> bool:
@@ -198,6 +200,13 @@ def tags_rule(value: Any) -> tuple[str, ...]:
     return tuple(sorted(set(value)))
 
 
+def code_rule(value: Any) -> str:
+    """A shipped code bundle's name: the sha256 hex digest of its files (console/ship.py makes it)."""
+    if not isinstance(value, str) or not is_digest(value):
+        raise Invalid("code", f"must name a shipped code bundle (a sha256 hex digest), not {shown(value)}")
+    return value
+
+
 def count_rule(value: Any, said: str | None = None) -> int:
     if type(value) is not int or not 1 <= value <= MAX_JOBS:
         raise Invalid("count", f"must be a whole number from 1 to {MAX_JOBS:,}, not {said or shown(value)}")
@@ -241,6 +250,7 @@ def check(spec: Any, where: str = "job") -> Checked:
     command, func, payload = get("command"), get("func"), get("payload")
     name, env, cwd = get("name") or "", get("env") or {}, get("cwd")
     priority, timeout, retries, tags = get("priority", 0), get("timeout"), get("retries", 0), get("tags") or ()
+    code = get("code")
     try:
         if (command is None) == (func is None):
             raise Invalid("job", "must give exactly one of a shell command or a module:function")
@@ -265,10 +275,12 @@ def check(spec: Any, where: str = "job") -> Checked:
             retries_rule(retries)
         if tags:
             tags = tags_rule(tags)
+        if code is not None:
+            code_rule(code)
     except Invalid as exc:
         raise BadJobSpec(f"{where}: {exc.message}", exc.hint) from None
     # tuple.__new__: Checked(...) costs twice as much, per job of every submission.
-    return _new_tuple(Checked, (command, func, payload, name, env, cwd, priority, timeout, retries, tags))
+    return _new_tuple(Checked, (command, func, payload, name, env, cwd, priority, timeout, retries, tags, code))
 
 
 def validate(spec: JobSpec | Mapping[str, Any], where: str = "job") -> JobSpec:

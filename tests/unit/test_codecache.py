@@ -13,7 +13,7 @@ import pytest
 
 from corral.agent import codecache
 from corral.agent.codecache import BadBundle, bundle_digest, read_bundle, unpack
-from corral.agent.protocol import CODE_ENV, Task
+from corral.agent.protocol import Task
 from corral.console import ship
 
 
@@ -25,8 +25,8 @@ def make_zip(files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def task(env: dict[str, str] | None = None, cwd: str | None = None) -> Task:
-    return Task(1, 1, None, "m:f", None, env or {}, cwd, None)
+def task(code: str | None = None, cwd: str | None = None) -> Task:
+    return Task(1, 1, None, "m:f", None, {}, cwd, None, code)
 
 
 def test_the_same_files_make_the_same_name_whatever_the_zip(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_a_bundle_is_fetched_once_and_a_bad_one_fails_its_tasks(tmp_path: Path) 
 
     cache = codecache.CodeCache(fetch, tmp_path / "cache")
     bad = "0" * 64
-    rows = [task({CODE_ENV: d})._replace(job_id=i) for i, d in enumerate([digest, digest, bad, digest])]
+    rows = [task(d)._replace(job_id=i) for i, d in enumerate([digest, digest, bad, digest])]
     ready, failed = cache.prepare(rows + [task()._replace(job_id=9)])
     assert [r[0] for r in ready] == [0, 1, 3, 9] and [f[0] for f in failed] == [2]
     assert "not a readable zip" in failed[0][7]
@@ -124,13 +124,13 @@ def test_a_jobs_code_leads_sys_path_and_is_forgotten_after(tmp_path: Path, monke
     (elsewhere / "cwd_mod_xyz.py").write_text("WHO = 'cwd'\n")
     saved = list(sys.path)
     try:
-        assert codecache.enter(task({CODE_ENV: digest}, str(elsewhere)))
+        assert codecache.enter(task(digest, str(elsewhere)))
         assert sys.path[:2] == [str(tmp_path / digest), str(elsewhere)]
         import cwd_mod_xyz  # type: ignore[import-not-found]
         import shipped_mod_xyz  # type: ignore[import-not-found]
 
         assert (shipped_mod_xyz.WHO, cwd_mod_xyz.WHO) == ("bundle", "cwd")
-        assert not codecache.enter(task({CODE_ENV: digest}, str(elsewhere)))  # same job kind: nothing to redo
+        assert not codecache.enter(task(digest, str(elsewhere)))  # same job kind: nothing to redo
         assert codecache.enter(task())
         assert "shipped_mod_xyz" not in sys.modules and "cwd_mod_xyz" not in sys.modules
         assert str(elsewhere) not in sys.path and str(tmp_path / digest) not in sys.path
@@ -152,14 +152,14 @@ def test_a_cache_directory_others_can_write_to_is_refused(tmp_path: Path) -> Non
     shared.mkdir(mode=0o777)
     os.chmod(shared, 0o777)
     unpack(files, shared / digest)  # planted by someone who could write there
-    ready, failed = codecache.CodeCache(lambda d: make_zip(dict(files)), shared).prepare([task({CODE_ENV: digest})])
+    ready, failed = codecache.CodeCache(lambda d: make_zip(dict(files)), shared).prepare([task(digest)])
     assert not ready and "is not this user's alone" in failed[0][7]
     if os.geteuid() == 0:  # and one owned by another user
         other = tmp_path / "other"
         other.mkdir(mode=0o700)
         os.chown(other, 65534, 65534)
-        ready, failed = codecache.CodeCache(lambda d: b"", other).prepare([task({CODE_ENV: digest})])
+        ready, failed = codecache.CodeCache(lambda d: b"", other).prepare([task(digest)])
         assert not ready and "owner uid 65534" in failed[0][7]
     fresh = tmp_path / "fresh" / "code"
-    ready, _ = codecache.CodeCache(lambda d: make_zip(dict(files)), fresh).prepare([task({CODE_ENV: digest})])
+    ready, _ = codecache.CodeCache(lambda d: make_zip(dict(files)), fresh).prepare([task(digest)])
     assert ready and fresh.stat().st_mode & 0o777 == 0o700
