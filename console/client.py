@@ -177,12 +177,16 @@ class Client:
             outcomes.update((row[0], row) for row in self._call("wait_outcomes", pending, poll))
         return self._unpack([outcomes[j] for j in ids])
 
-    def submit_batch(self, template: dict[str, Any], payloads: list[bytes],
-                     wait: float = 0.0) -> tuple[list[int], list[tuple[Any, ...]]]:
+    def submit_batch(self, template: dict[str, Any], payloads: list[bytes], wait: float = 0.0,
+                     token: str | None = None) -> tuple[list[int], list[tuple[Any, ...]]]:
         """Queue one callable over pickled (args, kwargs) payloads (at most SUBMIT_BATCH): the template is a
         JobSpec's wire form, with "batch": [first index, total or None] to name the jobs "NAME [i/total]".
-        Returns (ids, outcomes of those final within `wait` seconds)."""
-        ids, finished = self._call("submit_map", template, payloads, wait)
+        `token` names this submission: sent again with the same token (its reply was lost), the master
+        answers with the same ids and queues nothing. Returns (ids, outcomes of those final within `wait` seconds)."""
+        if token is None:
+            ids, finished = self._call("submit_map", template, payloads, wait)
+        else:
+            ids, finished = self._call("submit_map", template, payloads, wait, token)
         return list(ids), list(finished)
 
     # ---- functions as objects, and their code ---------------------------------------------

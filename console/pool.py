@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 import weakref
 from collections import deque
 from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]  # public since 3.4, not in typeshed
@@ -99,7 +100,8 @@ class _Work:
     """One job to be: its template, its position in its batch, its payload, and who hears how it ended.
     `listed`: its settle takes the list of its calls' values (a chunk), even when it holds one call."""
 
-    __slots__ = ("template", "index", "total", "payload", "settle", "key", "calls", "listed", "job_id", "done")
+    __slots__ = ("template", "index", "total", "payload", "settle", "key", "calls", "listed", "job_id", "done",
+                 "token")
 
     def __init__(self, template: _Template, index: int, total: int | None, payload: bytes, settle: Settle,
                  key: int = 0, calls: int = 1, listed: bool = False) -> None:
@@ -107,6 +109,7 @@ class _Work:
         self.key, self.calls, self.listed = key, calls, listed
         self.job_id: int | None = None  # set (under the engine's lock) once submitted
         self.done = False
+        self.token: str | None = None  # the submission it heads, named once (see _Engine._submit)
 
     def finish(self, ok: bool, value: Any) -> None:
         """Hand the outcome to whoever waits (a chunk of one call still gives a list)."""
@@ -131,6 +134,10 @@ class _Engine:
         self.outbox: deque[_Work] = deque()
         self.watching: dict[int, _Work] = {}
         self.state = RUN
+        # Each submission is named (this engine's random prefix, a count): a retry after a lost reply
+        # sends the same name, and the master answers with the jobs it queued the first time.
+        self.tokens = uuid.uuid4().hex
+        self.submissions = itertools.count(1)
         self.thread = threading.Thread(target=self._run, name="corral-pool", daemon=True)
         self.thread.start()
 
@@ -269,10 +276,14 @@ class _Engine:
                 groups.append([work])
         for n, group in enumerate(groups):
             head = group[0]
+            if head.job_id is not None:
+                continue  # submitted and answered before a lost connection made _guarded run this batch again
+            if head.token is None:
+                head.token = f"{self.tokens}-{next(self.submissions)}"
             template = dict(head.template.wire, batch=[head.index, head.total])
             # The last group of a burst waits briefly on the master: a small one is answered in this trip.
             wait = POLL_SECONDS if n == len(groups) - 1 and not more else 0.0
-            ids, finished = client.submit_batch(template, [work.payload for work in group], wait)
+            ids, finished = client.submit_batch(template, [work.payload for work in group], wait, head.token)
             with self.cv:
                 for job_id, work in zip(ids, group):
                     work.job_id = job_id

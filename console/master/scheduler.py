@@ -17,9 +17,9 @@ from corral.agent.protocol import MAX_PAYLOAD_BYTES, OUTPUT_TAIL_BYTES, PROTOCOL
 from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, LOST, QUEUED, RUNNING, TIMEOUT, AgentRecord, AgentState,
                       Job, TaskTuple)
 from .reports import check_results
-from .store import Journal, Outcome, encode_env, encode_tags
+from .store import Journal, Outcome, Submission, encode_env, encode_tags
 from .rows import pack
-from .validate import MAX_JOBS, Checked, batch_rule, check, is_whole, payload_rule, shown, size_rule
+from .validate import MAX_JOBS, Checked, batch_rule, check, is_whole, payload_rule, shown, size_rule, token_rule
 from .views import Views
 
 log = logging.getLogger(__name__)
@@ -164,10 +164,18 @@ class Scheduler:
             return self._queue([check(specs[0], "job")])
         return self._queue([check(spec, f"job {i + 1} of {total}") for i, spec in enumerate(specs)])
 
-    def submit_map(self, template: Any, payloads: Any, wait: float = 0.0) -> tuple[list[int], list[tuple[Any, ...]]]:
+    def submit_map(self, template: Any, payloads: Any, wait: float = 0.0,
+                   token: Any = None) -> tuple[list[int], list[tuple[Any, ...]]]:
         """Queue one callable over many argument payloads (what Client.map sends): the template is
         checked once, each payload only for type and size. Then wait up to `wait` seconds and return
-        (ids, outcomes of those already final), so one round trip can carry a whole small map."""
+        (ids, outcomes of those already final), so one round trip can carry a whole small map.
+        `token` (the client's name for this submission) makes it idempotent: sent again, it is answered
+        with the jobs it queued the first time (a Pool resubmits after a reply lost with its connection)."""
+        if token is not None:
+            try:
+                token_rule(token)
+            except BadJobSpec as exc:
+                raise BadJobSpec(f"submit_map(): {exc.message}") from None
         if not isinstance(payloads, list) or not payloads or len(payloads) > MAX_JOBS:
             raise BadJobSpec(f"submit_map() takes a list of 1 to {MAX_JOBS} payloads")
         if not isinstance(template, dict) or template.get("func") is None:
@@ -186,12 +194,14 @@ class Scheduler:
         if batch is not None:  # a Pool's or an Executor's: each job is named "NAME [i/total]"
             checked = [base._replace(name=name)
                        for name in batch_names(base.name, batch_rule(batch, len(payloads)), len(payloads))]
-        ids = self._queue(checked, payloads)
+        ids = self._queue(checked, payloads, token)
         return ids, (self.wait_outcomes(ids, wait) if wait and wait > 0 else [])
 
-    def _queue(self, checked: list[Checked], payloads: list[bytes] | None = None) -> list[int]:
+    def _queue(self, checked: list[Checked], payloads: list[bytes] | None = None, token: str | None = None) -> list[int]:
         """Journal, then queue, checked jobs; returns their ids. `payloads`, when given, replace each
-        job's own (submit_map: one template, many payloads, no spec built per payload)."""
+        job's own (submit_map: one template, many payloads, no spec built per payload). A `token` is
+        journaled with the jobs, in the same transaction; one seen before gets its jobs' ids back, and
+        nothing is queued."""
         total = len(checked)
         now = time.time()
         no_tags: frozenset[str] = frozenset()
@@ -201,12 +211,19 @@ class Scheduler:
                    code=c.code)
                for i, c in enumerate(checked)]
         with self.lock:
+            if token is not None:
+                earlier = self.journal.submission(token)
+                if earlier is not None:
+                    return self._submitted_before(earlier, total)
             first = self.next_id
             for i, job in enumerate(new):
                 job.id = first + i
-            self.journal.write([(Journal.INSERT_JOB, [
+            writes: list[tuple[str, list[tuple[Any, ...]]]] = [(Journal.INSERT_JOB, [
                 (job.id, job.name, job.command, job.func, job.payload, encode_env(job.env), job.cwd, job.priority,
-                 job.timeout, job.retries, encode_tags(c.tags), now, job.code) for job, c in zip(new, checked)])])
+                 job.timeout, job.retries, encode_tags(c.tags), now, job.code) for job, c in zip(new, checked)])]
+            if token is not None:
+                writes.append((Journal.INSERT_SUBMISSION, [(token, first, total, now)]))
+            self.journal.write(writes)
             self.next_id = first + total
             jobs, changes, seq = self.jobs, self.changes, self.seq
             for job in new:
@@ -219,6 +236,16 @@ class Scheduler:
         if log.isEnabledFor(logging.INFO):
             log.info("queued %s", first if total == 1 else f"{first}..{first + total - 1}")
         return list(range(first, first + total))
+
+    @staticmethod
+    def _submitted_before(earlier: Submission, total: int) -> list[int]:
+        """The answer to a submission sent again under its token: the ids it was given the first time."""
+        if earlier.total != total:
+            raise BadJobSpec(f"submission token {shown(earlier.token)} named a submission of {earlier.total}"
+                             f" jobs, not {total}", "use a new token for each submission")
+        last = earlier.first_id + earlier.total - 1
+        log.info("submission %s again: jobs %d..%d, queued once", earlier.token, earlier.first_id, last)
+        return list(range(earlier.first_id, last + 1))
 
     def cancel(self, ids: Any, queued_only: Any = False) -> dict[int, str]:
         """Cancel jobs: queued ones at once, running ones by their agent (within a second). queued_only:

@@ -54,6 +54,12 @@ CREATE TABLE IF NOT EXISTS attempts (
     counted   INTEGER NOT NULL,
     PRIMARY KEY (job_id, attempt, agent)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS submissions (
+    token     TEXT PRIMARY KEY,
+    first_id  INTEGER NOT NULL,
+    total     INTEGER NOT NULL,
+    submitted REAL NOT NULL
+) WITHOUT ROWID;
 DROP INDEX IF EXISTS jobs_active;
 """
 
@@ -128,6 +134,15 @@ class AttemptRow(NamedTuple):
     counted: int
 
 
+class Submission(NamedTuple):
+    """A submission that came with a client's token: its jobs are ids first_id..first_id+total-1 (SUBMISSION_COLUMNS)."""
+
+    token: str
+    first_id: int
+    total: int
+    submitted: float
+
+
 class Outcome(NamedTuple):
     """How a job ended, as Client.outcomes and map() get it."""
 
@@ -142,6 +157,7 @@ JOB_COLUMNS = ", ".join(JobRow._fields)
 SUMMARY_COLUMNS = ", ".join(SummaryRow._fields)
 ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
 OUTCOME_COLUMNS = ", ".join(Outcome._fields)
+SUBMISSION_COLUMNS = ", ".join(Submission._fields)
 # The Finished pane's row (rows.FinishedRow), computed by SQLite.
 FINISHED_COLUMNS = ("id, CASE WHEN name != '' THEN name ELSE COALESCE(command, func || '()') END, state, agent,"
                     " exit_code, started, ended, COALESCE(error, ''), attempts")
@@ -232,6 +248,7 @@ class Journal:
         "INSERT INTO jobs (id, name, command, func, payload, env, cwd, priority, timeout, retries, tags,"
         " state, submitted, code) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?,?)"
     )
+    INSERT_SUBMISSION = "INSERT INTO submissions (token, first_id, total, submitted) VALUES (?,?,?,?)"
     DISPATCH = "UPDATE jobs SET state='running', attempts=?, agent=?, started=? WHERE id=?"
     REQUEUE = "UPDATE jobs SET state='queued', attempts=?, failures=?, lost=?, agent=NULL WHERE id=?"
     # attempts, agent and lost were set at dispatch or requeue; a finish writes only the outcome.
@@ -258,6 +275,15 @@ class Journal:
         """Jobs by state, on the writer's connection: for callers holding the scheduler's lock (no write
         is in flight, and no reader's long query can hold them up as read_lock could)."""
         return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+
+    def submission(self, token: str) -> Submission | None:
+        """The submission journaled under `token`, if any: on the writer's connection, for a caller holding
+        the scheduler's lock (so a submission and its retry cannot both miss it)."""
+        try:
+            row = self.db.execute(f"SELECT {SUBMISSION_COLUMNS} FROM submissions WHERE token=?", (token,)).fetchone()
+        except sqlite3.Error as exc:
+            raise journal_error(self.path, exc) from None
+        return None if row is None else Submission._make(row)
 
     def max_id(self) -> int:
         try:

@@ -207,6 +207,18 @@ def code_rule(value: Any) -> str:
     return value
 
 
+MAX_TOKEN = 64  # characters of a submission token
+
+
+def token_rule(value: Any) -> str:
+    """A submission token: the client's name for one submission, so that sending it again (its reply was
+    lost) gives the same jobs instead of new ones. Printable ASCII without blanks, at most MAX_TOKEN."""
+    if type(value) is not str or not 0 < len(value) <= MAX_TOKEN or not value.isascii() or not value.isprintable() \
+            or " " in value:
+        raise Invalid("token", f"must be 1 to {MAX_TOKEN} printable ASCII characters without blanks, not {shown(value)}")
+    return value
+
+
 def count_rule(value: Any, said: str | None = None) -> int:
     if type(value) is not int or not 1 <= value <= MAX_JOBS:
         raise Invalid("count", f"must be a whole number from 1 to {MAX_JOBS:,}, not {said or shown(value)}")
