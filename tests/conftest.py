@@ -29,8 +29,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A running master with no agents yet; agents are started by the test with cluster.start_agent()."""
     c = Cluster(tmp_path / "home")
-    c.start_master()
     try:
+        c.start_master()  # inside the try: a master slow to start under load is still stopped
         yield c
     finally:
         c.stop()
@@ -65,8 +65,8 @@ def ssh_cluster(tmp_path: Path, lab: SshLab) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path / "home")
     cluster.env.update(lab.env())
     cluster.env.pop("SSH_AUTH_SOCK", None)
-    cluster.start_master()
     try:
+        cluster.start_master()
         yield cluster
     finally:
         for host in lab.hosts.values():
