@@ -16,6 +16,32 @@ from corral.agent.statedir import AUTHKEY_NAME, MASTER_NAME, default_home, read_
 
 CONSOLE_NAME = "console.json"  # the master and local agent a console started, so a later one may stop them
 START_LOCK_NAME = "start.lock"  # held while a console decides whether to start a master
+MASTER_LOCK_NAME = "master.lock"  # held by the running master for its whole life (flock)
+
+
+class MasterRunning(CorralError):
+    """Another live master holds this state directory's lock."""
+
+
+class MasterLock:
+    """The state directory's master lock, held (flock on an open file) until release() or this process
+    ends, however it ends: the kernel lets go of a killed master's lock, so no pid is ever trusted. The
+    file also says who holds it (pid, then the address once bound), for the refusal's one line."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    def announce(self, record: dict[str, Any]) -> None:
+        """Write who holds the lock into its file (in place: the lock is on this open file)."""
+        data = json.dumps(record).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the last descriptor of the open file drops the flock
+            self._fd = -1
 
 
 class StateDir:
@@ -90,6 +116,24 @@ class StateDir:
         """Remove master.json if it is still ours (a newer master may have replaced it)."""
         if self.master_record().get("pid") == pid:
             _unlink(self.master_path)
+
+    def lock_master(self) -> MasterLock:
+        """Take the lock only one live master of this state directory can hold, or MasterRunning naming
+        the one that holds it. Taken before the master opens its journal or writes master.json."""
+        self.ensure()
+        path = self.home / MASTER_LOCK_NAME
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _read_record(path)
+            where = f"{holder['host']}:{holder['port']}" if "port" in holder else "starting"
+            raise MasterRunning(f"a master is already running here (pid {holder.get('pid', '?')}, {where})",
+                                "stop it first, or give this one another state directory (--home)") from None
+        lock = MasterLock(path, fd)
+        lock.announce({"pid": os.getpid()})
+        return lock
 
     # ---- console.json: what a console started (console/local.py) -------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, Tuple, cast
 from corral.agent.connection import SERIALIZER
 from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID
 
-from ..state import StateDir
+from ..state import MasterLock, StateDir
 from . import codestore
 from .scheduler import Scheduler
 from .store import Journal
@@ -201,6 +201,17 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
     with register_service() to the factory of what it serves."""
     global _scheduler
     configure_logging(verbose)
+    # First of all: a second master of this directory stops here, before it touches anything of the first's.
+    lock = state.lock_master()
+    try:
+        return _serve(state, lock, host, port, lease, max_lost, fsync, services)
+    finally:
+        lock.release()  # after _serve removed master.json: no other master can have written one meanwhile
+
+
+def _serve(state: StateDir, lock: MasterLock, host: str, port: int, lease: float, max_lost: int, fsync: bool,
+           services: Mapping[str, ServiceFactory] | None) -> int:
+    global _scheduler
     authkey = state.ensure_authkey()
     journal = Journal(state.journal_path, fsync=fsync)
     _scheduler = Scheduler(journal, lease_seconds=lease, max_lost=max_lost)
@@ -213,7 +224,9 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
     for typeid, factory in (services or {}).items():
         _services[typeid] = factory(_scheduler, (bound_host, bound_port), authkey)
         _services[typeid].resume()
-    state.write_master({"host": bound_host, "port": bound_port, "pid": os.getpid(), "started": time.time()})
+    record = {"host": bound_host, "port": bound_port, "pid": os.getpid(), "started": time.time()}
+    lock.announce(record)
+    state.write_master(record)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
