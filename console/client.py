@@ -266,8 +266,12 @@ class Client:
     def job(self, job_id: int) -> Record:
         return cast(Record, self._call("job", job_id))
 
-    def jobs(self, states: Sequence[str] | None = None, limit: int = 1000) -> list[Record]:
-        return cast("list[Record]", self._call("list_jobs", list(states) if states else None, limit))
+    def jobs(self, states: Sequence[str] | None = None, limit: int = 1000, before: int | None = None) -> list[Record]:
+        """Jobs newest first; `before` an id: the page after one that ended with that id."""
+        args: tuple[Any, ...] = (list(states) if states else None, limit)
+        if before is not None:  # a master of before paging takes two arguments
+            args += (before,)
+        return cast("list[Record]", self._call("list_jobs", *args))
 
     def status(self) -> Record:
         return cast(Record, self._call("status"))

@@ -32,6 +32,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of days, not {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of days, not {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
@@ -107,6 +117,10 @@ def _add_processes(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--lease", type=_seconds, default=10.0, help="seconds an agent may stay silent before it is lost (default 10)")
     p.add_argument("--max-lost", type=_retries, default=3, help="a job whose agent is lost more than N times ends `lost` (default 3)")
     p.add_argument("--fsync", action="store_true", help="fsync every journal commit (survives power loss; slower)")
+    p.add_argument("--keep-finished", type=_days, metavar="DAYS",
+                   help="delete finished jobs (and their attempts) DAYS after they ended (default: keep all)")
+    p.add_argument("--keep-finished-count", type=_count, metavar="N",
+                   help="keep at most the N most recently finished jobs (default: keep all)")
     p.add_argument("-v", "--verbose", action="store_true", help="print one line per event")
 
     from corral.agent.__main__ import build_parser as agent_parser
@@ -151,6 +165,7 @@ def _add_job_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("jobs", help="list jobs, newest first")
     p.add_argument("--state", type=_state, action="append", help="only jobs in this state (repeatable)")
     p.add_argument("--limit", type=_count, default=50, help="at most N jobs (default 50)")
+    p.add_argument("--before", type=_job_id, metavar="ID", help="only jobs older than job ID: the next page")
     p.add_argument("--json", action="store_true", help="JSON output (see README)")
 
     p = sub.add_parser("show", help="one job, with every attempt's output")

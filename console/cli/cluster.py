@@ -19,6 +19,7 @@ def cmd_master(args: argparse.Namespace) -> int:
     # Imported here: the other commands need neither the scheduler nor paramiko.
     from ..deploy import DEPLOY_TYPEID
     from ..deploy.service import EXPOSED, DeployService
+    from ..master.records import Retention
     from ..master.server import is_loopback, register_service, serve
 
     register_service(DEPLOY_TYPEID, EXPOSED)
@@ -31,8 +32,9 @@ def cmd_master(args: argparse.Namespace) -> int:
         print(f"corral master: WARNING: listening on {host}:{port}; anyone who can reach it and holds the authkey can run jobs",
               file=sys.stderr)
     state = StateDir(args.home_path)
+    retention = Retention(days=args.keep_finished, count=args.keep_finished_count)
     return serve(state, host, port, verbose=args.verbose, lease=args.lease, max_lost=args.max_lost, fsync=args.fsync,
-                 services={DEPLOY_TYPEID: functools.partial(DeployService, state)})
+                 retention=retention, services={DEPLOY_TYPEID: functools.partial(DeployService, state)})
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

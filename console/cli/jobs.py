@@ -100,11 +100,15 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with Client(home=args.home_path) as client:
-        records = client.jobs(args.state, args.limit)
+        records = client.jobs(args.state, args.limit, args.before)
     if args.json:
         print(render.to_json([render.jsonable(r) for r in records]))
     else:
         print(render.jobs_table(records))
+        if len(records) == args.limit and records[-1]["id"] > 1:
+            # A full page: there may be more, older ones (stderr, so a pipe gets the table alone).
+            more = " ".join([*(f"--state {state}" for state in args.state or ()), f"--limit {args.limit}"])
+            print(f"older jobs: corral jobs {more} --before {records[-1]['id']}", file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from corral.agent.protocol import FINAL_STATES, RELEASED, JobState
@@ -19,6 +20,19 @@ RESULT_STATES = frozenset({DONE, FAILED, TIMEOUT, CANCELLED, RELEASED})  # what 
 # (job_id, attempt, command, func, payload, env, cwd, timeout, code).
 TaskTuple = Tuple[int, int, Optional[str], Optional[str], Optional[bytes], "dict[str, str]", Optional[str],
                   Optional[float], Optional[str]]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which finished jobs the journal keeps (`corral master --keep-finished DAYS --keep-finished-count N`):
+    those that ended within `days`, and of them at most the newest `count`; None keeps everything."""
+
+    days: Optional[float] = None
+    count: Optional[int] = None
+
+    @property
+    def active(self) -> bool:
+        return self.days is not None or self.count is not None
 
 
 class AgentState(str, enum.Enum):

@@ -8,13 +8,13 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from typing import Any
 
 from corral.agent.errors import BadJobSpec, CorralError, NameTaken, ProtocolMismatch, UnknownAgent, UnknownJob
 from corral.agent.protocol import MAX_PAYLOAD_BYTES, OUTPUT_TAIL_BYTES, PROTOCOL_VERSION, RELEASED, JobResult
 
-from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, LOST, QUEUED, RUNNING, TIMEOUT, AgentRecord, AgentState,
+from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, LOST, QUEUED, RUNNING, TIMEOUT, AgentRecord, AgentState, Retention,
                       Job, TaskTuple)
 from .reports import check_results
 from .store import Journal, Outcome, Submission, encode_env, encode_tags
@@ -57,6 +57,8 @@ class Scheduler:
         self.agents: dict[str, AgentRecord] = {}
         self.sessions: dict[str, AgentRecord] = {}
         self.recent_final: OrderedDict[int, str] = OrderedDict()
+        # Final jobs by state, kept as they become final (and are pruned), so no count scans the journal.
+        self.final_counts: Counter[str] = Counter()
         self.live_output: dict[int, tuple[str, str]] = {}  # running job id -> its latest (stdout, stderr)
         self.finished_times: deque[float] = deque(maxlen=100_000)
         self.seq = 0  # bumped on every change, for incremental snapshots
@@ -70,6 +72,7 @@ class Scheduler:
     def _recover(self) -> None:
         """Rebuild the queues from the journal: queued stay queued; running wait for their agent."""
         self.next_id = self.journal.max_id() + 1
+        self.final_counts.update(self.journal.final_counts())
         for row in self.journal.active_jobs():
             job = Job(row.id, row.name, row.command, row.func, row.payload, json.loads(row.env), row.cwd,
                       row.priority, row.timeout, row.retries, frozenset(json.loads(row.tags)), row.state,
@@ -124,6 +127,7 @@ class Scheduler:
         return [job.task() for job in jobs]
 
     def _final(self, job_id: int, state: str) -> None:
+        self.final_counts[state] += 1
         self.recent_final[job_id] = state
         if len(self.recent_final) > RECENT_FINAL:
             self.recent_final.popitem(last=False)
@@ -337,8 +341,8 @@ class Scheduler:
     def job(self, job_id: Any) -> dict[str, Any]:
         return self.views.job(job_id)
 
-    def list_jobs(self, states: Any = None, limit: int = 1000) -> list[dict[str, Any]]:
-        return self.views.list_jobs(states, limit)
+    def list_jobs(self, states: Any = None, limit: Any = 1000, before: Any = None) -> list[dict[str, Any]]:
+        return self.views.list_jobs(states, limit, before)
 
     def status(self) -> dict[str, Any]:
         return self.views.status()
@@ -605,6 +609,30 @@ class Scheduler:
                     ghost = AgentRecord(name, "", {}, now)
                     ghost.running = ids
                     self._requeue_lost(ghost, keep=set(), reason=f"agent {name} did not come back")
+
+
+    def prune_finished(self, retention: Retention, batches: int = 5) -> int:
+        """Retention, called from housekeeping: delete the oldest final jobs beyond what `retention` keeps,
+        a batch per hold of the lock (dispatch runs between batches), at most `batches` batches per call
+        (a large backlog drains over a few ticks). Returns how many jobs went."""
+        if not retention.active:
+            return 0
+        gone_total = 0
+        for _ in range(batches):
+            cutoff = time.time() - retention.days * 86400.0 if retention.days is not None else None
+            with self.lock:
+                excess = sum(self.final_counts.values()) - retention.count if retention.count is not None else 0
+                gone = self.journal.prune_finished(cutoff, excess)
+                for job_id, state in gone:
+                    self.final_counts[state] -= 1
+                    self.recent_final.pop(job_id, None)
+                batch = len(gone)
+            if not batch:
+                break
+            gone_total += batch
+        if gone_total:
+            log.info("retention: pruned %d finished jobs", gone_total)
+        return gone_total
 
 
 class _Writes:

@@ -22,6 +22,7 @@ from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID
 
 from ..state import MasterLock, StateDir
 from . import codestore
+from .records import Retention
 from .scheduler import Scheduler
 from .store import Journal
 
@@ -195,7 +196,7 @@ def configure_logging(verbose: bool) -> None:
 
 
 def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
-          lease: float = 10.0, max_lost: int = 3, fsync: bool = False,
+          lease: float = 10.0, max_lost: int = 3, fsync: bool = False, retention: Retention = Retention(),
           services: Mapping[str, ServiceFactory] | None = None) -> int:
     """Run the master until SIGTERM/SIGINT. Returns the exit code. `services` maps a typeid registered
     with register_service() to the factory of what it serves."""
@@ -241,6 +242,7 @@ def _serve(state: StateDir, lock: MasterLock, host: str, port: int, lease: float
     try:
         while not stop.wait(1.0):
             _scheduler.expire_leases()
+            _scheduler.prune_finished(retention)
             journal.checkpoint()
     finally:
         for service in _services.values():

@@ -63,6 +63,21 @@ CREATE TABLE IF NOT EXISTS submissions (
 DROP INDEX IF EXISTS jobs_active;
 """
 
+# Final jobs are most of a long-lived journal (a million is normal) and never change again, so two
+# partial indexes cover them: a row enters them once, when it ends (only a final job has `ended`), and
+# queued or running rows cost them nothing. `jobs_ended` orders the Finished pane and retention (oldest
+# ended first); `jobs_ended_state` answers `corral jobs --state failed` and the count by state at
+# start-up without reading the table. (Indexes whose WHERE names `state` cost ~10 us more per job: SQLite
+# re-checks them at every state change.) SQLite uses a partial index only for a query whose WHERE repeats
+# the index's term literally (ENDED_SQL); FINAL_SQL beside it keeps such a read exact regardless. Reads
+# in `ended` order name jobs_ended (INDEXED BY): without statistics the planner would sort the table.
+ENDED_SQL = "ended IS NOT NULL"
+FINAL_SQL = "state IN (" + ",".join(f"'{state}'" for state in sorted(FINAL)) + ")"
+INDEXES = f"""
+CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (ended) WHERE {ENDED_SQL};
+CREATE INDEX IF NOT EXISTS jobs_ended_state ON jobs (state, id) WHERE {ENDED_SQL};
+"""
+
 # Columns added since a journal's first release: (table, column, its declaration). A journal written
 # before them gets them on open (ALTER TABLE ... ADD COLUMN; old rows read as the default).
 ADDED_COLUMNS = (
@@ -165,7 +180,7 @@ FINISHED_COLUMNS = ("id, CASE WHEN name != '' THEN name ELSE COALESCE(command, f
 FINISHED_HAYSTACK = ("(CAST(id AS TEXT) || char(31) || name || char(31) || COALESCE(command, '') || char(31)"
                      " || COALESCE(func, '') || char(31) || state || char(31) || COALESCE(agent, '')"
                      " || char(31) || COALESCE(error, ''))")
-FINAL_MARKS = ",".join("?" * len(FINAL))
+PRUNE_BATCH = 2000  # final jobs deleted per transaction by retention: one short hold of the writer at a time
 
 
 def journal_error(path: Path, exc: Exception) -> CorralError:
@@ -189,6 +204,7 @@ class Journal:
             self.db.execute("PRAGMA wal_autocheckpoint=0")
             self.db.executescript(SCHEMA)
             self._add_columns()
+            self.db.executescript(INDEXES)
             self.reader = self._open(path)
         except sqlite3.Error as exc:
             raise journal_error(path, exc) from None
@@ -271,10 +287,12 @@ class Journal:
         except sqlite3.Error as exc:
             raise journal_error(self.path, exc) from None
 
-    def counts_now(self) -> dict[str, int]:
-        """Jobs by state, on the writer's connection: for callers holding the scheduler's lock (no write
-        is in flight, and no reader's long query can hold them up as read_lock could)."""
-        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+    def final_counts(self) -> dict[str, int]:
+        """Final jobs by state, from jobs_ended_state alone (not the table): the scheduler's tally at start-up."""
+        try:
+            return dict(self.db.execute(f"SELECT state, COUNT(*) FROM jobs WHERE {ENDED_SQL} AND {FINAL_SQL} GROUP BY state"))
+        except sqlite3.Error as exc:
+            raise journal_error(self.path, exc) from None
 
     def submission(self, token: str) -> Submission | None:
         """The submission journaled under `token`, if any: on the writer's connection, for a caller holding
@@ -290,6 +308,28 @@ class Journal:
             return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0])
         except sqlite3.Error as exc:
             raise journal_error(self.path, exc) from None
+
+    def prune_finished(self, ended_before: float | None, excess: int) -> list[tuple[int, str]]:
+        """Delete at most PRUNE_BATCH of the oldest final jobs, in one transaction: those that ended before
+        `ended_before` and, beyond them, the `excess` oldest; with their attempts, and the submissions
+        whose jobs are all gone. Returns the (id, state) of each job that went. For a caller holding the scheduler's
+        lock; one batch is a short hold (an index range, not a scan)."""
+        rows = self.db.execute(
+            f"SELECT id, state, ended FROM jobs INDEXED BY jobs_ended WHERE {ENDED_SQL} AND {FINAL_SQL}"
+            " ORDER BY ended LIMIT ?", (PRUNE_BATCH,)
+        ).fetchall()
+        # Both rules pick a prefix of the oldest-ended order: the longer prefix is the batch.
+        doomed = [(job_id, state) for i, (job_id, state, ended) in enumerate(rows)
+                  if i < excess or (ended_before is not None and ended < ended_before)]
+        if not doomed:
+            return []
+        ids = [(job_id,) for job_id, _ in doomed]
+        self.write([
+            ("DELETE FROM jobs WHERE id=?", ids),
+            ("DELETE FROM attempts WHERE job_id=?", ids),
+            ("DELETE FROM submissions WHERE first_id + total <= (SELECT COALESCE(MIN(id), 1 << 62) FROM jobs)", [()]),
+        ])
+        return doomed
 
     # --reads (own connection: listings never hold up dispatch) -------------------------
 
@@ -310,14 +350,35 @@ class Journal:
             ).fetchall()
         return [AttemptRow._make(row) for row in rows]
 
-    def summaries(self, states: Sequence[str] | None, limit: int, newest_first: bool) -> list[SummaryRow]:
-        order = "DESC" if newest_first else "ASC"
-        where, params = (f"WHERE state IN ({','.join('?' * len(states))})", list(states)) if states else ("", [])
+    def summaries(self, states: Sequence[str] | None, limit: int, before: int | None = None) -> list[SummaryRow]:
+        """Jobs newest first (ids below `before`, when given), in any of `states` (all when None). Final
+        states are read through jobs_ended_state, so a rare state costs its rows, not the table's."""
+        terms, params = [], []  # type: tuple[list[str], list[Any]]
+        if states:
+            if set(states) <= FINAL:
+                terms.append(ENDED_SQL)
+            terms.append(f"state IN ({','.join('?' * len(states))})")
+            params.extend(states)
+        if before is not None:
+            terms.append("id < ?")
+            params.append(before)
+        where = f"WHERE {' AND '.join(terms)}" if terms else ""
         with self.read_lock:
             rows = self.reader.execute(
-                f"SELECT {SUMMARY_COLUMNS} FROM jobs {where} ORDER BY id {order} LIMIT ?", (*params, limit)
+                f"SELECT {SUMMARY_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?", (*params, limit)
             ).fetchall()
         return [SummaryRow._make(row) for row in rows]
+
+    def summaries_by_ids(self, ids: Sequence[int]) -> list[SummaryRow]:
+        """These jobs' summaries, newest first (missing ones left out)."""
+        out: list[SummaryRow] = []
+        with self.read_lock:
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                out.extend(map(SummaryRow._make, self.reader.execute(
+                    f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id IN ({','.join('?' * len(part))})", part)))
+        out.sort(key=lambda row: -row.id)
+        return out
 
     def outcomes(self, ids: Sequence[int]) -> list[Outcome]:
         """How each of these jobs ended, in any order."""
@@ -343,8 +404,8 @@ class Journal:
         """Final jobs, most recently ended first, that match (or with `invert`, do not match) the
         lower-case `needle` (all of them when it is ''): (how many match, or None when not filtered;
         the `limit` rows from `offset`)."""
-        where = f"state IN ({FINAL_MARKS})"
-        params: list[Any] = sorted(FINAL)
+        where = f"{ENDED_SQL} AND {FINAL_SQL}"
+        params: list[Any] = []
         total = None
         with self.read_lock:
             if needle:
@@ -353,7 +414,8 @@ class Journal:
                 params.append(f"%{escaped}%")
                 total = int(self.reader.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()[0])
             rows = self.reader.execute(
-                f"SELECT {FINISHED_COLUMNS} FROM jobs WHERE {where} ORDER BY ended DESC, id DESC LIMIT ? OFFSET ?",
+                f"SELECT {FINISHED_COLUMNS} FROM jobs INDEXED BY jobs_ended WHERE {where}"
+                " ORDER BY ended DESC, id DESC LIMIT ? OFFSET ?",
                 (*params, limit, offset)).fetchall()
         return total, [FinishedRow._make(row) for row in rows]
 

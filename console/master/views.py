@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 from corral.agent.errors import CorralError, UnknownJob
 from corral.agent.protocol import JobState
 
-from .records import DONE, FINAL, HELD, QUEUED, RUNNING, Job
+from .records import DONE, FINAL, QUEUED, RUNNING, Job
 from .rows import DispatchedRow, FinishedRow, pack
 from .validate import is_whole, shown
 
@@ -70,9 +70,6 @@ class Views:
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        # The running tally of final states, and the change seq it is good to (None: count afresh).
-        self.final: dict[str, int] | None = None
-        self.final_seq = 0
 
     def snapshot(self, since: Any = 0, views: Any = None) -> dict[str, Any]:
         """What a console draws.
@@ -136,14 +133,26 @@ class Views:
                     record["live_stdout"], record["live_stderr"] = s.live_output[job_id]
         return record
 
-    def list_jobs(self, states: Any = None, limit: Any = 1000) -> list[dict[str, Any]]:
-        """Jobs newest first, as `corral jobs` lists them."""
+    def list_jobs(self, states: Any = None, limit: Any = 1000, before: Any = None) -> list[dict[str, Any]]:
+        """Jobs newest first, as `corral jobs` lists them; with `before`, only ids below it (the next page)."""
         if states is not None and (not isinstance(states, list) or not all(isinstance(x, str) for x in states)):
             raise CorralError(f"states must be a list of job states, not {shown(states)}")
-        if not is_whole(limit):
+        if not is_whole(limit) or limit < 0:
             raise CorralError(f"limit must be a whole number, not {shown(limit)}")
+        if before is not None and not is_whole(before):
+            raise CorralError(f"before must be a job id, not {shown(before)}")
+        s = self.scheduler
+        journal = s.journal
+        if states and not set(states) & FINAL:
+            # Only active states: every such job is in memory, so pick the ids there, not by a scan.
+            with s.lock:
+                ids = sorted((j.id for j in s.jobs.values()
+                              if j.state in states and (before is None or j.id < before)), reverse=True)[:limit]
+            rows = journal.summaries_by_ids(ids)
+        else:
+            rows = journal.summaries(states or None, limit, before)
         out = []
-        for row in self.scheduler.journal.summaries(states or None, limit, newest_first=True):
+        for row in rows:
             record = row._asdict()
             record["tags"] = json.loads(row.tags)
             out.append(record)
@@ -155,14 +164,16 @@ class Views:
         now = time.time()
         with s.lock:
             agents = [a.wire(now) for a in s.agents.values()]
-            recent = sum(1 for t in s.finished_times if t > now - 10)
-            active = {QUEUED: 0, RUNNING: 0, HELD: 0}
+            recent = 0  # finished in the last 10 s: from the newest end, so the cost is theirs, not the deque's
+            for t in reversed(s.finished_times):
+                if t <= now - 10:
+                    break
+                recent += 1
+            counts = {state.value: 0 for state in JobState}
+            counts.update(s.final_counts)
             for job in s.jobs.values():
-                active[job.state] = active.get(job.state, 0) + 1
+                counts[job.state] = counts.get(job.state, 0) + 1
             seq = s.seq
-        counts = {state.value: 0 for state in JobState}
-        counts.update(s.journal.counts())
-        counts.update(active)
         return {
             "counts": counts,
             "agents": agents,
@@ -191,30 +202,12 @@ class Views:
         return list(reversed(ids))
 
     def _counts(self) -> dict[str, int]:
-        """Counts by state without a table scan: active ones from memory, final ones kept up to date
-        from the change log (a job becomes final once, then never changes again)."""
+        """Counts by state without a table scan: active ones from memory, final ones from the
+        scheduler's tally (kept as jobs become final, and as retention prunes them)."""
         s = self.scheduler
-        final, cursor = self.final, self.final_seq
-        changes = s.changes
-        if final is None or (changes and changes[0][0] > cursor + 1):
-            # First look, or the change log moved on past us: one GROUP BY, under the lock so no
-            # finish can slip between the count and the cursor.
-            final = {state: n for state, n in s.journal.counts_now().items() if state in FINAL}
-        else:
-            seen: set[int] = set()
-            for seq, job_id in reversed(changes):
-                if seq <= cursor:
-                    break
-                if job_id in seen:
-                    continue
-                seen.add(job_id)
-                state = s.recent_final.get(job_id) if job_id not in s.jobs else None
-                if state is not None:
-                    final[state] = final.get(state, 0) + 1
-        self.final, self.final_seq = final, s.seq
         running = self._running()
         counts = {state.value: 0 for state in JobState}
-        counts.update(final)
+        counts.update((state, n) for state, n in s.final_counts.items() if n)
         counts[RUNNING] = len(running)
         counts[QUEUED] = len(s.jobs) - len(running)
         return counts
@@ -244,7 +237,7 @@ class Views:
             # The newest finished are the tail of recent_final, in the order they finished.
             ring = [job_id for job_id, _ in islice(reversed(s.recent_final.items()), view.offset + view.limit)]
             ring = ring[view.offset:]
-        total = sum((self.final or {}).values())
+        total = sum(s.final_counts.values())
         return lambda: self._finished(view, ring, total)
 
     def _dispatched(self, view: Window) -> Callable[[], tuple[int, int, list[Any]]]:
