@@ -45,8 +45,10 @@ class Scheduler:
     Events (a job queued, dispatched, finished; an agent up or lost) are logged at INFO: `corral master -v`
     prints them one per line."""
 
-    def __init__(self, journal: Journal, lease_seconds: float = 10.0, max_lost: int = 3) -> None:
+    def __init__(self, journal: Journal, lease_seconds: float = 10.0, max_lost: int = 3,
+                 retention: Retention = Retention()) -> None:
         self.journal = journal
+        self.retention = retention
         self.lease_seconds = lease_seconds
         self.max_lost = max_lost
         self.lock = threading.Lock()
@@ -611,10 +613,11 @@ class Scheduler:
                     self._requeue_lost(ghost, keep=set(), reason=f"agent {name} did not come back")
 
 
-    def prune_finished(self, retention: Retention, batches: int = 5) -> int:
-        """Retention, called from housekeeping: delete the oldest final jobs beyond what `retention` keeps,
+    def prune_finished(self, batches: int = 5) -> int:
+        """Retention, called from housekeeping: delete the oldest final jobs beyond what self.retention keeps,
         a batch per hold of the lock (dispatch runs between batches), at most `batches` batches per call
         (a large backlog drains over a few ticks). Returns how many jobs went."""
+        retention = self.retention
         if not retention.active:
             return 0
         gone_total = 0

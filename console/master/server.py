@@ -205,17 +205,17 @@ def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool
     # First of all: a second master of this directory stops here, before it touches anything of the first's.
     lock = state.lock_master()
     try:
-        return _serve(state, lock, host, port, lease, max_lost, fsync, services)
+        return _serve(state, lock, host, port, lease, max_lost, fsync, retention, services)
     finally:
         lock.release()  # after _serve removed master.json: no other master can have written one meanwhile
 
 
 def _serve(state: StateDir, lock: MasterLock, host: str, port: int, lease: float, max_lost: int, fsync: bool,
-           services: Mapping[str, ServiceFactory] | None) -> int:
+           retention: Retention, services: Mapping[str, ServiceFactory] | None) -> int:
     global _scheduler
     authkey = state.ensure_authkey()
     journal = Journal(state.journal_path, fsync=fsync)
-    _scheduler = Scheduler(journal, lease_seconds=lease, max_lost=max_lost)
+    _scheduler = Scheduler(journal, lease_seconds=lease, max_lost=max_lost, retention=retention)
     codestore.open_store(state.home / "shipped")
     registry = getattr(MasterManager, "_registry")  # what register() filled in (BaseManager's, unstubbed)
     server = CorralServer(registry, (host, port), authkey, SERIALIZER)
@@ -242,7 +242,7 @@ def _serve(state: StateDir, lock: MasterLock, host: str, port: int, lease: float
     try:
         while not stop.wait(1.0):
             _scheduler.expire_leases()
-            _scheduler.prune_finished(retention)
+            _scheduler.prune_finished()
             journal.checkpoint()
     finally:
         for service in _services.values():

@@ -164,11 +164,8 @@ class Views:
         now = time.time()
         with s.lock:
             agents = [a.wire(now) for a in s.agents.values()]
-            recent = 0  # finished in the last 10 s: from the newest end, so the cost is theirs, not the deque's
-            for t in reversed(s.finished_times):
-                if t <= now - 10:
-                    break
-                recent += 1
+            # Finished in the last 10 s: a bisection (as _rate does), not a walk of up to 100,000 times.
+            recent = len(s.finished_times) - bisect.bisect_right(s.finished_times, now - 10)
             counts = {state.value: 0 for state in JobState}
             counts.update(s.final_counts)
             for job in s.jobs.values():
