@@ -57,13 +57,16 @@ class StatsHeader(Widget):
     def status_text(self) -> Text:
         snapshot = self.last
         agents = snapshot.get("agents", [])
-        up = sum(1 for a in agents if a["state"] != "lost")
+        up = sum(1 for a in agents if a["state"] in ("up", "draining"))
+        lost = sum(1 for a in agents if a["state"] == "lost")
         rate = snapshot.get("rate", [])
         info = Text(no_wrap=True, overflow="crop")
         info.append("● master up" if self.connected else "✕ master unreachable",
                     style="green" if self.connected else "bold red")
         info.append("  agents ", style="dim")
         info.append(f"{up}/{len(agents)} up", style="bold" if up else "red")
+        if lost:
+            info.append(f" {lost} lost", style="bold red")
         info.append("  slots ", style="dim")
         info.append(f"{snapshot.get('busy', 0)}/{snapshot.get('slots', 0)} busy")
         info.append("  done/s ", style="dim")
