@@ -18,7 +18,7 @@ from multiprocessing.managers import BaseManager
 from pathlib import Path
 from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-from .connection import SERIALIZER
+from .connection import SERIALIZER, call, deadline
 from .errors import CorralError
 from .protocol import (
     CODE_TYPEID,
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")
 KEEP_BUNDLES = 64  # bundles kept in a host's cache; older ones (unused for KEEP_SECONDS) are removed
 KEEP_SECONDS = 3600.0
+FETCH_SECONDS = 60.0  # connect, then one bundle (at most MAX_BUNDLE_BYTES) from the master, slow links included
 
 
 class BadBundle(CorralError):
@@ -120,8 +121,10 @@ _CodeManager.register(CODE_TYPEID)
 def fetch(address: Tuple[str, int], authkey: bytes, digest: str) -> bytes:
     """One bundle from the master's code store, on a connection of its own (it is rare: once per bundle)."""
     manager = _CodeManager(address=address, authkey=authkey, serializer=SERIALIZER)
-    manager.connect()
-    data: bytes = getattr(manager, CODE_TYPEID)().get(digest)
+    with deadline(FETCH_SECONDS):
+        manager.connect()
+        store = getattr(manager, CODE_TYPEID)()
+    data: bytes = call(store, "get", FETCH_SECONDS, digest)
     return data
 
 

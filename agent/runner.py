@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Set, Tuple
 
 from . import codecache
-from .connection import SERIALIZER
+from .connection import CONNECT_SECONDS, SERIALIZER, Backoff, call, deadline, drop
 from .errors import CorralError, NameTaken
 from .pool import JobPool, released
 from .protocol import RELEASED, SCHEDULER_TYPEID, AgentInfo, JobResult, Task
@@ -28,6 +28,14 @@ BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 10.0
 TICK_SECONDS = 0.05  # how often the supervisor looks at its flags
 SESSION_JOIN_SECONDS = 3.0  # a session's loops end within one long poll; never wait on them longer
+# Deadlines (agent/connection.py): a call not answered by then is abandoned, its connection dropped,
+# and the agent registers again, as after a master restart. The margin is what a call may take beyond
+# its own long poll on a loaded master (a crowd registering, a journal write); the slowest honest
+# answer seen on 2 loaded cores with 200 agents is well under it.
+CALL_MARGIN_SECONDS = 10.0
+SETUP_SECONDS = 3 * CONNECT_SECONDS  # a manager's connect and a proxy's creation: three connections
+REPORT_BYTES_PER_SECOND = 1024 * 1024  # a report's deadline grows by a second for each MiB it carries
+STEADY_SECONDS = 30.0  # a session that lasted this long ended by chance: register again at once
 
 
 class SchedulerManager(BaseManager):
@@ -38,10 +46,17 @@ SchedulerManager.register(SCHEDULER_TYPEID)
 
 
 def connect(address: Tuple[str, int], authkey: bytes) -> Any:
-    """A fresh scheduler proxy on its own connection (proxies are per thread)."""
+    """A fresh scheduler proxy on its own connection (proxies are per thread), within SETUP_SECONDS."""
     manager = SchedulerManager(address=address, authkey=authkey, serializer=SERIALIZER)
-    manager.connect()
-    return getattr(manager, SCHEDULER_TYPEID)()
+    with deadline(SETUP_SECONDS):
+        manager.connect()
+        return getattr(manager, SCHEDULER_TYPEID)()
+
+
+def report_seconds(results: List[JobResult]) -> float:
+    """A report's deadline: the margin, plus the time to move what its results carry."""
+    size = sum(len(r.value or b"") + len(r.stdout) + len(r.stderr) + len(r.traceback) for r in results)
+    return CALL_MARGIN_SECONDS + size / REPORT_BYTES_PER_SECOND
 
 
 class Agent:
@@ -103,7 +118,7 @@ class Agent:
             # The name is fixed: read the spool before the first register, so its jobs are among
             # those we say we hold (the master keeps them ours instead of re-queueing them).
             self._attach_spool()
-        backoff = BACKOFF_FIRST_SECONDS
+        backoff = Backoff(BACKOFF_FIRST_SECONDS, BACKOFF_CAP_SECONDS)
         try:
             while not self.stopping.is_set():
                 try:
@@ -113,21 +128,29 @@ class Agent:
                 except (OSError, EOFError, CorralError) as exc:
                     if self.draining.is_set() and self._idle():
                         break
-                    log.warning("master %s:%s unreachable (%s); retrying in %.1fs", *self.address, exc, backoff)
-                    self._sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_CAP_SECONDS)
+                    pause = backoff.next()
+                    log.warning("master %s:%s unreachable (%s); retrying in %.1fs", *self.address, exc, pause)
+                    self._sleep(pause)
                     continue
-                backoff = BACKOFF_FIRST_SECONDS
                 if self.pool is None:
                     # Once registered: the master (and a deploy waiting for "ready") hears from us
                     # before we pay for a forkserver and N workers; no work is taken before they exist.
                     self.pool = JobPool(self.info.slots, self._queue_results, self.draining, self.verbose)
                 if self.outbox.spool is None and self.spool_dir is not None:
                     self._attach_spool()
+                began = time.monotonic()
                 self._serve_session()
                 if self.draining.is_set() and self._drained():
                     break
                 self.outbox.save()
+                if self.stopping.is_set():
+                    break
+                if time.monotonic() - began >= STEADY_SECONDS:
+                    backoff.reset()  # it worked for a while: the master went away once; register again now
+                else:
+                    # Sessions that break at once (a master answering register but nothing else) must
+                    # not become a loop of registers: back off as for a master that does not answer.
+                    self._sleep(backoff.next())
         finally:
             self._stop_pool()
         return 1 if self.stopping.is_set() else 0
@@ -141,11 +164,9 @@ class Agent:
         if self.locate is not None:
             self.address = self.locate()
         scheduler = connect(self.address, self.authkey)
-        running = self.pool.held_ids() if self.pool is not None else set()
-        running |= self.outbox.job_ids()  # finished here, not yet reported: still ours
         while True:
             try:
-                reply = scheduler.register(self.info.to_wire(), sorted(running))
+                reply = call(scheduler, "register", CALL_MARGIN_SECONDS, self.info.to_wire(), sorted(self._ours()))
                 break
             except NameTaken:
                 if not self.name_is_default:
@@ -154,12 +175,20 @@ class Agent:
         self.session = reply["session"]
         log.info("registered with master %s:%s as %s (%d slots)", *self.address, self.info.name, self.info.slots)
 
+    def _ours(self) -> Set[int]:
+        """The jobs this agent holds: running or waiting here, and finished but not yet reported."""
+        running = self.pool.held_ids() if self.pool is not None else set()
+        return running | self.outbox.job_ids()
+
     def _serve_session(self) -> None:
-        """Take and report on this session until it breaks, we are told to stop, or we drained."""
+        """Take, report and beat on this session until it breaks, we are told to stop, or we drained.
+
+        Three loops, each on its own connection, so none waits behind another: a take parked on the
+        master, or a report stuck in a slow journal write, never delays the heartbeat."""
         self.disconnected.clear()
-        threads = [threading.Thread(target=self._session_loop, args=("taking work", self._take), name="take", daemon=True),
-                   threading.Thread(target=self._session_loop, args=("reporting", self._report), name="report",
-                                    daemon=True)]
+        threads = [threading.Thread(target=self._session_loop, args=(what, body), name=name, daemon=True)
+                   for what, body, name in (("taking work", self._take, "take"), ("reporting", self._report, "report"),
+                                            ("beating", self._beat, "heartbeat"))]
         for thread in threads:
             thread.start()
         while not (self.disconnected.is_set() or self.stopping.is_set()):
@@ -187,9 +216,12 @@ class Agent:
     # ---- a session's two loops, each on its own connection ------------------------------
 
     def _session_loop(self, what: str, body: Callable[[Any], None]) -> None:
-        """Run one loop of the session; any failure ends the session and the supervisor reconnects."""
+        """Run one loop of the session; any failure (a call past its deadline too) ends the session and
+        the supervisor registers again."""
+        scheduler = None
         try:
-            body(connect(self.address, self.authkey))
+            scheduler = connect(self.address, self.authkey)
+            body(scheduler)
         except (OSError, EOFError) as exc:
             log.warning("lost the master while %s: %s", what, exc)
             self.disconnected.set()
@@ -199,6 +231,9 @@ class Agent:
         except Exception:  # noqa: BLE001 - never die silently with work unreported: say so, reconnect
             log.exception("failed while %s; reconnecting", what)
             self.disconnected.set()
+        finally:
+            if scheduler is not None:
+                drop(scheduler)  # this thread ends: its connection with it, not at the garbage collector's leisure
 
     def _take(self, scheduler: Any) -> None:
         pool = self.pool
@@ -207,30 +242,44 @@ class Agent:
             # Even when full, the long poll is how cancels reach us at once. `wanted` is our
             # credit on the master: each report() renews it as slots free up, and this parked
             # take() then receives new work the moment it is submitted.
-            rows, cancel = scheduler.take(self.session, pool.wanted(), TAKE_WAIT_SECONDS)
+            rows, cancel = call(scheduler, "take", TAKE_WAIT_SECONDS + CALL_MARGIN_SECONDS, self.session,
+                                pool.wanted(), TAKE_WAIT_SECONDS)
             _received(pool, self.code, rows, cancel)
 
     def _report(self, scheduler: Any) -> None:
-        """Send results as soon as there are any (what piles up meanwhile goes in the next call),
-        and a heartbeat every HEARTBEAT_SECONDS without."""
+        """Send results as soon as there are any (what piles up meanwhile goes in the next call)."""
+        while not (self.stopping.is_set() or self.disconnected.is_set()):
+            batch = self.outbox.wait(HEARTBEAT_SECONDS)
+            if batch:
+                self._send_report(scheduler, batch)
+                self.outbox.acknowledge(len(batch))
+            elif self.draining.is_set() and self._drained():
+                return
+
+    def _beat(self, scheduler: Any) -> None:
+        """The heartbeat: an empty report every HEARTBEAT_SECONDS, on a connection of its own."""
+        while not (self.stopping.is_set() or self.disconnected.is_set()):
+            self._send_report(scheduler, [])
+            if self.draining.is_set() and self._drained():
+                return
+            self.disconnected.wait(HEARTBEAT_SECONDS)
+
+    def _send_report(self, scheduler: Any, batch: List[JobResult]) -> None:
+        """One report: these results (none for a heartbeat), what we hold, our credit; then what it brought."""
         pool = self.pool
         assert pool is not None
-        next_beat = 0.0
-        while not (self.stopping.is_set() or self.disconnected.is_set()):
-            batch = self.outbox.wait(max(0.0, next_beat - time.time()))
-            if not batch and time.time() < next_beat:
-                if self.draining.is_set() and self._drained():
-                    return
-                continue
-            holding = pool.holding(draining=self.draining.is_set())
-            rows = [tuple(result) for result in batch]
-            if holding.live:
-                tasks, cancel = scheduler.report(self.session, rows, holding.running, holding.wanted, holding.live)
-            else:
-                tasks, cancel = scheduler.report(self.session, rows, holding.running, holding.wanted)
-            self.outbox.acknowledge(len(batch))
-            next_beat = time.time() + HEARTBEAT_SECONDS
-            _received(pool, self.code, tasks, cancel)
+        holding = pool.holding(draining=self.draining.is_set())
+        rows = [tuple(result) for result in batch]
+        running = holding.running
+        if not batch:
+            # A heartbeat may overtake the report carrying a job's result: the job is still ours.
+            running = sorted(set(running) | self.outbox.job_ids())
+        seconds = report_seconds(batch)
+        if holding.live:
+            tasks, cancel = call(scheduler, "report", seconds, self.session, rows, running, holding.wanted, holding.live)
+        else:
+            tasks, cancel = call(scheduler, "report", seconds, self.session, rows, running, holding.wanted)
+        _received(pool, self.code, tasks, cancel)
 
     def _queue_results(self, results: List[JobResult]) -> None:
         """The pool's way out: settled results wait in the outbox for the report loop."""
@@ -259,8 +308,9 @@ class Agent:
                              for result in pending]
         if not results or not self.session:
             return
+        rows = [tuple(result) for result in results]
         try:
-            connect(self.address, self.authkey).report(self.session, [tuple(result) for result in results], [], 0)
+            call(connect(self.address, self.authkey), "report", report_seconds(results), self.session, rows, [], 0)
         except (OSError, EOFError, CorralError) as exc:
             log.warning("could not hand back %d jobs (%s); the master re-queues them after the lease", len(results), exc)
         else:

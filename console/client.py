@@ -10,7 +10,7 @@ from multiprocessing.managers import BaseManager, RemoteError
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, cast
 
-from corral.agent.connection import SERIALIZER
+from corral.agent.connection import CONNECT_SECONDS, SERIALIZER, Backoff, call, deadline, drop
 from corral.agent.errors import CorralError
 from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID, JobSpec, JobState
 
@@ -26,6 +26,14 @@ SUBMIT_BATCH = 10_000  # jobs per submit() round trip
 SUBMIT_BYTES = 16 * 1024 * 1024  # ... or about this many bytes of commands and arguments
 WAIT_POLL_SECONDS = 1.0  # each wait() call on the master is a long poll this long
 SHIPPED_SECONDS = 60.0  # how long a bundle the master said it holds is taken as still there (it may evict)
+# Deadlines (corral/agent/connection.py): a call the master has not answered by then is abandoned and its
+# connection dropped; the next call makes a new one. A call's deadline is its own long poll plus the margin.
+CALL_MARGIN_SECONDS = 15.0
+SUBMIT_SECONDS = 60.0  # a submission of SUBMIT_BATCH jobs, journaled (fsync'd, maybe) before the answer
+SETUP_SECONDS = 3 * CONNECT_SECONDS  # a manager's connect and a proxy's creation: three connections
+# A waiting call (wait(), map()) outlives a master that stops answering or restarts for this long:
+# it reconnects with back-off and asks again (asking again is harmless: they only look).
+RECOVER_SECONDS = 120.0
 
 
 Record = dict[str, Any]  # a job, agent, status or operation as the master sends it (see the README's JSON section)
@@ -58,20 +66,34 @@ class Client:
         self.state = StateDir(home)
         self._shipped: dict[str, float] = {}  # code bundles the master said it holds -> when it said so
         self._code_proxy: Any = None
+        self._fixed_address = address  # else the state directory's master.json, read again to reconnect
         self.address = address or self.state.master_address()
-        key = authkey or self.state.authkey()
-        self._manager = _ClientManager(address=self.address, authkey=key, serializer=SERIALIZER)
+        self._authkey = authkey or self.state.authkey()
         self._deploy: Any = None  # the deploy service's proxy, made on first use (most clients never deploy)
+        self._connect()
+
+    def _connect(self) -> None:
+        """A manager and a scheduler proxy on a new connection, within SETUP_SECONDS."""
+        self._manager = _ClientManager(address=self.address, authkey=self._authkey, serializer=SERIALIZER)
+        self._deploy = self._code_proxy = None
         where = f"{self.address[0]}:{self.address[1]}"
         try:
-            self._manager.connect()
-            self._scheduler: Any = getattr(self._manager, SCHEDULER_TYPEID)()
+            with deadline(SETUP_SECONDS):
+                self._manager.connect()
+                self._scheduler: Any = getattr(self._manager, SCHEDULER_TYPEID)()
         except AuthenticationError:
             raise AuthFailed(f"the master at {where} refused our authkey ({self.state.authkey_path})",
                              "use the authkey file of that master's state directory") from None
         except (ConnectionError, OSError, EOFError) as exc:
             raise MasterUnreachable(f"no master answers at {where} ({exc})",
                                     "start one with `corral master` (or just `corral`)") from None
+
+    def _reconnect(self) -> None:
+        """After a lost connection: the master again (it may have restarted on another port), new proxies."""
+        self.close()
+        if self._fixed_address is None:
+            self.address = self.state.master_address()
+        self._connect()
 
     def __enter__(self) -> "Client":
         return self
@@ -83,28 +105,48 @@ class Client:
         # Proxies to one address share a per-thread connection (BaseProxy._address_to_local), the
         # scheduler's and the deploy service's alike: close it and forget it, so another Client in this
         # thread reconnects instead of failing. multiprocessing has no public way to do this.
-        tls: Any = getattr(self._scheduler, "_tls", None)
-        if getattr(tls, "connection", None) is not None:
-            tls.connection.close()
-            del tls.connection
+        drop(self._scheduler)
 
     def _lost(self, exc: BaseException) -> MasterUnreachable:
         return MasterUnreachable(f"lost the master at {self.address[0]}:{self.address[1]} ({exc})",
                                  "is it still running? `corral status`")
 
-    def _call(self, method: str, *args: Any) -> Any:
-        return self._invoke(self._scheduler, method, args)
+    def _call(self, method: str, *args: Any, seconds: float = CALL_MARGIN_SECONDS) -> Any:
+        return self._invoke(self._scheduler, method, args, seconds)
 
-    def _invoke(self, proxy: Any, method: str, args: tuple[Any, ...]) -> Any:
-        """One call on a master proxy; its failures become the client's errors (one line each)."""
+    def _invoke(self, proxy: Any, method: str, args: tuple[Any, ...], seconds: float = CALL_MARGIN_SECONDS) -> Any:
+        """One call on a master proxy, answered within `seconds` (else its connection is dropped and the next
+        call makes a new one); its failures become the client's errors (one line each)."""
         try:
-            return getattr(proxy, method)(*args)
+            return call(proxy, method, seconds, *args)
         except CorralError:
             raise
         except RemoteError as exc:
             raise CorralError(f"the master failed on {method}(): {str(exc).strip().splitlines()[-1]}") from None
         except (ConnectionError, OSError, EOFError) as exc:
             raise self._lost(exc) from None
+
+    def _patiently(self, method: str, *args: Any, seconds: float) -> Any:
+        """A call that only looks (a wait): a master that stops answering, or goes away, for less than
+        RECOVER_SECONDS is waited for, reconnecting with back-off, and the call is made again."""
+        backoff = Backoff()
+        give_up = time.monotonic() + RECOVER_SECONDS
+        while True:
+            try:
+                return self._call(method, *args, seconds=seconds)
+            except MasterUnreachable:
+                if time.monotonic() > give_up:
+                    raise
+            while True:
+                time.sleep(backoff.next())
+                try:
+                    self._reconnect()
+                    break
+                except AuthFailed:
+                    raise  # another master now, not ours: waiting will not bring ours back
+                except CorralError:  # refused, not answering, no master.json yet (a restart under way)
+                    if time.monotonic() > give_up:
+                        raise
 
     # ---- submitting ---------------------------------------------------------------------
 
@@ -122,10 +164,10 @@ class Client:
             # Keep each message well under the master's cap on what it reads (MAX_MESSAGE_BYTES).
             size += len(checked.payload or b"") + len(checked.command or "") + 256
             if len(batch) >= SUBMIT_BATCH or size >= SUBMIT_BYTES:
-                ids += self._call("submit", batch)
+                ids += self._call("submit", batch, seconds=SUBMIT_SECONDS)
                 batch, size = [], 0
         if batch or not ids:
-            ids += self._call("submit", batch)
+            ids += self._call("submit", batch, seconds=SUBMIT_SECONDS)
         return ids
 
     def submit_command(self, command: str, **options: Any) -> int:
@@ -163,7 +205,7 @@ class Client:
         for start in range(0, len(payloads), SUBMIT_BATCH):
             last = start + SUBMIT_BATCH >= len(payloads)
             new_ids, finished = self._call("submit_map", template, payloads[start : start + SUBMIT_BATCH],
-                                           WAIT_POLL_SECONDS if last else 0.0)
+                                           WAIT_POLL_SECONDS if last else 0.0, seconds=SUBMIT_SECONDS + WAIT_POLL_SECONDS)
             ids += new_ids
             outcomes.update((row[0], row) for row in finished)
         while len(outcomes) < len(ids):
@@ -174,7 +216,8 @@ class Client:
                     raise MapTimeout(f"{len(ids) - len(outcomes)} of {len(ids)} jobs still not final after {timeout:g}s",
                                      "they keep running; see `corral jobs`")
             pending = [j for j in ids if j not in outcomes]
-            outcomes.update((row[0], row) for row in self._call("wait_outcomes", pending, poll))
+            outcomes.update((row[0], row) for row in
+                            self._patiently("wait_outcomes", pending, poll, seconds=poll + CALL_MARGIN_SECONDS))
         return self._unpack([outcomes[j] for j in ids])
 
     def submit_batch(self, template: dict[str, Any], payloads: list[bytes], wait: float = 0.0,
@@ -183,10 +226,11 @@ class Client:
         JobSpec's wire form, with "batch": [first index, total or None] to name the jobs "NAME [i/total]".
         `token` names this submission: sent again with the same token (its reply was lost), the master
         answers with the same ids and queues nothing. Returns (ids, outcomes of those final within `wait` seconds)."""
+        seconds = SUBMIT_SECONDS + max(0.0, float(wait))
         if token is None:
-            ids, finished = self._call("submit_map", template, payloads, wait)
+            ids, finished = self._call("submit_map", template, payloads, wait, seconds=seconds)
         else:
-            ids, finished = self._call("submit_map", template, payloads, wait, token)
+            ids, finished = self._call("submit_map", template, payloads, wait, token, seconds=seconds)
         return list(ids), list(finished)
 
     # ---- functions as objects, and their code ---------------------------------------------
@@ -210,14 +254,15 @@ class Client:
             return
         store = self._code_store()
         if self._invoke(store, "missing", ([bundle.digest],)):
-            self._invoke(store, "put", (bundle.digest, bundle.data))
+            self._invoke(store, "put", (bundle.digest, bundle.data), SUBMIT_SECONDS)
         self._shipped[bundle.digest] = time.monotonic()
 
     def _code_store(self) -> Any:
         """A proxy for the master's code store, on this Client's manager (made on first use)."""
         if self._code_proxy is None:
             try:
-                self._code_proxy = getattr(self._manager, CODE_TYPEID)()
+                with deadline(SETUP_SECONDS):
+                    self._code_proxy = getattr(self._manager, CODE_TYPEID)()
             except (ConnectionError, OSError, EOFError) as exc:
                 raise self._lost(exc) from None
         return self._code_proxy
@@ -235,14 +280,14 @@ class Client:
                 poll = min(poll, deadline - time.monotonic())
                 if poll <= 0:
                     break
-            states.update(self._call("wait", pending, poll))
+            states.update(self._patiently("wait", pending, poll, seconds=poll + CALL_MARGIN_SECONDS))
             pending = [j for j in pending if j not in states]
         return states
 
     def wait_outcomes(self, ids: Sequence[int], timeout: float = WAIT_POLL_SECONDS) -> list[Outcome]:
         """Long poll: the outcomes (as outcomes() gives them) of those of `ids` final within `timeout`
         (it returns early once all of them are)."""
-        return list(self._call("wait_outcomes", list(ids), timeout))
+        return list(self._call("wait_outcomes", list(ids), timeout, seconds=max(0.0, timeout) + CALL_MARGIN_SECONDS))
 
     def outcomes(self, ids: Sequence[int]) -> list[Outcome]:
         """(id, state, exit_code, value bytes, error) per job, in order."""
@@ -306,13 +351,14 @@ class Client:
 
     # ---- SSH deployment (the master's deploy service; see console/deploy/service.py) ---------------
 
-    def _deploy_call(self, method: str, *args: Any) -> Any:
+    def _deploy_call(self, method: str, *args: Any, seconds: float = CALL_MARGIN_SECONDS) -> Any:
         if self._deploy is None:
             try:
-                self._deploy = getattr(self._manager, DEPLOY_TYPEID)()
+                with deadline(SETUP_SECONDS):
+                    self._deploy = getattr(self._manager, DEPLOY_TYPEID)()
             except (ConnectionError, OSError, EOFError) as exc:
                 raise self._lost(exc) from None
-        return self._invoke(self._deploy, method, args)
+        return self._invoke(self._deploy, method, args, seconds)
 
     def deploy(self, aliases: Sequence[str], slots: int | None = None, tags: Sequence[str] | None = None,
                accept_new: bool = False, direct: bool | None = None, interactive: bool = False,
@@ -341,7 +387,8 @@ class Client:
         """An operation's events after sequence `since` (long-polling up to `wait` s), each host's state
         ({alias: {state, step, message, progress 0..1, error, hint, log_tail}}), open host-key questions,
         `next` (pass it as `since`), `done`, `ok` and `failed`."""
-        return cast(Record, self._deploy_call("progress", op_id, since, float(wait)))
+        return cast(Record, self._deploy_call("progress", op_id, since, float(wait),
+                                              seconds=max(0.0, float(wait)) + CALL_MARGIN_SECONDS))
 
     def answer_host_key(self, op_id: str, alias: str, fingerprint: str, accept: bool) -> bool:
         """Accept (into corral's known_hosts) or reject the unknown host key a deploy is waiting on."""
