@@ -14,7 +14,7 @@ from typing import List, Optional
 from .errors import CorralError, NameTaken
 from .protocol import AgentInfo
 from .runner import Agent, default_name, install_signal_handlers, python_version
-from .statedir import authkey_path, default_home, parse_address, read_authkey, read_master_address
+from .statedir import authkey_path, check_trusted, default_home, parse_address, read_authkey, read_master_address
 
 
 def build_parser(prog: str = "python -m corral.agent", add_help: bool = True) -> argparse.ArgumentParser:
@@ -40,6 +40,13 @@ def run_agent(args: argparse.Namespace) -> int:
         home = default_home()
         address = parse_address(args.connect) if args.connect else read_master_address(home)
         authkey = read_authkey(authkey_path(home, args.authkey_file))
+        spool = Path(args.spool) if args.spool else home / "spool"
+        # Results are loaded back from the spool: it is held to the state directory's rule.
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_trusted(spool, "spool directory", directory=True)
+    except OSError as exc:
+        print(f"corral agent: cannot use the spool directory: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 2
     except CorralError as exc:
         print(f"corral agent: {exc}", file=sys.stderr)
         return 2
@@ -58,7 +65,7 @@ def run_agent(args: argparse.Namespace) -> int:
                         format="%(asctime)s agent %(levelname)s %(message)s")
     locate = None if args.connect else functools.partial(read_master_address, home)
     agent = Agent(address, authkey, info, verbose=args.verbose, locate=locate,
-                  spool=Path(args.spool) if args.spool else home / "spool", name_is_default=args.name is None)
+                  spool=spool, name_is_default=args.name is None)
     install_signal_handlers(agent)
     if args.verbose:
         print(f"Connect to server {address[0]}:{address[1]}...", flush=True)

@@ -29,7 +29,7 @@ from .protocol import (
     JobState,
     Task,
 )
-from .statedir import default_home
+from .statedir import check_trusted, default_home
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,12 @@ def own_directory(directory: Path) -> None:
     """Make the cache directory (0700), or check that it is ours and no one else can write to it: what is
     in it runs as code, unchecked once unpacked (as ssh's StrictModes, a directory of another user's is refused)."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = directory.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+    try:
+        check_trusted(directory, "code cache", directory=True)  # the state directory's own rule
+    except CorralError as exc:
+        info = directory.stat()
         raise BadBundle(f"the code cache {directory} is not this user's alone (owner uid {info.st_uid},"
-                        f" mode {info.st_mode & 0o777:o}); refusing to run code from it")
+                        f" mode {info.st_mode & 0o777:o}; {exc.message}); refusing to run code from it") from None
 
 
 def unpack(files: List[Tuple[str, bytes]], target: Path) -> None:

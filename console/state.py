@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from corral.agent.errors import CorralError
-from corral.agent.statedir import AUTHKEY_NAME, MASTER_NAME, default_home, read_authkey, read_master_address
+from corral.agent.statedir import (AUTHKEY_NAME, MASTER_NAME, check_trusted, default_home, read_authkey,
+                                   read_master_address)
 
 CONSOLE_NAME = "console.json"  # the master and local agent a console started, so a later one may stop them
 START_LOCK_NAME = "start.lock"  # held while a console decides whether to start a master
@@ -67,9 +68,11 @@ class StateDir:
         return self.home / "logs"
 
     def ensure(self) -> None:
-        """Create the directory (0700) or check that it is a usable directory."""
+        """Create the directory (0700), or check that it is ours alone (check_trusted) and usable; a
+        directory of ours that others may read is tightened to 0700."""
         try:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            check_trusted(self.home, "state directory", directory=True)  # before chmod: root may chmod anyone's
             os.chmod(self.home, 0o700)
         except FileExistsError:
             raise CorralError(f"the state directory {self.home} is not a directory",
@@ -85,13 +88,19 @@ class StateDir:
         """The cluster's authkey, created on first use: 32 random bytes, hex-encoded, mode 0600."""
         self.ensure()
         path = self.authkey_path
-        if not path.exists():
-            fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:  # created with its final mode (no write-then-chmod), never through a planted symlink
+            fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            pass
+        else:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32) + "\n")
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            os.chmod(path, 0o600)
+        try:
+            check_trusted(path, "authkey")  # before chmod: a key another user planted is refused, not adopted
+        except FileNotFoundError:
+            return read_authkey(path)  # a dangling symlink: its one line
+        if stat.S_IMODE(path.lstat().st_mode) & 0o077:
+            os.chmod(path, 0o600)  # ours, only readable by others: tightened as before
         return read_authkey(path)
 
     def authkey(self) -> bytes:
@@ -155,8 +164,10 @@ class StateDir:
 
 
 def _read_record(path: Path) -> dict[str, Any]:
-    """A JSON object file; {} if it is missing or is not one (a record half-written by a crash reads as none)."""
+    """A JSON object file; {} if it is missing or is not one (a record half-written by a crash reads as none).
+    One that another user could have written is refused (check_trusted): these records name pids to stop."""
     try:
+        check_trusted(path, "record")
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
@@ -164,10 +175,17 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
-    """Write then rename: a reader sees the old record or the new one, never half of one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    """Write then rename: a reader sees the old record or the new one, never half of one. The temporary
+    file is made with its final mode (0600) by this process alone (O_EXCL, no symlink followed)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 def _unlink(path: Path) -> None:
