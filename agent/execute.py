@@ -111,6 +111,10 @@ def execute(task: Task) -> JobResult:
     started = time.time()
     if _is_cancelled(task.job_id):
         return JobResult(task.job_id, task.attempt, JobState.CANCELLED.value, started=started, ended=started)
+    fault = env_fault(task.env) if task.env else ""
+    if fault:  # refused whole, before any of it (or the job's code, or its cwd) is applied
+        return JobResult(task.job_id, task.attempt, JobState.FAILED.value, error=f"refused: {fault}",
+                         started=started, ended=time.time())
     try:
         if task.command is not None:
             return _run_shell(task, started)
@@ -306,9 +310,11 @@ def _run_callable(task: Task, started: float) -> JobResult:
         )
     out, err = _CappedBuffer(), _CappedBuffer()
     state, value, error, tb = JobState.DONE.value, None, "", ""
-    saved_env = _apply_env(task.env) if task.env else None
+    saved_env = _snapshot_env()  # the whole of it: a callable may change os.environ itself
     saved_cwd = os.getcwd() if task.cwd else None
     try:
+        if task.env:
+            os.environ.update(task.env)  # checked whole in execute(); inside the try, so undone whatever happens
         args, kwargs = pickle.loads(task.payload) if task.payload else ((), {})
         calls = kwargs if args == CHUNK_CALL else None  # (CHUNK_CALL, [args, ...]): a chunk, one call per args
         if task.cwd:
@@ -333,8 +339,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
     finally:
         if saved_cwd is not None:
             os.chdir(saved_cwd)
-        if saved_env is not None:
-            _restore_env(saved_env)
+        _restore_env(saved_env)
     return JobResult(
         task.job_id,
         task.attempt,
@@ -365,15 +370,42 @@ def _failure_value(exc: BaseException, tb: str) -> Optional[bytes]:
     return pickle.dumps((tb[-OUTPUT_TAIL_BYTES:], pickled))
 
 
-def _apply_env(env: Dict[str, str]) -> Dict[str, Optional[str]]:
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    return saved
+def env_fault(env: Any) -> str:
+    """Why this job's env cannot be applied whole ("" when it can): checked before any of it is.
+
+    The master refuses such env at submit (console/master/validate.py, env_rule); this is the
+    worker's own precondition, not a second copy of that rule: os.environ and exec take only str
+    names without '=' or NUL and str values without NUL, and a job whose env fails half-way
+    must not have applied the other half."""
+    if not isinstance(env, dict):
+        return f"env must map names to strings, not {type(env).__name__}"
+    for key, value in env.items():
+        if type(key) is not str or type(value) is not str:
+            return f"env must map names to strings, not {type(key).__name__} to {type(value).__name__}"
+        if not key or "=" in key or "\x00" in key:
+            return f"env name {key!r} is empty or holds '=' or NUL"
+        if "\x00" in value:
+            return f"env value of {key!r} holds a NUL character"
+        try:
+            os.fsencode(key)
+            os.fsencode(value)
+        except UnicodeEncodeError:
+            return f"env {key!r} cannot be encoded for this system"
+    return ""
 
 
-def _restore_env(saved: Dict[str, Optional[str]]) -> None:
-    for key, old in saved.items():
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+def _snapshot_env() -> Dict[str, str]:
+    """The worker's whole environment, to put back after a callable (whatever the job set or removed)."""
+    return dict(os.environ)
+
+
+def _restore_env(saved: Dict[str, str]) -> None:
+    """Make os.environ exactly `saved` again: the job's env, and anything the callable itself set,
+    removed or changed, leaves nothing behind for the next job on this worker."""
+    if os.environ == saved:  # nearly always after a job without env: one comparison, no writes
+        return
+    for key in [key for key in os.environ if key not in saved]:
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value

@@ -30,3 +30,15 @@ def getenv(name: str) -> str | None:
 
 def die() -> None:
     os._exit(7)
+
+
+def environ() -> dict[str, str]:
+    """The whole environment the job runs in."""
+    return dict(os.environ)
+
+
+def meddle_env_and_nap(seconds: float) -> None:
+    """Change the pool worker's environment itself, then sleep (to be timed out or cancelled)."""
+    os.environ["MEDDLED"] = "by an earlier job"
+    os.environ.pop("CORRAL_HOME", None)
+    time.sleep(seconds)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.agent.errors import BadJobSpec
 from corral.agent.protocol import OUTPUT_TAIL_BYTES, JobSpec
 from tests.cluster import Cluster, wait_for
 
@@ -155,6 +156,31 @@ def test_env_cwd_and_job_variables(cluster: Cluster, tmp_path: Path) -> None:
         env_job = c.submit_call("tests.jobs:getenv", ("GREETING",), env={"GREETING": "callable"})
         c.wait([env_job], timeout=20)
         assert c.values([env_job]) == ["callable"]
+
+
+def test_a_callable_with_bad_env_then_others_leave_the_worker_env_as_it_was(cluster: Cluster) -> None:
+    cluster.start_agent("a", slots=1)  # one pool worker: every job below runs on it, one after another
+    with cluster.client() as c:
+        first = c.submit_call("tests.jobs:environ")
+        c.wait([first], timeout=30)
+        [before] = c.values([first])
+        with pytest.raises(BadJobSpec) as refused:
+            c.submit_call("tests.jobs:environ", env={"GOOD": "1", "BAD": "a\x00b"})
+        assert "\n" not in str(refused.value) and "env value of 'BAD' holds a NUL character" in str(refused.value)
+        timed_out = c.submit_call("tests.jobs:meddle_env_and_nap", (60,), env={"GOOD": "1"}, timeout=1.0)
+        assert c.wait([timed_out], timeout=30) == {timed_out: "timeout"}
+        cancelled = c.submit_call("tests.jobs:meddle_env_and_nap", (60,), env={"GOOD": "2"})
+        wait_for(lambda: c.job(cancelled)["state"] == "running", timeout=30, what="the callable to start")
+        time.sleep(0.5)  # inside the function, past its changes
+        c.cancel([cancelled])
+        assert c.wait([cancelled], timeout=30) == {cancelled: "cancelled"}
+        failed = c.submit_call("tests.jobs:boom", ("x",), env={"GOOD": "3"})
+        assert c.wait([failed], timeout=30) == {failed: "failed"}
+        last = c.submit_call("tests.jobs:environ")
+        c.wait([last], timeout=30)
+        [after] = c.values([last])
+        assert {c.job(j)["agent"] for j in (first, timed_out, cancelled, failed, last)} == {"a"}
+    assert after == before
 
 
 def test_unimportable_callable_fails_and_agent_lives_on(cluster: Cluster) -> None:

@@ -22,3 +22,19 @@ def stubborn(seconds: float) -> None:
     """Ignore the timeout signal: only a kill of the worker ends it."""
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
     time.sleep(seconds)
+
+
+def env_of(*names: str) -> dict:
+    """The worker's environment, as far as these names go (None for unset)."""
+    return {name: os.environ.get(name) for name in names}
+
+
+def set_env_then(action: str, seconds: float = 0.0) -> None:
+    """Change the worker's environment itself, then end as told: "raise", "nap" (for a timeout or a cancel) or "return"."""
+    os.environ["SET_BY_JOB"] = "leak"
+    os.environ.pop("HOME", None)
+    os.environ["PATH"] = "/changed-by-job"
+    if action == "raise":
+        raise RuntimeError("failing with the environment changed")
+    if action == "nap":
+        time.sleep(seconds)
