@@ -22,7 +22,7 @@ if not os.path.exists(os.path.join(_here, "agent")) and os.path.isfile(os.path.j
 _EXPORTS = {
     "Client": "corral.console.client",
     "Pool": "corral.console.pool",
-    "Executor": "corral.console.pool",
+    "Executor": "corral.console.executor",
     "JobSpec": "corral.agent.protocol",
     "CorralError": "corral.agent.errors",
 }
