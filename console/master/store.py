@@ -400,10 +400,12 @@ class Journal:
                 f"SELECT {FINISHED_COLUMNS} FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids))}
         return [found[j] for j in ids if j in found]
 
-    def finished_page(self, needle: str, invert: bool, limit: int, offset: int) -> tuple[int | None, list[FinishedRow]]:
+    def finished_page(self, needle: str, invert: bool, limit: int, offset: int,
+                      known_total: int | None = None) -> tuple[int | None, list[FinishedRow]]:
         """Final jobs, most recently ended first, that match (or with `invert`, do not match) the
         lower-case `needle` (all of them when it is ''): (how many match, or None when not filtered;
-        the `limit` rows from `offset`)."""
+        the `limit` rows from `offset`). `known_total`: how many final jobs there are (the scheduler's
+        tally), for an unfiltered page."""
         where = f"{ENDED_SQL} AND {FINAL_SQL}"
         params: list[Any] = []
         total = None
@@ -413,10 +415,21 @@ class Journal:
                 where += f" AND {'NOT ' if invert else ''}{FINISHED_HAYSTACK} LIKE ? ESCAPE '\\'"
                 params.append(f"%{escaped}%")
                 total = int(self.reader.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()[0])
+            count = total if total is not None else known_total
+            # An OFFSET walks the index up to it: in the older half, walk from the oldest end instead
+            # (so `end` on a million jobs costs a window, not a million steps), then put the rows newest first.
+            from_oldest = count is not None and offset > count // 2
+            if from_oldest:
+                assert count is not None
+                start = count - offset - limit
+                limit, offset = (limit, start) if start >= 0 else (max(0, limit + start), 0)
+            order = "ASC" if from_oldest else "DESC"
             rows = self.reader.execute(
                 f"SELECT {FINISHED_COLUMNS} FROM jobs INDEXED BY jobs_ended WHERE {where}"
-                " ORDER BY ended DESC, id DESC LIMIT ? OFFSET ?",
+                f" ORDER BY ended {order}, id {order} LIMIT ? OFFSET ?",
                 (*params, limit, offset)).fetchall()
+        if from_oldest:
+            rows.reverse()
         return total, [FinishedRow._make(row) for row in rows]
 
 

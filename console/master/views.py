@@ -299,5 +299,5 @@ class Views:
         journal = self.scheduler.journal
         if ring is not None:
             return view.offset, total, journal.finished_by_ids(ring)
-        matched, rows = journal.finished_page(view.needle, view.invert, view.limit, view.offset)
+        matched, rows = journal.finished_page(view.needle, view.invert, view.limit, view.offset, known_total=total)
         return view.offset, total if matched is None else matched, rows

@@ -113,9 +113,9 @@ def test_the_expensive_halves_run_outside_the_lock(master: Master, monkeypatch: 
         held.append(s.lock.locked())
         return real_haystack(job)
 
-    def page(*args: Any) -> Any:
+    def page(*args: Any, **kwargs: Any) -> Any:
         held.append(s.lock.locked())
-        return real_page(*args)
+        return real_page(*args, **kwargs)
 
     monkeypatch.setattr(views_module, "haystack", haystack)
     monkeypatch.setattr(s.journal, "finished_page", page)
