@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import uuid
+from multiprocessing import AuthenticationError
 from pathlib import Path
 from typing import List, Optional
 
@@ -39,7 +40,8 @@ def run_agent(args: argparse.Namespace) -> int:
             raise CorralError(f"--slots must be at least 1, not {args.slots}")
         home = default_home()
         address = parse_address(args.connect) if args.connect else read_master_address(home)
-        authkey = read_authkey(authkey_path(home, args.authkey_file))
+        key_file = authkey_path(home, args.authkey_file)
+        authkey = read_authkey(key_file)
         spool = Path(args.spool) if args.spool else home / "spool"
         # Results are loaded back from the spool: it is held to the state directory's rule.
         spool.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -74,6 +76,10 @@ def run_agent(args: argparse.Namespace) -> int:
     except NameTaken as exc:
         print(f"corral agent: {exc}", file=sys.stderr, flush=True)
         return 2
+    except AuthenticationError:  # either side's challenge failed: the two keys differ
+        print(f"corral agent: the master at {agent.address[0]}:{agent.address[1]} holds another authkey than"
+              f" {key_file} (use that master's state directory's authkey: --authkey-file)", file=sys.stderr, flush=True)
+        return 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:

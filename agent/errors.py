@@ -19,6 +19,10 @@ class BadJobSpec(CorralError):
     """A submission the master refuses: nothing of it was queued."""
 
 
+class BadCall(CorralError):
+    """A call whose arguments the master refuses (a wait of "soon", a list limit past any count): nothing changed."""
+
+
 class UnknownJob(CorralError):
     """A job id the master has never issued."""
 

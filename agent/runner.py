@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 import time
+from multiprocessing import AuthenticationError
 from multiprocessing.managers import BaseManager
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Set, Tuple
@@ -125,6 +126,15 @@ class Agent:
                     self._register()
                 except NameTaken:
                     raise
+                except AuthenticationError as exc:
+                    if not self.session:
+                        raise  # the first master we reach holds another key: the caller says so and exits 1
+                    # Registered before: the port may now be another cluster's master, or ours restarted
+                    # with a new key; wait for ours as for any master that does not answer.
+                    log.warning("master %s:%s refused our authkey (%s); retrying in %.1fs", *self.address, exc, backoff)
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_CAP_SECONDS)
+                    continue
                 except (OSError, EOFError, CorralError) as exc:
                     if self.draining.is_set() and self._idle():
                         break

@@ -19,7 +19,7 @@ from .batches import batch_name, in_batch
 from .callables import Call, describe
 from .deploy import DEPLOY_TYPEID
 from .errors import AuthFailed, JobFailed, MapTimeout, MasterUnreachable
-from .master.validate import check
+from .master.validate import check, poll_rule
 from .state import StateDir
 
 SUBMIT_BATCH = 10_000  # jobs per submit() round trip
@@ -38,6 +38,14 @@ RECOVER_SECONDS = 120.0
 
 Record = dict[str, Any]  # a job, agent, status or operation as the master sends it (see the README's JSON section)
 Outcome = tuple[int, str, int | None, bytes | None, str | None]  # (id, state, exit_code, value, error)
+
+
+def _last_words(text: str, limit: int = 200) -> str:
+    """The last line of an error's text that says something (not a rule of dashes), bounded: it may be
+    the master's, or a peer's, of any size."""
+    said = [line.strip() for line in text[-10_000:].splitlines() if line.strip(" -\t")]
+    last = said[-1] if said else "(no message)"
+    return last if len(last) <= limit else last[: limit - 1] + "…"
 
 
 class _ClientManager(BaseManager):
@@ -121,10 +129,15 @@ class Client:
             return call(proxy, method, seconds, *args)
         except CorralError:
             raise
-        except RemoteError as exc:
-            raise CorralError(f"the master failed on {method}(): {str(exc).strip().splitlines()[-1]}") from None
+        except RemoteError as exc:  # the master's own traceback, framed by rules of dashes: its last words
+            raise CorralError(f"the master failed on {method}(): {_last_words(str(exc))}",
+                              "see the master's log (logs/master.log)") from None
         except (ConnectionError, OSError, EOFError) as exc:
             raise self._lost(exc) from None
+        except Exception as exc:  # noqa: BLE001 - an argument that does not pickle here, a builtin error the
+            # master raised (managers sends those back as they are): one line too, never a traceback
+            raise CorralError(f"{method}() failed: {type(exc).__name__}: {_last_words(str(exc))}",
+                              "a bad argument to the call, or a bug: see the master's log") from None
 
     def _patiently(self, method: str, *args: Any, seconds: float) -> Any:
         """A call that only looks (a wait): a master that stops answering, or goes away, for less than
@@ -226,7 +239,8 @@ class Client:
         JobSpec's wire form, with "batch": [first index, total or None] to name the jobs "NAME [i/total]".
         `token` names this submission: sent again with the same token (its reply was lost), the master
         answers with the same ids and queues nothing. Returns (ids, outcomes of those final within `wait` seconds)."""
-        seconds = SUBMIT_SECONDS + max(0.0, float(wait))
+        check(dict(template, payload=None), "template")  # here as at the master: a function object, a bad field
+        seconds = SUBMIT_SECONDS + (poll_rule(wait, "wait") or 0.0)
         if token is None:
             ids, finished = self._call("submit_map", template, payloads, wait, seconds=seconds)
         else:

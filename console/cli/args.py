@@ -155,11 +155,12 @@ def _job_options(p: argparse.ArgumentParser) -> None:
 def _add_job_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("submit", help="submit a shell command: corral submit [OPTIONS] -- COMMAND...")
     _job_options(p)
-    p.add_argument("command", nargs=argparse.REMAINDER, help="the command; one argument is shell text, several are quoted")
+    p.add_argument("command", nargs=argparse.REMAINDER, type=_job(validate.command_word_rule),
+                   help="the command; one argument is shell text, several are quoted")
 
     p = sub.add_parser("call", help="submit a Python callable: corral call module:function [JSON ARGS...]")
     _job_options(p)
-    p.add_argument("func", metavar="module:function")
+    p.add_argument("func", metavar="module:function", type=_job(validate.func_rule))
     p.add_argument("args", nargs="*", metavar="ARG", help="arguments, each as JSON (e.g. 3 '\"text\"' '[1,2]')")
 
     p = sub.add_parser("jobs", help="list jobs, newest first")

@@ -19,7 +19,8 @@ from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, LOST, QUEUED, RUNNIN
 from .reports import check_results
 from .store import Journal, Outcome, Submission, encode_env, encode_tags
 from .rows import pack
-from .validate import MAX_JOBS, Checked, batch_rule, check, is_whole, payload_rule, shown, size_rule, token_rule
+from .validate import (MAX_JOBS, Checked, batch_rule, check, is_whole, payload_rule, poll_rule, shown, size_rule,
+                       token_rule)
 from .views import Views
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class Scheduler:
         (ids, outcomes of those already final), so one round trip can carry a whole small map.
         `token` (the client's name for this submission) makes it idempotent: sent again, it is answered
         with the jobs it queued the first time (a Pool resubmits after a reply lost with its connection)."""
+        wait = poll_rule(wait, "submit_map()'s wait") or 0.0
         if token is not None:
             try:
                 token_rule(token)
@@ -201,7 +203,7 @@ class Scheduler:
             checked = [base._replace(name=name)
                        for name in batch_names(base.name, batch_rule(batch, len(payloads)), len(payloads))]
         ids = self._queue(checked, payloads, token)
-        return ids, (self.wait_outcomes(ids, wait) if wait and wait > 0 else [])
+        return ids, (self.wait_outcomes(ids, wait) if wait > 0 else [])
 
     def _queue(self, checked: list[Checked], payloads: list[bytes] | None = None, token: str | None = None) -> list[int]:
         """Journal, then queue, checked jobs; returns their ids. `payloads`, when given, replace each
@@ -308,7 +310,8 @@ class Scheduler:
     def wait(self, ids: Any, timeout: float | None = 1.0) -> dict[int, str]:
         """Long poll: return {id: state} for those of `ids` that are final, waiting up to `timeout`
         for all of them to be."""
-        deadline = None if timeout is None else time.time() + min(float(timeout), 30.0)
+        timeout = poll_rule(timeout)
+        deadline = None if timeout is None else time.time() + timeout
         with self.lock:
             pending = set(self.check_ids(ids))
             while True:

@@ -6,7 +6,7 @@ import math
 from typing import Any, Mapping, NamedTuple
 
 from corral.agent.codecache import is_digest
-from corral.agent.errors import BadJobSpec
+from corral.agent.errors import BadCall, BadJobSpec
 from corral.agent.protocol import MAX_PAYLOAD_BYTES, JobSpec
 
 # ---- the limits (README, "Bounded") ---------------------------------------------------------
@@ -17,6 +17,8 @@ MAX_NAME = 200  # characters of a job's name
 MAX_RETRIES = 100
 MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1  # a 32-bit signed integer
 MAX_TIMEOUT = 30 * 24 * 3600  # seconds: 30 days
+MAX_POLL = 30.0  # seconds one long poll (wait, wait_outcomes, submit_map's wait) holds a call, at most
+MAX_LIST = 10**9  # jobs one listing may ask for; a view's offset is at most that too
 FUNC_HINT = "e.g. mypkg.tasks:resize"
 _SUBJECTS = {"command": "the command", "job": "the job"}  # how a message names these fields
 
@@ -90,6 +92,15 @@ def command_rule(value: Any) -> str:
     fault = _text_fault(value)
     if fault:
         raise Invalid("command", fault)
+    return value
+
+
+def command_word_rule(value: str) -> str:
+    """One word of a command line (`corral submit -- WORD...`): text the command can carry, any word
+    (an empty one too, `echo ""`); the command they make is checked whole by command_rule."""
+    fault = _text_fault(value)
+    if fault:
+        raise Invalid("command", f"word {shown(value)} {fault}")
     return value
 
 
@@ -243,6 +254,25 @@ def size_rule(command: str | None, payload: bytes | None) -> None:
     if size > MAX_JOB_BYTES:
         raise Invalid("job", f"is {size} bytes of command and arguments; the limit is {MAX_JOB_BYTES}",
                       "pass large data by path, not by value")
+
+
+# ---- the other arguments of the master's calls (not job fields): BadCall, one line each ------------
+
+def poll_rule(value: Any, what: str = "timeout") -> float | None:
+    """How long a long poll may wait: None (the cap), or 0 or more seconds, held to MAX_POLL."""
+    if value is None:
+        return None
+    if type(value) not in (int, float) or math.isnan(value) or value < 0:
+        raise BadCall(f"{what} must be a number of seconds (0 or more), not {shown(value)}")
+    return min(float(value), MAX_POLL)
+
+
+def limit_rule(value: Any, what: str = "limit") -> int:
+    """How many rows a listing may return, or where a view's window starts: a whole number 0..MAX_LIST
+    (SQLite's own integers end at 2**63: past that it would fail with OverflowError, not a message)."""
+    if not is_whole(value) or not 0 <= value <= MAX_LIST:
+        raise BadCall(f"{what} must be a whole number from 0 to {MAX_LIST:,}, not {shown(value)}")
+    return int(value)
 
 
 # ---- whole specs --------------------------------------------------------------------------------

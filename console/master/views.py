@@ -20,7 +20,7 @@ from corral.agent.protocol import JobState
 
 from .records import DONE, FINAL, QUEUED, RUNNING, Job
 from .rows import DispatchedRow, FinishedRow, pack
-from .validate import is_whole, shown
+from .validate import MAX_LIST, is_whole, limit_rule, shown
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -57,7 +57,8 @@ def window(name: str, view: Any) -> Window:
     if not isinstance(view, dict):
         raise CorralError(f"bad {name} view: {shown(view)}", "a dict of offset, limit, match, invert")
     offset, limit, match = view.get("offset", 0), view.get("limit", 100), view.get("match") or ""
-    if not is_whole(offset) or offset < 0 or not is_whole(limit) or limit < 1 or not isinstance(match, str):
+    if (not is_whole(offset) or not 0 <= offset <= MAX_LIST or not is_whole(limit) or limit < 1
+            or not isinstance(match, str)):
         raise CorralError(f"bad {name} view: offset {shown(offset)}, limit {shown(limit)}, match {shown(match)}",
                           "offset >= 0, limit >= 1, match a string")
     return Window(offset, min(limit, WINDOW), match.lower(), bool(view.get("invert")))
@@ -137,9 +138,8 @@ class Views:
         """Jobs newest first, as `corral jobs` lists them; with `before`, only ids below it (the next page)."""
         if states is not None and (not isinstance(states, list) or not all(isinstance(x, str) for x in states)):
             raise CorralError(f"states must be a list of job states, not {shown(states)}")
-        if not is_whole(limit) or limit < 0:
-            raise CorralError(f"limit must be a whole number, not {shown(limit)}")
-        if before is not None and not is_whole(before):
+        limit = limit_rule(limit)
+        if before is not None and (not is_whole(before) or not 0 <= before < 2**63):
             raise CorralError(f"before must be a job id, not {shown(before)}")
         s = self.scheduler
         journal = s.journal

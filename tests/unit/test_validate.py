@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from corral.agent.errors import BadJobSpec
+from corral.agent.errors import BadCall, BadJobSpec
 from corral.agent.protocol import JobSpec
 from corral.console.cli import build_parser
 from corral.console.master import validate as v
@@ -265,3 +265,48 @@ def test_the_limits_are_documented_in_the_readme() -> None:
     for figure in ("100,000 jobs", "1 MiB", "200 characters", "100 retries", "-2,147,483,648", "2,147,483,647",
                    "30 days"):
         assert figure in text, figure
+
+
+# ---- the other arguments of the master's calls --------------------------------------------------
+
+@pytest.mark.parametrize("value, kept", [(None, None), (0, 0.0), (2.5, 2.5), (10**6, v.MAX_POLL),
+                                         (float("inf"), v.MAX_POLL)])
+def test_a_long_poll_waits_at_most_max_poll(value: Any, kept: float | None) -> None:
+    assert v.poll_rule(value) == kept
+
+
+@pytest.mark.parametrize("value", ["soon", -1, float("nan"), True, [1], b"1"])
+def test_a_long_poll_of_anything_else_is_refused_in_one_line(value: Any) -> None:
+    with pytest.raises(BadCall) as caught:
+        v.poll_rule(value, "wait")
+    assert str(caught.value).startswith("wait must be a number of seconds (0 or more), not ")
+
+
+@pytest.mark.parametrize("value", [-1, 10**100, v.MAX_LIST + 1, 1.0, "5", True, None])
+def test_limits_are_whole_numbers_sqlite_can_hold(value: Any) -> None:
+    with pytest.raises(BadCall, match="limit must be a whole number from 0 to 1,000,000,000, not"):
+        v.limit_rule(value)
+    assert v.limit_rule(0) == 0 and v.limit_rule(v.MAX_LIST) == v.MAX_LIST
+
+
+def test_command_words_are_any_text_the_command_can_carry() -> None:
+    assert v.command_word_rule("") == "" and v.command_word_rule("café") == "café"
+    with pytest.raises(v.Invalid, match="word 'caf\\\\udce9' is not valid UTF-8 text"):
+        v.command_word_rule("caf\udce9")  # how Python hands over argv bytes that are not UTF-8
+    with pytest.raises(v.Invalid, match="holds a NUL character"):
+        v.command_word_rule("a\x00")
+
+
+def test_the_cli_refuses_a_bad_command_or_function_name_as_a_malformed_command_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, said in [(["submit", "--", "echo", "caf\udce9"], "corral submit: argument command: word 'caf\\udce9'"
+                        " is not valid UTF-8 text"),
+                       (["call", "not a function"], "corral call: argument module:function: 'not a function' is not"
+                        " a module:function name")]:
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(said) and err.count("\n") == 1, err
+    assert build_parser().parse_args(["submit", "--", "echo", ""]).command == ["--", "echo", ""]
+    assert build_parser().parse_args(["call", FUNC]).func == FUNC
