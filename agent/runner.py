@@ -131,9 +131,9 @@ class Agent:
                         raise  # the first master we reach holds another key: the caller says so and exits 1
                     # Registered before: the port may now be another cluster's master, or ours restarted
                     # with a new key; wait for ours as for any master that does not answer.
-                    log.warning("master %s:%s refused our authkey (%s); retrying in %.1fs", *self.address, exc, backoff)
-                    self._sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_CAP_SECONDS)
+                    pause = backoff.next()
+                    log.warning("master %s:%s refused our authkey (%s); retrying in %.1fs", *self.address, exc, pause)
+                    self._sleep(pause)
                     continue
                 except (OSError, EOFError, CorralError) as exc:
                     if self.draining.is_set() and self._idle():

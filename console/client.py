@@ -285,6 +285,7 @@ class Client:
 
     def wait(self, ids: Sequence[int], timeout: float | None = None) -> dict[int, str]:
         """Block until every job is final (or `timeout` passes); returns {id: state} of the final ones."""
+        poll_rule(timeout)  # a number of seconds, or None (BadCall, one line); a total, so not held to MAX_POLL
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(ids)
         states: dict[int, str] = {}
@@ -301,7 +302,8 @@ class Client:
     def wait_outcomes(self, ids: Sequence[int], timeout: float = WAIT_POLL_SECONDS) -> list[Outcome]:
         """Long poll: the outcomes (as outcomes() gives them) of those of `ids` final within `timeout`
         (it returns early once all of them are)."""
-        return list(self._call("wait_outcomes", list(ids), timeout, seconds=max(0.0, timeout) + CALL_MARGIN_SECONDS))
+        poll = poll_rule(timeout)  # the master's own rule, said here before anything is sent
+        return list(self._call("wait_outcomes", list(ids), timeout, seconds=(poll or 0.0) + CALL_MARGIN_SECONDS))
 
     def outcomes(self, ids: Sequence[int]) -> list[Outcome]:
         """(id, state, exit_code, value bytes, error) per job, in order."""

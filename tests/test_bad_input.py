@@ -107,7 +107,9 @@ def test_the_client_and_the_master_refuse_the_same_rules_with_one_line(cluster: 
         refused(BadJobSpec, lambda: c._call("submit", [{"command": "true"}] * 100_001), "the limit is 100000")
         # The other arguments of the master's calls: BadCall, not a builtin error from deep inside.
         refused(BadCall, lambda: c.wait_outcomes([1], "soon"), "timeout must be a number of seconds")  # type: ignore[arg-type]
+        refused(BadCall, lambda: c.wait([1], "soon"), "timeout must be a number of seconds")  # type: ignore[arg-type]
         refused(BadCall, lambda: c._call("wait", [1], float("nan")), "timeout must be a number of seconds")
+        refused(BadCall, lambda: c._call("wait_outcomes", [1], "soon"), "timeout must be a number of seconds")
         refused(BadCall, lambda: c.jobs(limit=10**100), "limit must be a whole number from 0 to 1,000,000,000")
         refused(BadCall, lambda: c._call("submit_map", {"func": "m:f"}, [b"x"], "soon"), "wait must be a number")
         refused(CorralError, lambda: c.snapshot(0, {"finished": {"offset": 10**30, "limit": 5}}), "bad finished view")
