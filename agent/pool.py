@@ -30,9 +30,11 @@ _CANCELLED, _TIMEOUT = JobState.CANCELLED.value, JobState.TIMEOUT.value
 Report = Callable[[List[JobResult]], None]
 
 
-def released(task: Task, why: str) -> JobResult:
-    """A result that gives a never-started task back to the master, to be queued again."""
-    return JobResult(task.job_id, task.attempt, RELEASED, error=why)
+def released(task: Task, why: str, started: float = 0.0) -> JobResult:
+    """A result that gives a task back to the master, to be queued again: never started (started 0),
+    or started and killed by this agent's stop (the master keeps that attempt as interrupted)."""
+    return JobResult(task.job_id, task.attempt, RELEASED, error=why, started=started,
+                     ended=time.time() if started else 0.0)
 
 
 class _Held:
@@ -336,9 +338,10 @@ class JobPool:
         self.events.close()
         return killed
 
-    def held_tasks(self) -> List[Task]:
+    def held_tasks(self) -> List[Tuple[Task, float]]:
+        """The tasks held, each with when its worker started it (0.0: not started)."""
         with self.lock:
-            return [held.task for held in self.held.values()]
+            return [(held.task, held.started) for held in self.held.values()]
 
 
 def _signal(pid: int, signum: int) -> None:

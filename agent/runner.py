@@ -306,15 +306,15 @@ class Agent:
         killed = pool.stop()
         if killed or self.stopping.is_set():
             why = "stopped by a second signal" if self.stopping.is_set() else "the agent stopped"
-            self._hand_back(killed, [released(task, why) for task in pool.held_tasks()])
+            self._hand_back(killed, [released(task, why, started) for task, started in pool.held_tasks()], why)
 
-    def _hand_back(self, killed: Set[int], results: List[JobResult]) -> None:
+    def _hand_back(self, killed: Set[int], results: List[JobResult], why: str) -> None:
         """After a forced stop, tell the master (best effort) that our killed jobs should run again,
         rather than leave them to wait out this agent's lease."""
         pending = self.outbox.wait(0)
         # A job we killed may have ended (killed by signal 9) before the pool went: that is our
         # doing, not the job's failure, so it too is handed back to run again.
-        results = results + [result._replace(state=RELEASED) if result.job_id in killed else result
+        results = results + [result._replace(state=RELEASED, error=why) if result.job_id in killed else result
                              for result in pending]
         if not results or not self.session:
             return

@@ -247,9 +247,10 @@ def test_second_sigterm_kills_running_jobs(cluster: Cluster, tmp_path: Path) -> 
         proc.terminate()
         assert proc.wait(timeout=20) == 1
         wait_for(lambda: not alive(pid), timeout=5, what="the job's process group to be killed")
-        # Not recorded as an outcome: handed back to the queue, to run again elsewhere.
+        # Not recorded as an outcome: handed back to the queue, to run again elsewhere. The attempt
+        # it killed stays in the history (issue 9), as interrupted, counting nothing.
         assert c.job(job)["state"] == "queued"
-        assert c.job(job)["attempt_list"] == []
+        assert [(a["state"], a["counted"]) for a in c.job(job)["attempt_list"]] == [("interrupted", 0)]
 
 
 @pytest.mark.parametrize("slots", [1])

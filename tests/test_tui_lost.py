@@ -37,3 +37,37 @@ async def test_lost_agent_and_lost_job_with_the_reason(tmp_path: Path) -> None:
             assert "its agent was lost 1 time" in text and "agent doomed lost" in text
     finally:
         cluster.stop()
+
+
+async def test_the_detail_lists_the_lost_attempt_and_the_one_that_ran_after(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "home")
+    cluster.start_master("--lease", "1.5")
+    try:
+        agent = cluster.start_agent("doomed", slots=1, tags="x")
+        with cluster.client() as c:
+            job = c.submit([{"command": "sleep 2; echo second", "name": "survivor", "tags": ["x"]}])[0]
+        app = CorralApp(home=cluster.home)
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app)
+            dispatched, finished = main(app).dispatched_pane, main(app).finished_pane
+            await until(pilot, lambda: (r := row_of(dispatched, job)) and r[2] == "running" and r[4] == "doomed",
+                        "the job running on doomed")
+            agent.send_signal(signal.SIGKILL)
+            agent.wait(timeout=30)
+            cluster.start_agent("rescuer", slots=1, tags="x")
+            await until(pilot, lambda: (r := row_of(finished, job)) and r[2] == "done", "the job done on rescuer",
+                        timeout=60)
+            await select(pilot, finished, job)
+            await pilot.press("enter")
+            detail = app.screen
+            assert isinstance(detail, JobDetailScreen)
+            await until(pilot, lambda: detail.record and detail.record["state"] == "done", "the detail's record")
+            text = str(detail.query_one("#detail-text").render())
+            assert "attempt 1 on doomed: lost" in text and "why: agent doomed lost: silent for" in text
+            assert "attempt 2 on rescuer: done" in text and "second" in text
+            assert "superseded" not in text
+        shown = cluster.corral("show", str(job))
+        assert shown.returncode == 0 and "attempt 1 on doomed: lost" in shown.stdout, shown
+        assert "attempt 2 on rescuer: done" in shown.stdout
+    finally:
+        cluster.stop()

@@ -13,6 +13,9 @@ from corral.agent.protocol import JobState
 if TYPE_CHECKING:
     from ..deploy.inventory import Host
 
+# Attempt states of attempts that ended without a result (console/master/records.py UNFINISHED).
+UNFINISHED = frozenset({"lost", "interrupted"})
+
 EXIT_ERROR = 1  # an operation failed (no master, unknown job, refused submission)
 EXIT_USAGE = 2  # the command line itself is wrong
 EXIT_TIMEOUT = 124  # like timeout(1): a job or a wait ran out of time
@@ -103,11 +106,12 @@ def job_detail(record: Record) -> str:
     if record["func"] and record["value"] is not None:
         lines.append(f"  value     {value_repr(record['value'])}")
     for a in record["attempt_list"]:
-        note = "" if a["counted"] else "  (not counted: superseded)"
+        unfinished = a["state"] in UNFINISHED  # ended without a result: the error says why
+        note = "" if a["counted"] or unfinished else "  (not counted: superseded)"
         lines.append(f"\n  attempt {a['attempt']} on {a['agent']}: {a['state']}, exit {a['exit_code']}, {_took(a)},"
                      f" {clock(a['started'])} → {clock(a['ended'])}{note}")
         if a["error"]:
-            lines.append(f"    error: {a['error']}")
+            lines.append(f"    {'why' if unfinished else 'error'}: {a['error']}")
         for label in ("stdout", "stderr", "traceback"):
             if a[label]:
                 lines.append(f"    --- {label} ---")

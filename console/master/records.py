@@ -15,6 +15,10 @@ DONE, FAILED, TIMEOUT = JobState.DONE.value, JobState.FAILED.value, JobState.TIM
 CANCELLED, LOST = JobState.CANCELLED.value, JobState.LOST.value
 FINAL = frozenset(s.value for s in FINAL_STATES)
 RESULT_STATES = frozenset({DONE, FAILED, TIMEOUT, CANCELLED, RELEASED})  # what an agent may report
+# Attempt states the master writes itself (never a job's state, never reported by an agent): an attempt
+# that ended without a result, because its agent was lost (LOST) or stopped it on purpose (INTERRUPTED).
+INTERRUPTED = "interrupted"
+UNFINISHED = frozenset({LOST, INTERRUPTED})
 
 # The wire form of one attempt, in agent.protocol.Task's field order:
 # (job_id, attempt, command, func, payload, env, cwd, timeout, code).

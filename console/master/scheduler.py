@@ -14,8 +14,8 @@ from typing import Any
 from corral.agent.errors import BadJobSpec, CorralError, NameTaken, ProtocolMismatch, UnknownAgent, UnknownJob
 from corral.agent.protocol import MAX_PAYLOAD_BYTES, OUTPUT_TAIL_BYTES, PROTOCOL_VERSION, RELEASED, JobResult
 
-from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, LOST, QUEUED, RUNNING, TIMEOUT, AgentRecord, AgentState, Retention,
-                      Job, TaskTuple)
+from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, INTERRUPTED, LOST, QUEUED, RUNNING, TIMEOUT, UNFINISHED,
+                      AgentRecord, AgentState, Job, Retention, TaskTuple)
 from .reports import check_results
 from .store import Journal, Outcome, Submission, encode_env, encode_tags
 from .rows import pack
@@ -479,15 +479,23 @@ class Scheduler:
             writes.event("late result of %d attempt %d from %s wins", job_id, attempt, agent.name)
         if not counted and state != RELEASED and self._reported_before(r, agent.name):
             return  # a report sent again (its reply was lost): this result is in the journal already
+        # A release of an attempt that had started (the agent was stopped and killed it) is an
+        # attempt that ran: it stays in the history as interrupted, with the agent's reason.
+        interrupted = state == RELEASED and r.started > 0
+        if interrupted:
+            writes.attempts.append(_unfinished_row(job_id, attempt, agent.name, INTERRUPTED, r.started,
+                                                   r.ended or writes.now, r.error or "the agent stopped it", 0,
+                                                   r.stdout, r.stderr))
         # A clean, counted run needs no row of its own: the jobs row holds its whole story.
-        if state != RELEASED and (r.stdout or r.stderr or r.error or not counted or state != DONE or attempt > 1):
+        elif state != RELEASED and (r.stdout or r.stderr or r.error or not counted or state != DONE or attempt > 1):
             writes.attempts.append((job_id, attempt, agent.name, state, r.started, r.ended, r.exit_code,
                                     r.stdout, r.stderr, r.error, r.traceback, int(counted)))
         if not counted or job is None:
             return  # a stale attempt (re-queued meanwhile, or already final): history only
         self._changed(job_id)
         if state == RELEASED:
-            job.attempts -= 1
+            if not interrupted:
+                job.attempts -= 1  # handed back unstarted: no attempt was made
             self._requeue(job, writes.requeued)
             return
         if state in (FAILED, TIMEOUT):
@@ -542,12 +550,18 @@ class Scheduler:
         row = self.journal.job(r.job_id)
         if row is not None and (row.state, row.agent, row.ended) == (r.state, agent, r.ended):
             return True
-        return any(a.attempt == r.attempt and a.agent == agent for a in self.journal.attempts(r.job_id))
+        # The master's own record of an attempt it gave up on (lost, interrupted) is no result: the
+        # agent's real one, arriving late, replaces it.
+        return any(a.attempt == r.attempt and a.agent == agent and a.state not in UNFINISHED
+                   for a in self.journal.attempts(r.job_id))
 
-    def _requeue_lost(self, agent: AgentRecord, keep: set[int], reason: str) -> None:
-        """Jobs an agent held and no longer runs go back to the queue (or end `lost` past max_lost)."""
+    def _requeue_lost(self, agent: AgentRecord, keep: set[int], reason: str, how: str = LOST) -> None:
+        """Jobs an agent held and no longer runs go back to the queue (or end `lost` past max_lost).
+        Each such attempt stays in the job's history, `how` it ended (lost, or interrupted when the
+        agent was stopped on purpose), with `reason`."""
         requeue_rows: list[tuple[Any, ...]] = []
         finish_rows: list[tuple[Any, ...]] = []
+        history: list[tuple[Any, ...]] = []
         now = time.time()
         for job_id in sorted(agent.running - keep):
             job = self.jobs.get(job_id)
@@ -555,7 +569,11 @@ class Scheduler:
                 continue
             job.lost += 1
             self._changed(job_id)
-            if job.lost > self.max_lost:
+            final = job.lost > self.max_lost
+            # The attempt that makes the job final is the one its outcome comes from: counted.
+            history.append(_unfinished_row(job_id, job.attempts, agent.name, how, job.started, now, reason,
+                                           int(final)))
+            if final:
                 del self.jobs[job_id]
                 self._final(job_id, LOST)
                 finish_rows.append((job.lost, now, f"its agent was lost {_times(job.lost)} ({reason})", job_id))
@@ -565,7 +583,8 @@ class Scheduler:
                 log.info("requeued %d: %s", job_id, reason)
         agent.running &= keep
         if requeue_rows or finish_rows:
-            self.journal.write([(Journal.REQUEUE, requeue_rows), (Journal.LOST, finish_rows)])
+            self.journal.write([(Journal.ATTEMPT, history), (Journal.REQUEUE, requeue_rows),
+                                (Journal.LOST, finish_rows)])
             self.work.notify_all()
             self.finished.notify_all()
 
@@ -588,7 +607,7 @@ class Scheduler:
             if agent is None:
                 return
             self.sessions.pop(agent.session, None)
-            self._requeue_lost(agent, keep=set(), reason=reason)
+            self._requeue_lost(agent, keep=set(), reason=reason, how=INTERRUPTED)
             agent.state = AgentState.STOPPED
         log.info("agent %s stopped: %s", name, reason)
 
@@ -600,8 +619,9 @@ class Scheduler:
             for agent in list(self.agents.values()):
                 if not agent.state.gone and now - agent.last_seen > self.lease_seconds:
                     agent.state = AgentState.LOST
-                    log.info("agent %s lost: silent for %.1fs", agent.name, now - agent.last_seen)
-                    self._requeue_lost(agent, keep=set(), reason=f"agent {agent.name} lost")
+                    silent = now - agent.last_seen
+                    log.info("agent %s lost: silent for %.1fs", agent.name, silent)
+                    self._requeue_lost(agent, keep=set(), reason=f"agent {agent.name} lost: silent for {silent:.1f}s")
             if self.orphans_since and now - self.orphans_since > self.lease_seconds:
                 self.orphans_since = 0.0
                 held: dict[str, set[int]] = {}
@@ -613,7 +633,14 @@ class Scheduler:
                 for name, ids in held.items():
                     ghost = AgentRecord(name, "", {}, now)
                     ghost.running = ids
-                    self._requeue_lost(ghost, keep=set(), reason=f"agent {name} did not come back")
+                    self._requeue_lost(ghost, keep=set(),
+                                       reason=f"agent {name} did not come back after the master restarted")
+
+
+def _unfinished_row(job_id: int, attempt: int, agent: str, state: str, started: float | None, ended: float,
+                    reason: str, counted: int, stdout: str = "", stderr: str = "") -> tuple[Any, ...]:
+    """The attempts row of an attempt that ended without a result of its own (lost, interrupted)."""
+    return (job_id, attempt, agent, state, started, ended, None, stdout, stderr, reason, "", counted)
 
 
     def prune_finished(self, batches: int = 5) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from corral.agent.protocol import PROTOCOL_VERSION, AgentInfo, JobResult, Task
+from corral.agent.protocol import PROTOCOL_VERSION, RELEASED, AgentInfo, JobResult, Task
 from corral.console.master.scheduler import Scheduler
 
 
@@ -23,7 +23,9 @@ def take(s: Scheduler, session: str, want: int = 100) -> list[Task]:
 
 
 def result(task: Task, state: str = "done", exit_code: int | None = 0, **fields: Any) -> tuple[Any, ...]:
-    """A JobResult for a task, as the plain tuple an agent sends."""
-    fields.setdefault("started", 100.0)
-    fields.setdefault("ended", 101.0)
+    """A JobResult for a task, as the plain tuple an agent sends (a release, as agent.pool.released()
+    makes it: unstarted unless `started` says otherwise)."""
+    unstarted = state == RELEASED
+    fields.setdefault("started", 0.0 if unstarted else 100.0)
+    fields.setdefault("ended", 0.0 if unstarted else 101.0)
     return tuple(JobResult(task.job_id, task.attempt, state, exit_code, **fields))

@@ -19,7 +19,8 @@ from .confirm import ConfirmScreen
 
 FINAL = {"done", "failed", "timeout", "cancelled", "lost"}
 STATE_STYLES = {"done": "green", "failed": "red", "timeout": "red", "lost": "red", "cancelled": "yellow",
-                "running": "bold", "queued": "dim"}
+                "running": "bold", "queued": "dim", "interrupted": "yellow"}
+UNFINISHED = {"lost", "interrupted"}  # attempts that ended without a result (console/master/records.py)
 
 
 def _value_text(value: bytes | None) -> str:
@@ -85,11 +86,14 @@ def render_record(record: dict[str, Any], now: float) -> Text:
             head = (f"attempt {a['attempt']} on {a['agent']}: {a_state}, exit "
                     f"{'-' if a['exit_code'] is None else a['exit_code']}, {took}")
         out.append("── " + head, style=f"bold {STATE_STYLES.get(a_state, '')}".strip())
-        if not a["counted"]:
+        unfinished = a_state in UNFINISHED  # ended without a result of its own: the error says why
+        if not a["counted"] and not unfinished:
             out.append("  (superseded: not counted)", style="dim")
         out.append("\n")
         if a["error"]:
-            out.append(f"error: {a['error']}\n", style="red")
+            out.append(f"{'why' if unfinished else 'error'}: {a['error']}\n", style="red")
+        if unfinished and not (a["stdout"] or a["stderr"]):
+            continue  # no output came back from it: nothing more to show
         if a_state == "running":
             live = [(label, record.get(f"live_{label}") or "") for label in ("stdout", "stderr")]
             if not any(text for _, text in live):

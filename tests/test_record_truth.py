@@ -1,0 +1,55 @@
+"""The record tells the truth, on real processes: an attempt a stopped agent killed stays in the job's
+history as interrupted (with why), and the job runs again, counting nothing against it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+from corral.agent.protocol import JobSpec
+from tests.cluster import wait_for
+from tests.faultkit import attempt_rows, journal_outcomes, running_cluster
+
+
+def stop_hard(proc: subprocess.Popen) -> int:  # type: ignore[type-arg]
+    for _ in range(240):
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            continue
+    raise AssertionError("the agent did not stop on repeated SIGTERMs")
+
+
+def test_a_forced_stop_leaves_the_killed_attempt_in_the_history(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    with running_cluster(tmp_path / "home", "--lease", "3") as cluster:
+        agent = cluster.start_agent("stopped", slots=1, tags="only")
+        with cluster.client() as c:
+            # The first attempt would sleep a minute; a second one ends at once.
+            (job,) = c.submit([JobSpec(command=f"echo $CORRAL_JOB_ID $CORRAL_ATTEMPT >> {runs};"
+                                               " [ $CORRAL_ATTEMPT -gt 1 ] || sleep 60", tags=("only",))])
+            wait_for(lambda: runs.exists() and runs.read_text().split() == [str(job), "1"], timeout=60,
+                     what="attempt 1 to start")
+            # The first SIGTERM drains (the running job is let finish), a second kills it and the agent
+            # leaves. Signals sent back to back merge into one, so send until it is gone.
+            assert stop_hard(agent) == 1
+            wait_for(lambda: c.job(job)["state"] == "queued", timeout=30, what="the job queued again")
+            (attempt,) = c.job(job)["attempt_list"]
+            assert (attempt["attempt"], attempt["agent"], attempt["state"]) == (1, "stopped", "interrupted")
+            assert attempt["error"] == "stopped by a second signal" and attempt["counted"] == 0
+            assert attempt["started"] and attempt["ended"] >= attempt["started"]
+            shown = cluster.corral("show", str(job))
+            assert "attempt 1 on stopped: interrupted" in shown.stdout, shown
+            assert "why: stopped by a second signal" in shown.stdout
+            cluster.start_agent("again", slots=1, tags="only")
+            assert c.wait([job], 60) == {job: "done"}
+            record = c.job(job)
+            assert record["failures"] == 0 and record["lost"] == 0 and record["attempts"] == 2
+            assert [(a["attempt"], a["agent"], a["state"]) for a in record["attempt_list"]] == [
+                (1, "stopped", "interrupted"), (2, "again", "done")]
+    journal = tmp_path / "home" / "corral.db"
+    journal_outcomes(journal, [job])
+    assert attempt_rows(journal, job) == [(1, "stopped", "interrupted", 0), (2, "again", "done", 1)]
+    assert runs.read_text().split() == [str(job), "1", str(job), "2"]  # it really ran twice, once each attempt
