@@ -636,13 +636,6 @@ class Scheduler:
                     self._requeue_lost(ghost, keep=set(),
                                        reason=f"agent {name} did not come back after the master restarted")
 
-
-def _unfinished_row(job_id: int, attempt: int, agent: str, state: str, started: float | None, ended: float,
-                    reason: str, counted: int, stdout: str = "", stderr: str = "") -> tuple[Any, ...]:
-    """The attempts row of an attempt that ended without a result of its own (lost, interrupted)."""
-    return (job_id, attempt, agent, state, started, ended, None, stdout, stderr, reason, "", counted)
-
-
     def prune_finished(self, batches: int = 5) -> int:
         """Retention, called from housekeeping: delete the oldest final jobs beyond what self.retention keeps,
         a batch per hold of the lock (dispatch runs between batches), at most `batches` batches per call
@@ -666,6 +659,12 @@ def _unfinished_row(job_id: int, attempt: int, agent: str, state: str, started: 
         if gone_total:
             log.info("retention: pruned %d finished jobs", gone_total)
         return gone_total
+
+
+def _unfinished_row(job_id: int, attempt: int, agent: str, state: str, started: float | None, ended: float,
+                    reason: str, counted: int, stdout: str = "", stderr: str = "") -> tuple[Any, ...]:
+    """The attempts row of an attempt that ended without a result of its own (lost, interrupted)."""
+    return (job_id, attempt, agent, state, started, ended, None, stdout, stderr, reason, "", counted)
 
 
 class _Writes:
