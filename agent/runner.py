@@ -94,6 +94,7 @@ class Agent:
         self.pool: Optional[JobPool] = None
         self.session = ""
         self.draining = threading.Event()
+        self.drain_said = False  # whether the log said we drain
         self.stopping = threading.Event()  # second signal: kill everything and leave
         self.disconnected = threading.Event()
         self.stop_signals = 0
@@ -202,8 +203,12 @@ class Agent:
         for thread in threads:
             thread.start()
         while not (self.disconnected.is_set() or self.stopping.is_set()):
-            if self.draining.is_set() and self._drained():
-                break
+            if self.draining.is_set():
+                if not self.drain_said:  # said here, not in the signal handler (handlers only set flags)
+                    self.drain_said = True
+                    log.info("draining: finishing the jobs that run, taking no more (a second signal kills them)")
+                if self._drained():
+                    break
             time.sleep(TICK_SECONDS)
         self.outbox.wake()
         for thread in threads:

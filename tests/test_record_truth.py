@@ -4,28 +4,27 @@ history as interrupted (with why), and the job runs again, counting nothing agai
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 from corral.agent.protocol import JobSpec
-from tests.cluster import wait_for
+from tests.cluster import Cluster, wait_for
 from tests.faultkit import attempt_rows, journal_outcomes, running_cluster
 
 
-def stop_hard(proc: subprocess.Popen) -> int:  # type: ignore[type-arg]
-    for _ in range(240):
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            continue
-    raise AssertionError("the agent did not stop on repeated SIGTERMs")
+def stop_hard(cluster: Cluster, name: str) -> int:
+    """SIGTERM, and once the agent says it drains, SIGTERM again: its exit status. (Two signals sent
+    back to back may merge into one.)"""
+    proc = cluster.agents[name]
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "draining:" in cluster.agent_log(name), timeout=60, what=f"agent {name} to drain")
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
 
 
 def test_a_forced_stop_leaves_the_killed_attempt_in_the_history(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     with running_cluster(tmp_path / "home", "--lease", "3") as cluster:
-        agent = cluster.start_agent("stopped", slots=1, tags="only")
+        cluster.start_agent("stopped", slots=1, tags="only")
         with cluster.client() as c:
             # The first attempt would sleep a minute; a second one ends at once.
             (job,) = c.submit([JobSpec(command=f"echo $CORRAL_JOB_ID $CORRAL_ATTEMPT >> {runs};"
@@ -34,7 +33,7 @@ def test_a_forced_stop_leaves_the_killed_attempt_in_the_history(tmp_path: Path) 
                      what="attempt 1 to start")
             # The first SIGTERM drains (the running job is let finish), a second kills it and the agent
             # leaves. Signals sent back to back merge into one, so send until it is gone.
-            assert stop_hard(agent) == 1
+            assert stop_hard(cluster, "stopped") == 1
             wait_for(lambda: c.job(job)["state"] == "queued", timeout=30, what="the job queued again")
             (attempt,) = c.job(job)["attempt_list"]
             assert (attempt["attempt"], attempt["agent"], attempt["state"]) == (1, "stopped", "interrupted")
