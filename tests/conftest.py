@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -12,6 +14,7 @@ from scripts.sshlab import SshLab, kill_remote_agents, sshd_missing
 from tests.cluster import Cluster
 
 REQUIRE_SSHD_ENV = "CORRAL_REQUIRE_SSHD"
+REQUIRE_TMUX_ENV = "CORRAL_REQUIRE_TMUX"
 SOAK_ENV = "CORRAL_SOAK"  # CI sets it: the long fault-injection runs are deselected from a plain `pytest -q`
 
 
@@ -83,3 +86,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped, but CORRAL_NO_SKIPS=1 forbids skips in CI: {reason}"
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Callable[..., str]:
+    """`tmux(*args)` against a private server (its own socket), killed afterwards."""
+    if shutil.which("tmux") is None:
+        if os.environ.get(REQUIRE_TMUX_ENV) == "1":
+            pytest.fail(f"tmux is missing, and {REQUIRE_TMUX_ENV}=1 says this test must run")
+        pytest.skip(f"tmux is missing (apt-get install tmux); CI sets {REQUIRE_TMUX_ENV}=1 to make this a failure")
+    socket = tmp_path / "tmux.sock"
+
+    def run(*args: str) -> str:
+        done = subprocess.run(["tmux", "-u", "-S", str(socket), *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"tmux {' '.join(args)}: {done.stderr}"
+        return done.stdout
+
+    try:
+        yield run
+    finally:
+        subprocess.run(["tmux", "-S", str(socket), "kill-server"], capture_output=True, timeout=30)

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-import pytest
 
 from corral.console.state import StateDir
 from corral.console.local import stop_embedded
 
-REQUIRE_ENV = "CORRAL_REQUIRE_TMUX"
 TIMEOUT = 60.0  # a cold start of master, agent and Textual on a busy two-core machine
 
 
@@ -24,26 +19,6 @@ def _corral() -> list[str]:
     """The `corral` entry point of this environment, else the module."""
     script = Path(sys.executable).with_name("corral")
     return [str(script)] if script.exists() else [sys.executable, "-m", "corral"]
-
-
-@pytest.fixture
-def tmux(tmp_path: Path) -> Callable[..., str]:
-    """`tmux(*args)` against a private server (its own socket), killed afterwards."""
-    if shutil.which("tmux") is None:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"tmux is missing, and {REQUIRE_ENV}=1 says this test must run")
-        pytest.skip(f"tmux is missing (apt-get install tmux); CI sets {REQUIRE_ENV}=1 to make this a failure")
-    socket = tmp_path / "tmux.sock"
-
-    def run(*args: str) -> str:
-        done = subprocess.run(["tmux", "-u", "-S", str(socket), *args], capture_output=True, text=True, timeout=30)
-        assert done.returncode == 0, f"tmux {' '.join(args)}: {done.stderr}"
-        return done.stdout
-
-    try:
-        yield run
-    finally:
-        subprocess.run(["tmux", "-S", str(socket), "kill-server"], capture_output=True, timeout=30)
 
 
 def _wait_screen(tmux: Callable[..., str], predicate: Callable[[str], bool], what: str, history: bool = False) -> str:

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 from corral.agent.errors import CorralError
 
+from ..escape import guard_terminal
 from ..state import StateDir
 from . import cluster, hosts, jobs
 from .args import build_parser
@@ -42,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
             from ..tui.launch import run_console  # Textual loads only for the console
 
             return run_console(StateDir(args.home_path), not args.no_local_agent, args.console_slots)
+        guard_terminal()  # whatever a command prints from jobs and agents reaches a terminal escaped
         return COMMANDS[args.cmd](args)
     except CorralError as exc:
         print(error_line(prog, exc), file=sys.stderr)

@@ -13,6 +13,7 @@ from corral.agent.errors import CorralError
 from corral.agent.protocol import JobSpec, JobState
 
 from ..client import Client
+from ..escape import one_line
 from . import render
 from .render import EXIT_TIMEOUT, EXIT_USAGE
 
@@ -87,7 +88,7 @@ def _wait_and_print(client: Client, ids: Sequence[int], timeout: float | None) -
         if record["func"] and record["state"] == JobState.DONE.value and record["value"] is not None:
             print(render.value_repr(record["value"]))
         if record["state"] != JobState.DONE.value:
-            print(f"corral: job {job_id} {record['state']}: {record['error']}", file=sys.stderr)
+            print(one_line(f"corral: job {job_id} {record['state']}: {record['error']}"), file=sys.stderr)
         worst = max(worst, render.job_exit_code(record))
     sys.stdout.flush()
     return worst

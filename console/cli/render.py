@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from corral.agent.errors import CorralError
 from corral.agent.protocol import JobState
 
+from ..escape import one_line
+
 if TYPE_CHECKING:
     from ..deploy.inventory import Host
 
@@ -26,9 +28,10 @@ Record = dict[str, Any]  # a job, agent or host as the master sends it (see the 
 
 
 def error_line(prog: str, exc: CorralError) -> str:
-    """An error as its one line: `corral submit: what went wrong — what to do`."""
+    """An error as its one line: `corral submit: what went wrong — what to do` (its text may be a job's or an
+    agent's: escaped, newlines included, so it stays one line and cannot act on the terminal)."""
     hint = f" — {exc.hint}" if exc.hint else ""
-    return f"{prog}: {exc.message}{hint}"
+    return one_line(f"{prog}: {exc.message}{hint}")
 
 
 def os_error_text(exc: OSError) -> str:

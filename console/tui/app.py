@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Iterable
 from textual import work
 from textual.worker import get_current_worker
 from textual.app import App, SystemCommand
+from textual.notifications import SeverityLevel
 from textual.binding import Binding, BindingType
 from textual.reactive import reactive
 from textual.screen import Screen
@@ -22,6 +23,8 @@ from corral.agent.errors import CorralError
 from corral.agent.protocol import JobSpec
 
 from ..client import Client
+from ..escape import escape
+from .format import one_line
 from .messages import (
     AnswerHostKey,
     CancelJobs,
@@ -80,6 +83,12 @@ class CorralApp(App[str]):
         self.poller = Poller(home, self.post_message, poll_interval)
         self.latest: dict[str, Any] | None = None
         self.asked: set[tuple[str, str, str]] = set()  # (op id, alias, fingerprint) of host-key questions shown
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        """Every notice of the console (screens' too: theirs come here): never parsed as markup, its
+        control characters escaped. Notices carry errors and names from the master, agents and hosts."""
+        super().notify(escape(message), title=one_line(title), severity=severity, timeout=timeout, markup=False)
 
     def get_default_screen(self) -> Screen:
         return MainScreen()

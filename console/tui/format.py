@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import re
 import time
+from rich.text import Text
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+from .. import escape
+
+_BREAKS = re.compile(r"[\n\t]+")
 
 
 def one_line(text: str) -> str:
-    """Text for a single table cell: newlines, tabs and other control characters become one space."""
-    return _CONTROL.sub(" ", text)
+    """Text for a single table cell: newlines and tabs become one space, every other control character
+    is shown escaped (console/escape.py), so a name or an error cannot act on the terminal."""
+    return escape.one_line(_BREAKS.sub(" ", text))
+
+
+def output(data: str | bytes, style: str = "") -> Text:
+    """A job's output (or any multi-line text a job or agent produced) for the console: its SGR colours
+    rendered as colour by rich, every other control character shown escaped; newline and tab kept. No
+    byte of it reaches the terminal as it came: rich turns the SGR it is left with into styles."""
+    safe = "".join(piece for _, piece in escape.split_sgr(data))
+    out = Text.from_ansi(safe, style=style, end="")
+    return out
 
 
 def duration(seconds: float | None) -> str:

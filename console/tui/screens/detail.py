@@ -12,7 +12,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Static
 
-from ..format import duration, stamp
+from ..format import duration, one_line, output, stamp
 from ..messages import CancelJobs, LoadJob, RequeueJobs
 from ..widgets.keybar import KeyBar
 from .confirm import ConfirmScreen
@@ -40,7 +40,7 @@ def render_record(record: dict[str, Any], now: float) -> Text:
 
     def field(label: str, value: str, style: str = "") -> None:
         out.append(f"{label:<10}", style="dim")
-        out.append(value, style=style)
+        out.append_text(output(value, style))  # the job's and the agents' words, escaped (console/escape.py)
         out.append("\n")
 
     what = record["command"] if record["command"] is not None else f"{record['func']}(…)"
@@ -85,13 +85,13 @@ def render_record(record: dict[str, Any], now: float) -> Text:
             took = duration(a["ended"] - a["started"]) if a["started"] and a["ended"] else "-"
             head = (f"attempt {a['attempt']} on {a['agent']}: {a_state}, exit "
                     f"{'-' if a['exit_code'] is None else a['exit_code']}, {took}")
-        out.append("── " + head, style=f"bold {STATE_STYLES.get(a_state, '')}".strip())
+        out.append("── " + one_line(head), style=f"bold {STATE_STYLES.get(a_state, '')}".strip())
         unfinished = a_state in UNFINISHED  # ended without a result of its own: the error says why
         if not a["counted"] and not unfinished:
             out.append("  (superseded: not counted)", style="dim")
         out.append("\n")
         if a["error"]:
-            out.append(f"{'why' if unfinished else 'error'}: {a['error']}\n", style="red")
+            out.append_text(output(f"{'why' if unfinished else 'error'}: {a['error']}\n", "red"))
         if unfinished and not (a["stdout"] or a["stderr"]):
             continue  # no output came back from it: nothing more to show
         if a_state == "running":
@@ -101,8 +101,10 @@ def render_record(record: dict[str, Any], now: float) -> Text:
                 continue
             for label, text in live:
                 out.append(f"{label} (live, last 64 KiB)\n", style="dim underline")
-                out.append((text if text.endswith("\n") else text + "\n") if text else "(empty)\n",
-                           style="" if text else "dim")
+                if text:
+                    out.append_text(output(text if text.endswith("\n") else text + "\n"))
+                else:
+                    out.append("(empty)\n", style="dim")
             continue
         for label in ("stdout", "stderr", "traceback"):
             text = a[label]
@@ -110,7 +112,7 @@ def render_record(record: dict[str, Any], now: float) -> Text:
                 continue
             out.append(f"{label}\n", style="dim underline")
             if text:
-                out.append(text if text.endswith("\n") else text + "\n")
+                out.append_text(output(text if text.endswith("\n") else text + "\n"))
             else:
                 out.append("(empty)\n", style="dim")
     return out
@@ -148,7 +150,7 @@ class JobDetailScreen(Screen[None]):
         title = Text(f"Job {record['id']}", style="bold")
         title.append(f"  {state}", style=STATE_STYLES.get(state, ""))
         if record["name"]:
-            title.append(f"  {record['name']}")
+            title.append(f"  {one_line(record['name'])}")
         self.query_one("#detail-title", Static).update(title)
         self.query_one("#detail-text", Static).update(render_record(record, self.now))
 

@@ -10,6 +10,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label
 
+from ..format import one_line
+
 
 class HostKeyScreen(ModalScreen[bool]):
     """`a` accepts (the key goes to corral's known_hosts), `r`/esc rejects (that host's deploy fails)."""
@@ -30,10 +32,11 @@ class HostKeyScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="hostkey-dialog", classes="dialog"):
-            yield Label(f"Unknown host key for {self.alias}", id="question", markup=False)
-            yield Label(f"host         {self.host_id}", id="host", markup=False)
-            yield Label(f"key type     {self.key_type}", id="key-type", markup=False)
-            yield Label(f"fingerprint  {self.fingerprint}", id="fingerprint", markup=False)
+            # The key type and the host's name come from the host itself (or its DNS): escaped.
+            yield Label(one_line(f"Unknown host key for {self.alias}"), id="question", markup=False)
+            yield Label(one_line(f"host         {self.host_id}"), id="host", markup=False)
+            yield Label(one_line(f"key type     {self.key_type}"), id="key-type", markup=False)
+            yield Label(one_line(f"fingerprint  {self.fingerprint}"), id="fingerprint", markup=False)
             yield Label("It is in no known_hosts file. Accept it only if it is the key you expect "
                         "(ssh-keygen -lf on the host's key shows it); accepted keys go to corral's known_hosts.",
                         classes="muted", markup=False)

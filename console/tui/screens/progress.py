@@ -11,6 +11,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, ProgressBar
 
 from ...deploy import STEPS
+from ..format import one_line, output
 
 STATE_WORDS = {"running": "", "waiting": "waiting", "ok": "ready", "failed": "FAILED"}
 LOG_LINES = 6  # of a failed host's remote agent log
@@ -88,16 +89,16 @@ class DeployProgressScreen(ModalScreen[None]):
             for name in ("ok", "failed", "waiting"):
                 state.set_class(host["state"] == name, f"-{name}")
             status = self.query_one(f"#status-{i}", Label)
-            status.update(host_status(alias, host))
+            status.update(one_line(host_status(alias, host)))
             status.set_class(host["state"] == "failed", "-failed")
             tail = self.query_one(f"#log-{i}", Label)
-            tail.update(log_tail(host) if host["state"] == "failed" else "")
+            tail.update(output(log_tail(host)) if host["state"] == "failed" else "")  # the host's own words
             tail.display = bool(host["state"] == "failed" and host["log_tail"].strip())
         if snapshot["done"]:
             self.done = True
             ok, failed = snapshot["ok"], snapshot["failed"]
             summary = f"{len(ok)} of {len(self.aliases)} ready" + (f"; failed: {', '.join(failed)}" if failed else "")
-            self.query_one("#progress-summary", Label).update(summary)
+            self.query_one("#progress-summary", Label).update(one_line(summary))
 
     def action_close(self) -> None:
         self.dismiss(None)
