@@ -37,3 +37,8 @@ class NameTaken(CorralError):
 
 class ProtocolMismatch(CorralError):
     """An agent or client speaking another version of this protocol."""
+
+
+class JournalFailed(CorralError):
+    """The master could not write its journal (disk full, read-only, I/O error): nothing of the call
+    changed, the master serves on, and the same call succeeds once the journal can be written again."""

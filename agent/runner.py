@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional, Set, Tuple
 
 from . import codecache
 from .connection import CONNECT_SECONDS, SERIALIZER, Backoff, call, deadline, drop
-from .errors import CorralError, NameTaken
+from .errors import CorralError, JournalFailed, NameTaken
 from .pool import JobPool, released
 from .protocol import RELEASED, SCHEDULER_TYPEID, AgentInfo, JobResult, Task
 from .spool import Outbox, Spool
@@ -37,6 +37,7 @@ CALL_MARGIN_SECONDS = 10.0
 SETUP_SECONDS = 3 * CONNECT_SECONDS  # a manager's connect and a proxy's creation: three connections
 REPORT_BYTES_PER_SECOND = 1024 * 1024  # a report's deadline grows by a second for each MiB it carries
 STEADY_SECONDS = 30.0  # a session that lasted this long ended by chance: register again at once
+JOURNAL_RETRY_SECONDS = 1.0  # a master whose journal refuses writes is asked again this often
 
 
 class SchedulerManager(BaseManager):
@@ -97,6 +98,7 @@ class Agent:
         self.drain_said = False  # whether the log said we drain
         self.stopping = threading.Event()  # second signal: kill everything and leave
         self.disconnected = threading.Event()
+        self.journal_failing = threading.Event()  # the master said its journal refuses writes; logged once
         self.stop_signals = 0
         # Shipped code: fetched from the master before a task that needs it reaches the pool.
         self.code = codecache.CodeCache(lambda digest: codecache.fetch(self.address, self.authkey, digest),
@@ -257,8 +259,12 @@ class Agent:
             # Even when full, the long poll is how cancels reach us at once. `wanted` is our
             # credit on the master: each report() renews it as slots free up, and this parked
             # take() then receives new work the moment it is submitted.
-            rows, cancel = call(scheduler, "take", TAKE_WAIT_SECONDS + CALL_MARGIN_SECONDS, self.session,
-                                pool.wanted(), TAKE_WAIT_SECONDS)
+            try:
+                rows, cancel = call(scheduler, "take", TAKE_WAIT_SECONDS + CALL_MARGIN_SECONDS, self.session,
+                                    pool.wanted(), TAKE_WAIT_SECONDS)
+            except JournalFailed as exc:
+                self._journal_refused(exc, "new work for us")  # nothing was handed to us: ask again in a while
+                continue
             _received(pool, self.code, rows, cancel)
 
     def _report(self, scheduler: Any) -> None:
@@ -266,10 +272,31 @@ class Agent:
         while not (self.stopping.is_set() or self.disconnected.is_set()):
             batch = self.outbox.wait(HEARTBEAT_SECONDS)
             if batch:
-                self._send_report(scheduler, batch)
+                try:
+                    self._send_report(scheduler, batch)
+                except JournalFailed as exc:
+                    # None of the batch was recorded: it stays in the outbox (and the spool file, should
+                    # this agent die meanwhile) and goes again.
+                    self.outbox.save()
+                    self._journal_refused(exc, f"our {len(batch)} results")
+                    continue
+                if self.journal_failing.is_set():
+                    self.journal_failing.clear()
+                    log.warning("the master's journal takes writes again: handed in %d results", len(batch))
                 self.outbox.acknowledge(len(batch))
             elif self.draining.is_set() and self._drained():
                 return
+
+    def _journal_refused(self, exc: JournalFailed, what: str) -> None:
+        """The master could not journal our call: say so once, wait a little (a stop or a broken session
+        ends the wait), and let the loop send the same call again."""
+        if not self.journal_failing.is_set():
+            self.journal_failing.set()
+            log.warning("the master could not journal %s: %s; asking again every %.0fs", what, exc.message,
+                        JOURNAL_RETRY_SECONDS)
+        until = time.monotonic() + JOURNAL_RETRY_SECONDS
+        while time.monotonic() < until and not (self.stopping.is_set() or self.disconnected.is_set()):
+            time.sleep(TICK_SECONDS)
 
     def _beat(self, scheduler: Any) -> None:
         """The heartbeat: an empty report every HEARTBEAT_SECONDS, on a connection of its own."""

@@ -132,6 +132,11 @@ def status_text(status: Record) -> str:
     ]
     lines += [f"  {a['name']:<16} {a['state']:<8} {a['busy']}/{a['slots']} busy   done {a['done']}"
               for a in status["agents"]]
+    journal = status.get("journal") or {}
+    if journal and not journal.get("ok", True):
+        since = time.strftime("%H:%M:%S", time.localtime(journal.get("since") or 0))
+        lines.insert(0, f"JOURNAL FAILING since {since} ({journal.get('refused', 0)} writes refused):"
+                        f" {journal.get('error')}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,8 @@
-"""Queues, priorities, tags, leases and retries: the master's state, journaled before any call returns."""
+"""Queues, priorities, tags, leases and retries: the master's state, journaled before any call returns.
+
+Every change is written to the journal first and made in memory only once that write went through: a
+write the journal refuses (JournalFailed: disk full, read-only, I/O error) leaves memory as it was, so the
+two never disagree and the same call, sent again, does the same thing."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import uuid
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
-from corral.agent.errors import BadJobSpec, CorralError, NameTaken, ProtocolMismatch, UnknownAgent, UnknownJob
+from corral.agent.errors import (BadJobSpec, CorralError, JournalFailed, NameTaken, ProtocolMismatch, UnknownAgent,
+                                 UnknownJob)
 from corral.agent.protocol import MAX_PAYLOAD_BYTES, OUTPUT_TAIL_BYTES, PROTOCOL_VERSION, RELEASED, JobResult
 
 from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, INTERRUPTED, LOST, QUEUED, RUNNING, TIMEOUT, UNFINISHED,
@@ -110,17 +115,22 @@ class Scheduler:
         return taken
 
     def _dispatch(self, agent: AgentRecord, jobs: list[Job]) -> list[TaskTuple]:
+        """Hand popped jobs to an agent: journaled first; on JournalFailed they go back to their queue."""
         now = time.time()
-        rows = []
+        name = agent.name
+        try:
+            self.journal.write([(Journal.DISPATCH, [(job.attempts + 1, name, now, job.id) for job in jobs])])
+        except JournalFailed:
+            for job in jobs:  # still queued: back in the heap, where _pop found them
+                self._enqueue(job)
+            raise
         for job in jobs:
             job.state = RUNNING
             job.attempts += 1
-            job.agent = agent.name
+            job.agent = name
             job.started = now
             agent.running.add(job.id)
             self._changed(job.id)
-            rows.append((job.attempts, agent.name, now, job.id))
-        self.journal.write([(Journal.DISPATCH, rows)])
         if self.live_output:  # a new attempt starts with no output of its own yet
             for job in jobs:
                 self.live_output.pop(job.id, None)
@@ -264,16 +274,17 @@ class Scheduler:
             job_ids = self.check_ids(ids)
             outcome: dict[int, str] = {}
             rows: list[tuple[Any, ...]] = []
+            ended: list[Job] = []
+            kills: list[tuple[AgentRecord, int]] = []
             now = time.time()
             for job_id in job_ids:
                 job = self.jobs.get(job_id)
+                if job_id in outcome:
+                    continue  # named twice
                 if job is None:
                     outcome[job_id] = "already final"
                 elif job.state in (QUEUED, HELD):
-                    job.state = CANCELLED
-                    del self.jobs[job_id]
-                    self._final(job_id, CANCELLED)
-                    self._changed(job_id)
+                    ended.append(job)
                     rows.append((CANCELLED, job.failures, None, now, None, None, "cancelled before it ran", job_id))
                     outcome[job_id] = CANCELLED
                 elif queued_only:
@@ -281,10 +292,18 @@ class Scheduler:
                 else:
                     agent = self.agents.get(job.agent or "")
                     if agent is not None:
-                        agent.cancel.add(job_id)
+                        kills.append((agent, job_id))
                     outcome[job_id] = "cancelling"
             if rows:
-                self.journal.write([(Journal.FINISH, rows)])
+                self.journal.write([(Journal.FINISH, rows)])  # JournalFailed: nothing cancelled, nothing killed
+            for job in ended:
+                job.state = CANCELLED
+                del self.jobs[job.id]
+                self._final(job.id, CANCELLED)
+                self._changed(job.id)
+            for agent, job_id in kills:
+                agent.cancel.add(job_id)
+            if rows:
                 self.finished.notify_all()
             self.work.notify_all()
         for job_id, what in outcome.items():
@@ -381,26 +400,35 @@ class Scheduler:
                                 f" on {str(old.info.get('host') or '?')[:100]})", "give this one another --name")
             agent = AgentRecord(name, uuid.uuid4().hex, info, now)
             still = {j for j in running if is_whole(j)}
-            if old is not None:
-                self.sessions.pop(old.session, None)
-                agent.done, agent.failed = old.done, old.failed
             # Every job this master believes runs on `name` (it may have restarted and know them only
             # from the journal): kept if the agent still holds it, re-queued if the agent does not.
             ours = AgentRecord(name, "", {}, now)
             ours.running = {j.id for j in self.jobs.values() if j.state == RUNNING and j.agent == name}
             agent.running = ours.running & still
+            # First, as it writes: on JournalFailed the old session stands and the agent registers again later.
             self._requeue_lost(ours, keep=still, reason=f"agent {name} came back without it")
+            if old is not None:
+                self.sessions.pop(old.session, None)
+                agent.done, agent.failed = old.done, old.failed
             self.agents[name] = agent
             self.sessions[agent.session] = agent
         log.info("agent %s up: %d slots, tags %s", name, agent.slots, ",".join(sorted(agent.tags)) or "-")
         return {"session": agent.session, "lease": self.lease_seconds}
 
     def _serve_credit(self, agent: AgentRecord) -> tuple[list[TaskTuple], list[int]]:
+        """New work for the agent's credit, and its cancels. JournalFailed when the dispatch cannot be
+        journaled: its jobs are queued still, its credit and cancels kept for the next call."""
         jobs = self._pop(agent, agent.credit) if agent.credit > 0 and agent.state is not AgentState.DRAINING else []
+        tasks = self._dispatch(agent, jobs) if jobs else []
         agent.credit -= len(jobs)
+        return tasks, self._cancels(agent)
+
+    @staticmethod
+    def _cancels(agent: AgentRecord) -> list[int]:
+        """The ids the agent is to kill, handed over once."""
         cancel = sorted(agent.cancel)
         agent.cancel.clear()
-        return (self._dispatch(agent, jobs) if jobs else []), cancel
+        return cancel
 
     def take(self, session: str, want: int, wait: float = 1.0) -> tuple[list[TaskTuple], list[int]]:
         """Long poll for work: up to `want` tasks and any ids to cancel, waiting up to `wait` seconds.
@@ -412,7 +440,13 @@ class Scheduler:
             agent = self._agent(session)
             agent.credit = max(0, int(want))
             while True:
-                tasks, cancel = self._serve_credit(agent)
+                try:
+                    tasks, cancel = self._serve_credit(agent)
+                except JournalFailed:
+                    cancel = self._cancels(agent)  # kills need no write: they go out all the same
+                    if not cancel:
+                        raise
+                    return [], cancel
                 if tasks or cancel:
                     return tasks, cancel
                 remaining = deadline - time.time()
@@ -436,24 +470,44 @@ class Scheduler:
                 if self.live_output:  # ended jobs' live tails go (rarely any)
                     for result in checked:
                         self.live_output.pop(result.job_id, None)
-                self._apply_results(agent, checked)
+                self._apply_results(agent, checked)  # JournalFailed: none applied, the agent sends them again
                 # Only a report that freed slots renews the credit: a bare heartbeat must not grant
                 # a second credit for the slot a parked take() is already serving (priority order).
                 agent.credit = max(0, int(want))
-            return self._serve_credit(agent)
+            try:
+                return self._serve_credit(agent)
+            except JournalFailed:
+                # Its results are journaled, so this reply must go out: the new work waits for the journal.
+                return [], self._cancels(agent)
 
     def _apply_results(self, agent: AgentRecord, results: list[JobResult]) -> None:
-        """Apply an agent's checked results, then journal them in one transaction."""
-        writes = _Writes(verbose=log.isEnabledFor(logging.INFO))
+        """Apply an agent's checked results: judged, journaled in one transaction, then applied in memory.
+        Two results of one job (two of its attempts) go in successive rounds, so the second is judged on
+        what the first did; a round the journal refuses raises JournalFailed with nothing of it applied."""
         seen: set[tuple[int, int]] = set()
+        batch: list[JobResult] = []
+        jobs_in_batch: set[int] = set()
         for result in results:
             key = (result.job_id, result.attempt)
             if key in seen:
                 continue  # the same attempt twice in one report: the first one stands
             seen.add(key)
-            self._apply_result(agent, result, writes)
+            if result.job_id in jobs_in_batch:
+                self._apply_round(agent, batch)
+                batch, jobs_in_batch = [], set()
+            batch.append(result)
+            jobs_in_batch.add(result.job_id)
+        if batch:
+            self._apply_round(agent, batch)
+
+    def _apply_round(self, agent: AgentRecord, results: list[JobResult]) -> None:
+        """Results of distinct jobs: each judged (nothing changes), all journaled, then all applied."""
+        writes = _Writes(verbose=log.isEnabledFor(logging.INFO))
+        for result in results:
+            self._judge_result(agent, result, writes)
         self.journal.write([(Journal.ATTEMPT, writes.attempts), (Journal.FINISH, writes.finished),
                             (Journal.REQUEUE, writes.requeued)])
+        self._apply_writes(agent, writes)
         if writes.finished:
             self.finished.notify_all()
         if writes.requeued:
@@ -461,11 +515,12 @@ class Scheduler:
         for event in writes.events:
             log.info(*event)
 
-    def _apply_result(self, agent: AgentRecord, r: JobResult, writes: _Writes) -> None:
-        """One result: counted (the job's current attempt, or a late success), history only, or a repeat."""
+    def _judge_result(self, agent: AgentRecord, r: JobResult, writes: _Writes) -> None:
+        """One result: counted (the job's current attempt, or a late success), history only, or a repeat.
+        Changes nothing: `writes` gets its journal rows and what to do in memory once they are written."""
         job_id, attempt, state = r.job_id, r.attempt, r.state
         job = self.jobs.get(job_id)
-        agent.running.discard(job_id)
+        writes.ended_here.append(job_id)
         counted = job is not None and job.state == RUNNING and job.attempts == attempt and job.agent == agent.name
         if not counted and job is not None and state == DONE and (
                 attempt < job.attempts or (attempt == job.attempts and job.state == QUEUED)):
@@ -475,7 +530,7 @@ class Scheduler:
             counted = True
             other = self.agents.get(job.agent or "") if job.state == RUNNING else None
             if other is not None:
-                other.cancel.add(job_id)
+                writes.cancels.append((other, job_id))
             writes.event("late result of %d attempt %d from %s wins", job_id, attempt, agent.name)
         if not counted and state != RELEASED and self._reported_before(r, agent.name):
             return  # a report sent again (its reply was lost): this result is in the journal already
@@ -492,28 +547,26 @@ class Scheduler:
                                     r.stdout, r.stderr, r.error, r.traceback, int(counted)))
         if not counted or job is None:
             return  # a stale attempt (re-queued meanwhile, or already final): history only
-        self._changed(job_id)
+        writes.changed.append(job_id)
         if state == RELEASED:
-            if not interrupted:
-                job.attempts -= 1  # handed back unstarted: no attempt was made
-            self._requeue(job, writes.requeued)
+            # handed back unstarted: no attempt was made; started (interrupted), the attempt counts as made
+            writes.requeue(job, job.attempts if interrupted else job.attempts - 1, job.failures, job.lost)
             return
+        failures = job.failures
         if state in (FAILED, TIMEOUT):
-            job.failures += 1
-            agent.failed += 1
-            if job.failures <= job.retries:
-                self._requeue(job, writes.requeued)
+            failures += 1
+            writes.failed += 1
+            if failures <= job.retries:
+                writes.requeue(job, job.attempts, failures, job.lost)
                 writes.event("%s %d on %s: %s; retry %d/%d", state, job_id, agent.name,
-                             r.error or f"exit {r.exit_code}", job.failures, job.retries)
+                             r.error or f"exit {r.exit_code}", failures, job.retries)
                 return
         else:
-            agent.done += 1
+            writes.done += 1
         if state not in FINAL:
             state = FAILED
-        del self.jobs[job_id]
-        self._final(job_id, state)
-        self.finished_times.append(writes.now)
-        writes.finished.append((state, job.failures, agent.name, r.ended, r.exit_code, r.value, r.error, job_id))
+        writes.ends.append((job, state, failures))
+        writes.finished.append((state, failures, agent.name, r.ended, r.exit_code, r.value, r.error, job_id))
         if writes.verbose:
             what = f"exit {r.exit_code}" if r.exit_code is not None else state
             if state == DONE:
@@ -521,11 +574,29 @@ class Scheduler:
             else:
                 writes.event("%s %d on %s: %s", state, job_id, agent.name, r.error or what)
 
-    def _requeue(self, job: Job, rows: list[tuple[Any, ...]]) -> None:
-        """Back to the queue, ahead of newer work of its priority; `rows` gets its journal row."""
+    def _apply_writes(self, agent: AgentRecord, writes: _Writes) -> None:
+        """What a round of results does in memory, once its journal rows are written."""
+        for job_id in writes.ended_here:
+            agent.running.discard(job_id)
+        for other, job_id in writes.cancels:
+            other.cancel.add(job_id)
+        for job_id in writes.changed:
+            self._changed(job_id)
+        for job, attempts, failures, lost in writes.requeues:
+            job.attempts, job.failures, job.lost = attempts, failures, lost
+            self._requeued(job)
+        for job, state, failures in writes.ends:
+            job.failures = failures
+            del self.jobs[job.id]
+            self._final(job.id, state)
+            self.finished_times.append(writes.now)
+        agent.done += writes.done
+        agent.failed += writes.failed
+
+    def _requeued(self, job: Job) -> None:
+        """Back to the queue (its journal row written), ahead of newer work of its priority."""
         job.state, job.agent = QUEUED, None
         self._enqueue(job)
-        rows.append((job.attempts, job.failures, job.lost, job.id))
 
     def _take_live_output(self, agent: AgentRecord, live: Any) -> None:
         """Keep (in memory only) the output tails of jobs running on this agent; drop the malformed."""
@@ -558,33 +629,42 @@ class Scheduler:
     def _requeue_lost(self, agent: AgentRecord, keep: set[int], reason: str, how: str = LOST) -> None:
         """Jobs an agent held and no longer runs go back to the queue (or end `lost` past max_lost).
         Each such attempt stays in the job's history, `how` it ended (lost, or interrupted when the
-        agent was stopped on purpose), with `reason`."""
+        agent was stopped on purpose), with `reason`. Journaled first: on JournalFailed nothing changed,
+        and the caller tries again later."""
         requeue_rows: list[tuple[Any, ...]] = []
         finish_rows: list[tuple[Any, ...]] = []
         history: list[tuple[Any, ...]] = []
+        moves: list[tuple[Job, bool]] = []  # (job, whether it ends lost)
         now = time.time()
         for job_id in sorted(agent.running - keep):
             job = self.jobs.get(job_id)
             if job is None or job.state != RUNNING or job.agent != agent.name:
                 continue
-            job.lost += 1
-            self._changed(job_id)
-            final = job.lost > self.max_lost
+            lost = job.lost + 1
+            final = lost > self.max_lost
             # The attempt that makes the job final is the one its outcome comes from: counted.
             history.append(_unfinished_row(job_id, job.attempts, agent.name, how, job.started, now, reason,
                                            int(final)))
             if final:
-                del self.jobs[job_id]
-                self._final(job_id, LOST)
-                finish_rows.append((job.lost, now, f"its agent was lost {_times(job.lost)} ({reason})", job_id))
-                log.info("lost %d: its agent was lost %s", job_id, _times(job.lost))
+                finish_rows.append((lost, now, f"its agent was lost {_times(lost)} ({reason})", job_id))
             else:
-                self._requeue(job, requeue_rows)
-                log.info("requeued %d: %s", job_id, reason)
-        agent.running &= keep
-        if requeue_rows or finish_rows:
+                requeue_rows.append((job.attempts, job.failures, lost, job_id))
+            moves.append((job, final))
+        if moves:
             self.journal.write([(Journal.ATTEMPT, history), (Journal.REQUEUE, requeue_rows),
                                 (Journal.LOST, finish_rows)])
+        for job, ends in moves:
+            job.lost += 1
+            self._changed(job.id)
+            if ends:
+                del self.jobs[job.id]
+                self._final(job.id, LOST)
+                log.info("lost %d: its agent was lost %s", job.id, _times(job.lost))
+            else:
+                self._requeued(job)
+                log.info("requeued %d: %s", job.id, reason)
+        agent.running &= keep
+        if moves:
             self.work.notify_all()
             self.finished.notify_all()
 
@@ -606,24 +686,27 @@ class Scheduler:
             agent = self.agents.get(name)
             if agent is None:
                 return
-            self.sessions.pop(agent.session, None)
+            # JournalFailed: nothing changed, and its lease expiry tries again
             self._requeue_lost(agent, keep=set(), reason=reason, how=INTERRUPTED)
+            self.sessions.pop(agent.session, None)
             agent.state = AgentState.STOPPED
         log.info("agent %s stopped: %s", name, reason)
 
     def expire_leases(self) -> None:
         """Called every second: agents silent past their lease are lost and their jobs re-queued;
-        jobs left running by a previous master whose agent never came back are re-queued too."""
+        jobs left running by a previous master whose agent never came back are re-queued too.
+        JournalFailed (housekeeping logs it): what was not journaled stays as it was, for the next call."""
         now = time.time()
         with self.lock:
             for agent in list(self.agents.values()):
                 if not agent.state.gone and now - agent.last_seen > self.lease_seconds:
-                    agent.state = AgentState.LOST
+                    # Re-queued first: if the journal refuses, the agent is not marked lost, so the next
+                    # call sees it silent still and tries again.
                     silent = now - agent.last_seen
-                    log.info("agent %s lost: silent for %.1fs", agent.name, silent)
                     self._requeue_lost(agent, keep=set(), reason=f"agent {agent.name} lost: silent for {silent:.1f}s")
+                    agent.state = AgentState.LOST
+                    log.info("agent %s lost: silent for %.1fs", agent.name, silent)
             if self.orphans_since and now - self.orphans_since > self.lease_seconds:
-                self.orphans_since = 0.0
                 held: dict[str, set[int]] = {}
                 for job in self.jobs.values():
                     if job.state == RUNNING:
@@ -635,6 +718,8 @@ class Scheduler:
                     ghost.running = ids
                     self._requeue_lost(ghost, keep=set(),
                                        reason=f"agent {name} did not come back after the master restarted")
+                self.orphans_since = 0.0  # all of them journaled: done (on JournalFailed, the next call tries again)
+
 
     def prune_finished(self, batches: int = 5) -> int:
         """Retention, called from housekeeping: delete the oldest final jobs beyond what self.retention keeps,
@@ -668,9 +753,11 @@ def _unfinished_row(job_id: int, attempt: int, agent: str, state: str, started: 
 
 
 class _Writes:
-    """What one report changes: the journal's rows, and the log's events (kept only when logged)."""
+    """What one round of a report changes: the journal's rows, what to do in memory once they are
+    written (Scheduler._apply_writes), and the log's events (kept only when logged)."""
 
-    __slots__ = ("attempts", "finished", "requeued", "events", "verbose", "now")
+    __slots__ = ("attempts", "finished", "requeued", "events", "verbose", "now", "ended_here", "cancels", "changed",
+                 "requeues", "ends", "done", "failed")
 
     def __init__(self, verbose: bool) -> None:
         self.now = time.time()
@@ -679,6 +766,17 @@ class _Writes:
         self.requeued: list[tuple[Any, ...]] = []
         self.events: list[tuple[Any, ...]] = []
         self.verbose = verbose
+        self.ended_here: list[int] = []  # job ids the agent no longer runs
+        self.cancels: list[tuple[AgentRecord, int]] = []  # (another agent, a job it is to kill)
+        self.changed: list[int] = []
+        self.requeues: list[tuple[Job, int, int, int]] = []  # (job, attempts, failures, lost) once queued again
+        self.ends: list[tuple[Job, str, int]] = []  # (job, final state, failures)
+        self.done = 0
+        self.failed = 0
+
+    def requeue(self, job: Job, attempts: int, failures: int, lost: int) -> None:
+        self.requeues.append((job, attempts, failures, lost))
+        self.requeued.append((attempts, failures, lost, job.id))
 
     def event(self, *message: Any) -> None:
         if self.verbose:

@@ -9,6 +9,7 @@ import os
 import pickle
 import signal
 import socket
+import sqlite3
 import struct
 import sys
 import threading
@@ -18,6 +19,7 @@ from multiprocessing.managers import BaseManager, Server
 from typing import Any, Callable, Mapping, Protocol, Sequence, Tuple, cast
 
 from corral.agent.connection import SERIALIZER
+from corral.agent.errors import CorralError
 from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID
 
 from ..state import MasterLock, StateDir
@@ -195,6 +197,32 @@ def configure_logging(verbose: bool) -> None:
     corral.propagate = False
 
 
+class Housekeeping:
+    """The master's chores, once a second: lease expiry, retention, WAL checkpoint and, while the journal fails, a
+    probe of whether it works again. None of them ends the master: a failure is logged once (again when
+    it changes or clears) and the chore runs again at the next tick."""
+
+    def __init__(self, scheduler: Scheduler, journal: Journal) -> None:
+        self.chores: dict[str, Callable[[], Any]] = {
+            "lease expiry": scheduler.expire_leases, "retention": scheduler.prune_finished,
+            "checkpoint": journal.checkpoint, "journal probe": journal.probe}
+        self.failing: dict[str, str] = {}  # chore -> the failure last logged
+
+    def run(self) -> None:
+        for name, chore in self.chores.items():
+            try:
+                chore()
+            except Exception as exc:  # noqa: BLE001 - housekeeping never ends the master: logged, tried again
+                text = str(exc) or type(exc).__name__
+                if self.failing.get(name) != text:
+                    log.warning("%s failed: %s; trying again every second", name, text,
+                                exc_info=not isinstance(exc, (CorralError, sqlite3.Error, OSError)))
+                    self.failing[name] = text
+            else:
+                if self.failing.pop(name, None) is not None:
+                    log.warning("%s works again", name)
+
+
 def serve(state: StateDir, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
           lease: float = 10.0, max_lost: int = 3, fsync: bool = False, retention: Retention = Retention(),
           services: Mapping[str, ServiceFactory] | None = None) -> int:
@@ -239,11 +267,10 @@ def _serve(state: StateDir, lock: MasterLock, host: str, port: int, lease: float
     accepter = threading.Thread(target=server.accepter, name="accepter", daemon=True)
     accepter.start()
     print(f"corral master listening on {bound_host}:{bound_port} (journal {journal.path})", flush=True)
+    chores = Housekeeping(_scheduler, journal)
     try:
         while not stop.wait(1.0):
-            _scheduler.expire_leases()
-            _scheduler.prune_finished()
-            journal.checkpoint()
+            chores.run()
     finally:
         for service in _services.values():
             service.shutdown()

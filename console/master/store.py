@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
-from corral.agent.errors import CorralError
+from corral.agent.errors import CorralError, JournalFailed
 
 from .records import FINAL
 from .rows import FinishedRow
@@ -59,6 +62,10 @@ CREATE TABLE IF NOT EXISTS submissions (
     first_id  INTEGER NOT NULL,
     total     INTEGER NOT NULL,
     submitted REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key       TEXT PRIMARY KEY,
+    value
 ) WITHOUT ROWID;
 DROP INDEX IF EXISTS jobs_active;
 """
@@ -182,6 +189,23 @@ FINISHED_HAYSTACK = ("(CAST(id AS TEXT) || char(31) || name || char(31) || COALE
                      " || char(31) || COALESCE(error, ''))")
 PRUNE_BATCH = 2000  # final jobs deleted per transaction by retention: one short hold of the writer at a time
 
+log = logging.getLogger(__name__)
+
+# A failing journal counts as healed once its file system has this much room again and a write goes through.
+HEAL_FREE_BYTES = 1 << 20
+
+
+class JournalHealth(NamedTuple):
+    """Whether the journal's writes go through: what `corral status` and the console's header show."""
+
+    ok: bool
+    error: str | None  # the failing write's one line (JournalFailed's message)
+    since: float | None  # when writes began to fail (time.time())
+    refused: int  # writes refused since then
+
+    def wire(self) -> dict[str, Any]:
+        return self._asdict()
+
 
 def journal_error(path: Path, exc: Exception) -> CorralError:
     return CorralError(
@@ -209,6 +233,7 @@ class Journal:
         except sqlite3.Error as exc:
             raise journal_error(path, exc) from None
         self.read_lock = threading.Lock()
+        self.health = JournalHealth(True, None, None, 0)
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
@@ -237,9 +262,13 @@ class Journal:
                 raise
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database without blocking writers (PASSIVE)."""
-        with self.read_lock:
-            self.reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        """Copy the WAL into the database without blocking writers (PASSIVE); JournalFailed if it cannot
+        (the database file cannot grow on a full disk): housekeeping logs it and tries again."""
+        try:
+            with self.read_lock:
+                self.reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            raise JournalFailed(f"journal checkpoint failed: {exc} ({self.path})") from None
 
     def close(self) -> None:
         self.db.close()
@@ -248,22 +277,73 @@ class Journal:
     # --writes (the scheduler holds its lock around each) ------------------------------
 
     def write(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        """Run (sql, rows) pairs with executemany in one transaction."""
+        """Run (sql, rows) pairs with executemany in one transaction, all or nothing. A refusal of the
+        database or the disk (full, read-only, I/O error) is JournalFailed, after the rollback: the
+        caller changes nothing in memory and says so in one line; the master serves on."""
         db = self.db
-        db.execute("BEGIN")
         try:
+            db.execute("BEGIN")
             for sql, rows in statements:
                 if rows:
                     db.executemany(sql, rows)
             db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise self._failed(exc) from None
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
+        if not self.health.ok:
+            self._healed()
+
+    def _rollback(self) -> None:
+        # SQLite may have rolled the transaction back itself (SQLITE_FULL, SQLITE_IOERR): a ROLLBACK then
+        # fails, and must not hide why the write failed.
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("journal rollback failed: %s (%s)", exc, self.path)
+
+    def _failed(self, exc: sqlite3.Error) -> JournalFailed:
+        error = JournalFailed(f"journal write failed: {exc} ({self.path})",
+                              "nothing was changed; free space or fix the file system, then try again")
+        health = self.health
+        if health.ok or health.error != error.message:
+            log.warning("%s; the master serves on, refusing what needs a write until it heals", error.message)
+        since = time.time() if health.ok else health.since
+        self.health = JournalHealth(False, error.message, since, health.refused + 1)
+        return error
+
+    def _healed(self) -> None:
+        health = self.health
+        self.health = JournalHealth(True, None, None, 0)
+        log.warning("journal writes work again (%d refused over %.1fs)", health.refused,
+                    time.time() - (health.since or time.time()))
+
+    def probe(self) -> bool:
+        """While writes fail (housekeeping calls this): whether they work again. Only once the file system
+        has room (HEAL_FREE_BYTES) and is writable, then by a small write of its own; a later write that
+        fails all the same marks the journal failing again."""
+        if self.health.ok:
+            return True
+        try:
+            fs = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        if fs.f_flag & os.ST_RDONLY or fs.f_bavail * fs.f_frsize < HEAL_FREE_BYTES:
+            return False
+        try:
+            self.write([(self.PROBE, [("probe", time.time())])])
+        except JournalFailed:
+            return False
+        return True
 
     INSERT_JOB = (
         "INSERT INTO jobs (id, name, command, func, payload, env, cwd, priority, timeout, retries, tags,"
         " state, submitted, code) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?,?)"
     )
+    PROBE = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
     INSERT_SUBMISSION = "INSERT INTO submissions (token, first_id, total, submitted) VALUES (?,?,?,?)"
     DISPATCH = "UPDATE jobs SET state='running', attempts=?, agent=?, started=? WHERE id=?"
     REQUEUE = "UPDATE jobs SET state='queued', attempts=?, failures=?, lost=?, agent=NULL WHERE id=?"

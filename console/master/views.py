@@ -97,7 +97,7 @@ class Views:
         out: dict[str, Any] = {
             "seq": seq, "now": now, "counts": counts, "agents": agents, "rate": rate,
             "slots": sum(a["slots"] for a in agents if a["state"] != "lost"),
-            "busy": sum(a["busy"] for a in agents), "changed": changed,
+            "busy": sum(a["busy"] for a in agents), "changed": changed, "journal": s.journal.health.wire(),
         }
         # The expensive halves run here, outside the lock, so dispatch never waits on a console.
         for name, pick in picked.items():
@@ -179,6 +179,7 @@ class Views:
             "rate": recent / 10.0,
             "seq": seq,
             "uptime": now - s.started,
+            "journal": s.journal.health.wire(),  # whether its writes go through (store.JournalHealth)
         }
 
     # ---- under the scheduler's lock ------------------------------------------------------------

@@ -63,6 +63,10 @@ class StatsHeader(Widget):
         info = Text(no_wrap=True, overflow="crop")
         info.append("● master up" if self.connected else "✕ master unreachable",
                     style="green" if self.connected else "bold red")
+        journal = snapshot.get("journal") or {}
+        if self.connected and not journal.get("ok", True):
+            info.append("  ✕ journal failing", style="bold red")
+            info.append(f" ({journal.get('refused', 0)} writes refused)", style="red")
         info.append("  agents ", style="dim")
         info.append(f"{up}/{len(agents)} up", style="bold" if up else "red")
         if lost:

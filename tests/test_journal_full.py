@@ -1,0 +1,123 @@
+"""A full disk under the master, for real: the state directory on a small tmpfs of the test's own, filled
+up while jobs run, then freed. The master never exits and keeps its master.json; a submission is refused
+in one line and queues nothing; results that cannot be journaled stay with the agent and are handed in
+again; `corral status` says the journal is failing; once there is room, everything heals by itself.
+Asserted from the journal file: every job one final outcome, nothing running, each ran exactly once."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from corral.agent.protocol import JobSpec
+from tests.cluster import Cluster, wait_for
+from tests.faultkit import alive, journal_outcomes, kill_pids, processes_of
+
+BIG = 64 * 1024  # what one job prints on each stream: the tail an attempt keeps, so its result is large
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs mounted for this test (root only; CI runs as root and forbids the skip)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; CI runs as root with CORRAL_NO_SKIPS=1")
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        kill_pids(processes_of(mount / "home"))
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def fill(path: Path) -> int:
+    """Write zeros into `path` until the file system says ENOSPC; how many bytes went in."""
+    written = 0
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (1 << 20, 1 << 16, 1 << 12, 1 << 9):
+            block = bytes(chunk)
+            while True:
+                try:
+                    written += os.write(fd, block)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+    finally:
+        os.close(fd)
+    return written
+
+
+def test_full_disk_under_the_master_heals_by_itself(tmp_path: Path, small_fs: Path) -> None:
+    home, runs = small_fs / "home", tmp_path / "runs"
+    cluster = Cluster(home)
+    cluster.logs = tmp_path / "logs"  # the test's own logs stay off the full disk
+    cluster.logs.mkdir()
+    db = home / "corral.db"
+    try:
+        master = cluster.start_master("--lease", "3")
+        record = (home / "master.json").read_text()
+        cluster.start_agent("a", slots=4)
+        with cluster.client() as c:
+            # Four jobs, one per slot, that end while the disk is full, each with a large result.
+            job = (f'echo "$CORRAL_JOB_ID $CORRAL_ATTEMPT" >> {runs}; sleep 4; head -c {BIG} /dev/zero | tr "\\0" o;'
+                   f' head -c {BIG} /dev/zero | tr "\\0" e >&2')
+            first = c.submit([JobSpec(command=job) for _ in range(4)])
+            wait_for(lambda: runs.exists() and len(runs.read_text().splitlines()) == 4, timeout=60,
+                     what="the four jobs to start")
+            wal = Path(f"{db}-wal")
+            assert wal.stat().st_size < 4 * BIG, "the WAL has room for the results: they would not be refused"
+
+            filled = fill(small_fs / "filler")
+            assert filled > 0
+
+            # A submission is refused in one line, with the journal's path, and queues nothing.
+            refused = cluster.corral("submit", "--count", "200", "--", "echo after " + "x" * 2000)
+            assert refused.returncode == 1, refused
+            assert refused.stderr.splitlines() == [refused.stderr.strip()], refused.stderr
+            assert refused.stderr.startswith(f"corral submit: journal write failed: database or disk is full ({db})")
+            status = cluster.corral("status")
+            assert status.returncode == 0 and "JOURNAL FAILING" in status.stdout, status
+            journal = json.loads(cluster.corral("status", "--json").stdout)["journal"]
+            assert journal["ok"] is False and "database or disk is full" in journal["error"], journal
+
+            # The jobs end; their results cannot be journaled: the agent keeps them and asks again.
+            wait_for(lambda: "could not journal our" in cluster.agent_log("a"), timeout=60,
+                     what="the agent to be refused its results")
+            wait_for(lambda: cluster.agent_log("a").count("Finished job:") == 4, timeout=60,
+                     what="all four jobs to end on the agent")
+            time.sleep(4)  # longer than the lease, every report refused meanwhile
+            assert all(c.job(j)["state"] == "running" for j in first)  # memory as the journal: not ended
+            assert master.poll() is None and (home / "master.json").read_text() == record
+            assert {a["name"]: a["state"] for a in c.agents()} == {"a": "up"}  # its heartbeats still count
+
+            # Room again: the results go in, the journal heals, and a submission goes through.
+            (small_fs / "filler").unlink()
+            assert c.wait(first, timeout=60) == {j: "done" for j in first}
+            wait_for(lambda: c.status()["journal"]["ok"], timeout=30, what="the journal to be reported healthy")
+            later = c.submit([JobSpec(command=f'echo "$CORRAL_JOB_ID $CORRAL_ATTEMPT" >> {runs}') for _ in range(20)])
+            assert later[0] == first[-1] + 1  # the refused submission used no ids
+            assert c.wait(later, timeout=60) == {j: "done" for j in later}
+            shown = c.job(first[0])["attempt_list"]
+            assert [len(a["stdout"]) for a in shown] == [BIG], "the result handed in late is the whole result"
+        listed = json.loads(cluster.corral("jobs", "--json").stdout)
+        assert {j["id"]: j["state"] for j in listed} == {j: "done" for j in first + later}
+        assert master.poll() is None and (home / "master.json").read_text() == record
+        assert "journal write failed: database or disk is full" in (cluster.logs / "master.log").read_text()
+    finally:
+        cluster.stop()
+    journal_outcomes(db, first + later, states=("done",))
+    ran = runs.read_text().split()
+    assert sorted(zip(map(int, ran[::2]), ran[1::2])) == [(j, "1") for j in first + later], "a job ran twice"
+    assert not alive(master.pid)
