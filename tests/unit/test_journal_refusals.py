@@ -47,6 +47,7 @@ def memory(s: Scheduler) -> dict[str, Any]:
                    for a in s.agents.values()},
         "sessions": sorted(s.sessions),
         "final": dict(s.recent_final),
+        "final_counts": dict(s.final_counts),
         "next_id": s.next_id,
         "finished_times": len(s.finished_times),
     }
