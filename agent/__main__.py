@@ -12,6 +12,7 @@ from multiprocessing import AuthenticationError
 from pathlib import Path
 from typing import List, Optional
 
+from . import contain
 from .errors import CorralError, NameTaken
 from .protocol import AgentInfo
 from .runner import Agent, default_name, install_signal_handlers, python_version
@@ -28,6 +29,10 @@ def build_parser(prog: str = "python -m corral.agent", add_help: bool = True) ->
     parser.add_argument("--tags", default="", help="comma-separated tags; a tagged job runs only on agents with all its tags")
     parser.add_argument("--spool", metavar="DIR", help="directory where unreported results wait while the master"
                         " is away (default: <state dir>/spool)")
+    parser.add_argument("--containment", choices=contain.WANTS, default="auto",
+                        help="how a job's processes are kept together to be killed at its end: a cgroup v2 per"
+                        " job, child subreapers and the descendant tree, or the process group only"
+                        " (default auto: the strongest this host allows)")
     parser.add_argument("--started-by", default="manual", help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="print a line per job started and finished")
     return parser
@@ -46,6 +51,7 @@ def run_agent(args: argparse.Namespace) -> int:
         # Results are loaded back from the spool: it is held to the state directory's rule.
         spool.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_trusted(spool, "spool directory", directory=True)
+        containment = contain.choose(args.containment)
     except OSError as exc:
         print(f"corral agent: cannot use the spool directory: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return 2
@@ -62,12 +68,13 @@ def run_agent(args: argparse.Namespace) -> int:
         python=python_version(),
         started_by=args.started_by,
         instance=uuid.uuid4().hex,
+        containment=containment.describe(),
     )
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s agent %(levelname)s %(message)s")
     locate = None if args.connect else functools.partial(read_master_address, home)
     agent = Agent(address, authkey, info, verbose=args.verbose, locate=locate,
-                  spool=spool, name_is_default=args.name is None)
+                  spool=spool, name_is_default=args.name is None, containment=containment)
     install_signal_handlers(agent)
     if args.verbose:
         print(f"Connect to server {address[0]}:{address[1]}...", flush=True)

@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import IO, Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
-from . import codecache
+from . import codecache, contain
 from .protocol import CHUNK_CALL, OUTPUT_TAIL_BYTES, JobResult, JobState, Task, tail_text
 
 # Set by init_worker() in each pool worker process.
@@ -30,6 +30,7 @@ _cancel_seen = -1
 _cancel_ids: FrozenSet[int] = frozenset()
 _current_job: Optional[int] = None  # the callable job running now, the only one a signal may interrupt
 _functions: Dict[str, Callable[..., Any]] = {}
+_containment = contain.Containment(contain.GROUP)  # the agent's, given to init_worker
 MAX_FAILURE_BYTES = 2 * 1024 * 1024  # a failed call's pickled exception, at most (else the caller gets its text)
 LIVE_SECONDS = 0.5  # how often a running shell job's output tails go to the agent (when they changed)
 
@@ -42,10 +43,14 @@ class JobInterrupted(BaseException):
         self.state = state
 
 
-def init_worker(events: Any, events_lock: Any, cancelled: Any, agent_pid: int) -> None:
-    """Pool initializer: keep the agent's channels and arm the interrupting signals."""
-    global _events, _events_lock, _cancelled
+def init_worker(events: Any, events_lock: Any, cancelled: Any, agent_pid: int,
+                containment: Optional[contain.Containment] = None) -> None:
+    """Pool initializer: keep the agent's channels, contain what jobs will start, arm the interrupting signals."""
+    global _events, _events_lock, _cancelled, _containment
     _events, _events_lock = events, events_lock
+    if containment is not None:
+        _containment = containment
+        contain.enter_worker(containment)
     os.environ["CORRAL_AGENT_PID"] = str(agent_pid)  # jobs see which agent runs them
     _cancelled = cancelled
     # The agent handles ctrl-c and SIGTERM for the whole group; workers stop when it tells them.
@@ -160,17 +165,21 @@ def _run_shell(task: Task, started: float) -> JobResult:
     env["CORRAL_JOB_ID"] = str(task.job_id)
     env["CORRAL_ATTEMPT"] = str(task.attempt)
     env = codecache.shell_env(env, task.code)
+    box = contain.JobBox(_containment, task.job_id, task.attempt, shell=True)
     try:
-        proc = subprocess.Popen(
+        proc = box.spawn(lambda: subprocess.Popen(
             ["/bin/sh", "-c", task.command or ""],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
             cwd=task.cwd or None,
-            start_new_session=True,  # its own process group: timeout and cancel kill all of it
-        )
+            # Its own session and process group: the agent's cancel kills the group; what leaves
+            # it (setsid, set -m, timeout, daemons) is the box's to find and kill (agent/contain.py).
+            start_new_session=True,
+        ))
     except OSError as exc:
+        box.end()
         return JobResult(
             task.job_id,
             task.attempt,
@@ -181,13 +190,17 @@ def _run_shell(task: Task, started: float) -> JobResult:
         )
     _tell_agent(("pgid", task.job_id, proc.pid, time.time()))
     deadline = started + task.timeout if task.timeout else None
-    timed_out, stdout, stderr = _pump(proc, deadline, task.job_id)
-    returncode = proc.wait()
+    try:
+        timed_out, stdout, stderr = _pump(proc, deadline, task.job_id, box)
+        returncode = proc.wait()
+    finally:
+        box.end()  # whatever ended it: nothing the job started outlives it
     ended = time.time()
+    what = "process group killed" if _containment.kind == contain.GROUP else "all its processes killed"
     if timed_out:
-        state, error = JobState.TIMEOUT.value, f"timed out after {task.timeout:g}s; process group killed"
+        state, error = JobState.TIMEOUT.value, f"timed out after {task.timeout:g}s; {what}"
     elif _is_cancelled(task.job_id):
-        state, error = JobState.CANCELLED.value, "cancelled; process group killed"
+        state, error = JobState.CANCELLED.value, f"cancelled; {what}"
     elif returncode == 0:
         state, error = JobState.DONE.value, ""
     elif returncode < 0:
@@ -207,12 +220,13 @@ def _run_shell(task: Task, started: float) -> JobResult:
     )
 
 
-def _pump(proc: "subprocess.Popen[bytes]", deadline: Optional[float], job_id: int = 0) -> Tuple[bool, _Tail, _Tail]:
+def _pump(proc: "subprocess.Popen[bytes]", deadline: Optional[float], job_id: int,
+          box: contain.JobBox) -> Tuple[bool, _Tail, _Tail]:
     """Read the process's output until it ends or the deadline passes: (timed out, stdout, stderr).
     While it runs, the tails go to the agent every LIVE_SECONDS when they changed (live output).
 
-    When the shell itself exits, whatever it left running in its group (a daemon, `cmd &`) is
-    killed: those children would otherwise hold the pipes open and outlive the job.
+    When the shell itself exits, whatever it left running (a daemon, `cmd &`, in its group or out of
+    it) is killed: those would otherwise hold the pipes open and outlive the job.
     """
     assert proc.stdout is not None and proc.stderr is not None  # both are pipes (_run_shell)
     streams: List[IO[bytes]] = [proc.stdout, proc.stderr]
@@ -234,6 +248,7 @@ def _pump(proc: "subprocess.Popen[bytes]", deadline: Optional[float], job_id: in
             if deadline is not None and now >= deadline and not timed_out:
                 timed_out = True
                 kill_group(proc.pid)
+                box.kill()
                 drain_until = now + 0.5
             wait = 0.1
             if deadline is not None and not timed_out:
@@ -246,7 +261,9 @@ def _pump(proc: "subprocess.Popen[bytes]", deadline: Optional[float], job_id: in
                 else:
                     selector.unregister(key.fileobj)
             if drain_until is None and proc.poll() is not None:
-                # The shell is gone; its group must go too, then read what is left.
+                # The shell is gone; all it left must go too (named first: the record says what), then
+                # read what is left.
+                box.kill()
                 kill_group(proc.pid)
                 drain_until = time.time() + 0.5
         if proc.poll() is None:
@@ -312,6 +329,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
     state, value, error, tb = JobState.DONE.value, None, "", ""
     saved_env = _snapshot_env()  # the whole of it: a callable may change os.environ itself
     saved_cwd = os.getcwd() if task.cwd else None
+    box = contain.JobBox(_containment, task.job_id, task.attempt, shell=False)
     try:
         if task.env:
             os.environ.update(task.env)  # checked whole in execute(); inside the try, so undone whatever happens
@@ -337,6 +355,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
         state, error, tb = JobState.FAILED.value, f"{type(exc).__name__}: {exc}", traceback.format_exc()
         value = _failure_value(exc, tb)
     finally:
+        box.end()  # what the callable started ends with it, whatever ended the call
         if saved_cwd is not None:
             os.chdir(saved_cwd)
         _restore_env(saved_env)

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from . import execute
+from . import contain, execute
 from .pacing import Pacing, kind_of
 from .protocol import RELEASED, JobResult, JobState, Task
 
@@ -68,8 +68,12 @@ class JobPool:
     """
 
     def __init__(self, slots: int, report: Report, draining: threading.Event, verbose: bool = False,
-                 hard_kill_grace: float = HARD_KILL_GRACE_SECONDS) -> None:
+                 hard_kill_grace: float = HARD_KILL_GRACE_SECONDS,
+                 containment: Optional[contain.Containment] = None) -> None:
         self.slots = slots
+        # The agent chooses (and owns its process, so it may reap and kill orphans there); a pool
+        # made without one, embedded in another program, contains jobs in its workers only.
+        self.containment = containment or contain.choose(owns_process=False)
         self.hard_kill_grace = hard_kill_grace
         self.report = report
         self.draining = draining
@@ -92,7 +96,8 @@ class JobPool:
         self.events, events_writer = ctx.Pipe(duplex=False)
         self.cancel_ring: Any = ctx.Array("q", 1 + CANCEL_RING, lock=False)
         self.cancel_next = 1
-        self.pool = ctx.Pool(slots, execute.init_worker, (events_writer, ctx.Lock(), self.cancel_ring, os.getpid()))
+        self.pool = ctx.Pool(slots, execute.init_worker,
+                             (events_writer, ctx.Lock(), self.cancel_ring, os.getpid(), self.containment))
         self.watcher = threading.Thread(target=self._watch_events, name="events", daemon=True)
         self.watcher.start()
 
@@ -298,7 +303,10 @@ class JobPool:
         """Settle the jobs whose worker died, and callables past timeout + grace (their worker is
         killed). A worker is known from its announcement and dead once its pid is gone; the pool
         starts a replacement by itself, which announces itself in turn."""
-        self.workers -= {pid for pid in self.workers if _gone(pid)}
+        gone = {pid for pid in self.workers if _gone(pid)}
+        self.workers -= gone
+        for pid in gone:  # what its job started may live on without it: the rest of the job goes too
+            contain.worker_gone(self.containment, pid)
         dead: List[JobResult] = []
         chunks: Set[int] = set()
         with self.lock:
@@ -307,7 +315,7 @@ class JobPool:
                 if not held.worker:
                     continue
                 if task.func is not None and task.timeout and now - held.started > task.timeout + self.hard_kill_grace:
-                    _signal(held.worker, signal.SIGKILL)
+                    contain.kill_worker(self.containment, held.worker)  # and all its callable started
                     error, state = f"timed out after {task.timeout:g}s; its worker was killed", _TIMEOUT
                 elif held.worker not in self.workers:
                     error, state = "the pool worker running it died (killed, or the job exited the process)", _FAILED
@@ -334,6 +342,7 @@ class JobPool:
         self.pool.close()
         self.pool.terminate()
         self.pool.join()
+        contain.release(self.containment)  # the workers are gone: anything a job left goes now
         self.watcher.join(timeout=2 * EVENT_POLL_SECONDS + 1)
         self.events.close()
         return killed

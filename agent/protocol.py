@@ -141,6 +141,9 @@ class AgentInfo:
     protocol: int = PROTOCOL_VERSION
     # Random per agent process: tells "the same agent reconnecting" from "another agent, same name".
     instance: str = ""
+    # How it keeps a job's processes together to kill them at its end (agent/contain.py): "cgroup",
+    # "subreaper" or "group", with why nothing stronger in brackets.
+    containment: str = ""
 
     def to_wire(self) -> Dict[str, Any]:
         return {
@@ -153,6 +156,7 @@ class AgentInfo:
             "started_by": self.started_by,
             "protocol": self.protocol,
             "instance": self.instance,
+            "containment": self.containment,
         }
 
 

@@ -14,7 +14,7 @@ from multiprocessing.managers import BaseManager
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Set, Tuple
 
-from . import codecache
+from . import codecache, contain
 from .connection import CONNECT_SECONDS, SERIALIZER, Backoff, call, deadline, drop
 from .errors import CorralError, JournalFailed, NameTaken
 from .pool import JobPool, released
@@ -79,7 +79,9 @@ class Agent:
         locate: Optional[Callable[[], Tuple[str, int]]] = None,
         spool: Optional[Path] = None,
         name_is_default: bool = False,
+        containment: Optional[contain.Containment] = None,
     ) -> None:
+        self.containment = containment
         self.address = address
         # Where to look the master up again before each (re)connect: a restarted master may
         # listen on a new port (read from the state directory); None when --connect fixed it.
@@ -148,7 +150,8 @@ class Agent:
                 if self.pool is None:
                     # Once registered: the master (and a deploy waiting for "ready") hears from us
                     # before we pay for a forkserver and N workers; no work is taken before they exist.
-                    self.pool = JobPool(self.info.slots, self._queue_results, self.draining, self.verbose)
+                    self.pool = JobPool(self.info.slots, self._queue_results, self.draining, self.verbose,
+                                        containment=self.containment)
                 if self.outbox.spool is None and self.spool_dir is not None:
                     self._attach_spool()
                 began = time.monotonic()

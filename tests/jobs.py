@@ -42,3 +42,10 @@ def meddle_env_and_nap(seconds: float) -> None:
     os.environ["MEDDLED"] = "by an earlier job"
     os.environ.pop("CORRAL_HOME", None)
     time.sleep(seconds)
+
+
+def run_shell(text: str) -> int:
+    """Run shell text from inside the callable (in a session of its own, as a careless job might); its exit code."""
+    import subprocess
+
+    return subprocess.run(["/bin/sh", "-c", text], start_new_session=True, stdout=subprocess.DEVNULL).returncode

@@ -118,6 +118,8 @@ class AgentRecord:
             "tags": sorted(self.tags),
             "python": self.info.get("python", ""),
             "started_by": self.info.get("started_by", "manual"),
+            # How it contains its jobs' processes (agent/contain.py), as the agent said: text, at most 300 characters.
+            "containment": str(self.info.get("containment") or "unknown")[:300],
             "last_seen": self.last_seen,
             "heartbeat_age": max(0.0, now - self.last_seen),
             "registered": self.registered,
