@@ -77,7 +77,8 @@ def test_full_disk_under_the_master_heals_by_itself(tmp_path: Path, small_fs: Pa
             wait_for(lambda: runs.exists() and len(runs.read_text().splitlines()) == 4, timeout=60,
                      what="the four jobs to start")
             wal = Path(f"{db}-wal")
-            assert wal.stat().st_size < 4 * BIG, "the WAL has room for the results: they would not be refused"
+            # SQLite reuses its WAL file's own pages: each result alone must be larger, or it might go in.
+            assert wal.stat().st_size < 2 * BIG, "the WAL has room for a result: it might not be refused"
 
             filled = fill(small_fs / "filler")
             assert filled > 0
@@ -121,3 +122,40 @@ def test_full_disk_under_the_master_heals_by_itself(tmp_path: Path, small_fs: Pa
     ran = runs.read_text().split()
     assert sorted(zip(map(int, ran[::2]), ran[1::2])) == [(j, "1") for j in first + later], "a job ran twice"
     assert not alive(master.pid)
+
+
+async def test_console_says_the_journal_is_failing_and_when_it_heals(tmp_path: Path, small_fs: Path) -> None:
+    """The console on a master whose disk is full: its header says so, a submission from its form is
+    refused in one line and the console carries on; freed, the header is clear again."""
+    from corral.console.tui.app import CorralApp
+    from corral.console.tui.screens.main import MainScreen
+    from corral.console.tui.widgets.stats import StatsHeader
+    from textual.widgets import Input
+
+    from tests.test_tui_app import SIZE, errors, loaded, until
+
+    cluster = Cluster(small_fs / "home")
+    cluster.logs = tmp_path / "logs"
+    cluster.logs.mkdir()
+    try:
+        master = cluster.start_master()
+        app = CorralApp(home=cluster.home)
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app)
+            header = app.main.query_one(StatsHeader)
+            assert "journal failing" not in header.status_text().plain
+            fill(small_fs / "filler")
+            await pilot.press("n")
+            # Two MB of jobs: more than any room SQLite's WAL file may still have (it reuses its own pages).
+            app.screen.query_one("#count", Input).value = "1000"
+            app.screen.query_one("#command", Input).value = "echo " + "x" * 2000
+            await pilot.press("enter")
+            await until(pilot, lambda: any("journal write failed: database or disk is full" in e for e in errors(app)),
+                        "the refused submission's line")
+            await until(pilot, lambda: "journal failing" in header.status_text().plain, "the header to say so")
+            assert app.is_running and isinstance(app.screen, MainScreen) and master.poll() is None
+            (small_fs / "filler").unlink()
+            await until(pilot, lambda: "journal failing" not in header.status_text().plain, "the header to clear")
+            assert "master up" in header.status_text().plain
+    finally:
+        cluster.stop()
