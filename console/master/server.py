@@ -213,7 +213,7 @@ class Housekeeping:
             try:
                 chore()
             except Exception as exc:  # noqa: BLE001 - housekeeping never ends the master: logged, tried again
-                text = str(exc) or type(exc).__name__
+                text = (exc.message if isinstance(exc, CorralError) else str(exc)) or type(exc).__name__
                 if self.failing.get(name) != text:
                     log.warning("%s failed: %s; trying again every second", name, text,
                                 exc_info=not isinstance(exc, (CorralError, sqlite3.Error, OSError)))

@@ -201,3 +201,27 @@ def test_probe_heals_only_once_writes_go_through(master: Master) -> None:
         assert s.journal.probe() is False
         assert s.journal.health.refused == 2
     assert s.journal.probe() is True and s.journal.health.ok
+
+
+def test_housekeeping_logs_a_failing_chore_once_and_runs_it_again(master: Master,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from corral.console.master.server import Housekeeping
+
+    s = Scheduler(master.scheduler.journal, lease_seconds=0.2)
+    master.scheduler = s
+    [job] = s.submit([cmd()])
+    take(s, register(s, slots=1))
+    time.sleep(0.3)
+    chores = Housekeeping(s, s.journal)
+    with refusing(s), caplog.at_level("WARNING", logger="corral"):
+        chores.run()
+        chores.run()
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lease expiry failed")]
+    assert failed == [f"lease expiry failed: journal write failed: attempt to write a readonly database"
+                      f" ({s.journal.path}); trying again every second"], failed
+    assert s.agents["alpha"].state is AgentState.UP and s.jobs[job].agent == "alpha"
+    with caplog.at_level("WARNING", logger="corral"):
+        chores.run()
+    assert "lease expiry works again" in caplog.messages
+    assert s.agents["alpha"].state is AgentState.LOST and s.jobs[job].state == QUEUED
+    journal_agrees(s)
