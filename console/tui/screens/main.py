@@ -41,7 +41,10 @@ class MainScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("n", "submit", "Submit"),
         Binding("d", "deploy", "Deploy"),
-        Binding("slash", "filter", "Filter"),
+        # priority: the app runs it as it reads the key, before it hands the next key to whatever has
+        # focus; a plain binding runs later, in the table's own queue, after the keys typed behind `/`
+        # were already handed to the table (j moved its cursor, c asked to cancel, n opened the form).
+        Binding("slash", "filter", "Filter", priority=True),
         Binding("escape", "close_filter", "Clear filter", show=False),
         # The job panes bind c and r themselves; here they only catch the Workers pane, to say so.
         Binding("c", "cancel", "", show=False),
@@ -225,13 +228,18 @@ class MainScreen(Screen[None]):
     # ---- the filter bar -----------------------------------------------------------------
 
     def action_filter(self) -> None:
+        bar = self.query_one("#filter", Input)
+        if self.focused is bar:  # `/` typed in the filter itself (a path, `a/b`): it is text there
+            bar.insert_text_at_cursor("/")
+            return
         target = self.focused_table()
         self.filter_target = target
-        bar = self.query_one("#filter", Input)
         bar.value = ("!" if target.invert else "") + target.match
         bar.placeholder = f"filter {target.TITLE}: text shows matches, !text hides them · enter keeps · esc clears"
         bar.display = True
-        bar.focus()
+        # Now, not with bar.focus() (which is a call_later, queued behind the keys already read): a key
+        # typed right after `/` is in the queue already, and must reach the bar, not the table.
+        self.set_focus(bar)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "filter" and self.filter_target is not None:
@@ -250,4 +258,5 @@ class MainScreen(Screen[None]):
     def _hide_filter(self) -> None:
         bar = self.query_one("#filter", Input)
         bar.display = False
-        (self.filter_target or self.dispatched_pane).focus()
+        # At once too: a key typed right after enter/esc is for the table again (j, c, enter...).
+        self.set_focus(self.filter_target or self.dispatched_pane)
