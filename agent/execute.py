@@ -194,7 +194,7 @@ def _run_shell(task: Task, started: float) -> JobResult:
         timed_out, stdout, stderr = _pump(proc, deadline, task.job_id, box)
         returncode = proc.wait()
     finally:
-        box.end()  # whatever ended it: nothing the job started outlives it
+        killed = box.end()  # whatever ended it: nothing the job started outlives it
     ended = time.time()
     what = "process group killed" if _containment.kind == contain.GROUP else "all its processes killed"
     if timed_out:
@@ -217,7 +217,16 @@ def _run_shell(task: Task, started: float) -> JobResult:
         error=error,
         started=started,
         ended=ended,
+        note=_leftovers_note(state, killed),
     )
+
+
+def _leftovers_note(state: str, killed: List[contain.Killed]) -> str:
+    """At a normal end (done or failed), the processes it left running that were killed; a timeout
+    or cancel kills all of the job by design, so it says so in its error instead."""
+    if state in (JobState.DONE.value, JobState.FAILED.value):
+        return contain.describe_killed(killed)
+    return ""
 
 
 def _pump(proc: "subprocess.Popen[bytes]", deadline: Optional[float], job_id: int,
@@ -355,7 +364,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
         state, error, tb = JobState.FAILED.value, f"{type(exc).__name__}: {exc}", traceback.format_exc()
         value = _failure_value(exc, tb)
     finally:
-        box.end()  # what the callable started ends with it, whatever ended the call
+        killed = box.end()  # what the callable started ends with it, whatever ended the call
         if saved_cwd is not None:
             os.chdir(saved_cwd)
         _restore_env(saved_env)
@@ -371,6 +380,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
         traceback=tb,
         started=started,
         ended=time.time(),
+        note=_leftovers_note(state, killed),
     )
 
 

@@ -8,7 +8,8 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 # Bump when a wire record changes shape or meaning; master and agent compare it at register().
 # 2: shipped code (JobSpec.code, Task.code, CODE_TYPEID), chunked calls (CHUNK_CALL), a failed callable's value.
-PROTOCOL_VERSION = 2
+# 3: JobResult.note (what the agent noted of the attempt: processes killed at its end).
+PROTOCOL_VERSION = 3
 
 # The one name registered on the master's BaseManager; its methods are the API.
 SCHEDULER_TYPEID = "get_scheduler"
@@ -125,6 +126,9 @@ class JobResult(NamedTuple):
     traceback: str = ""
     started: float = 0.0
     ended: float = 0.0
+    # What the agent noted of the attempt beyond its outcome: processes it left running that were
+    # killed at its end (agent/contain.py describe_killed); "" for nearly every attempt.
+    note: str = ""
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ def test_every_escaped_process_ends_with_its_job(cluster: Cluster, tmp_path: Pat
         assert c.wait([done_job], timeout=60) == {done_job: "done"}
         left = escaped(normal)
         assert [name for name, pid in left.items() if alive(pid)] == [], f"outlived a job that ended: {left}"
+        assert_noted(c.job(done_job)["attempt_list"], left)
 
         wait_for(lambda: all((cancelled / name).exists() and (cancelled / name).read_text() for name in ESCAPES),
                  timeout=60, what="the cancelled job's escapes to start")
@@ -97,8 +98,23 @@ def test_every_escaped_process_ends_with_its_job(cluster: Cluster, tmp_path: Pat
         assert [name for name, pid in left.items() if alive(pid)] == [], f"outlived its timeout: {left}"
         timeout_record = c.job(timeout_job)
     assert "all its processes killed" in timeout_record["error"]
+    assert [a["note"] for a in timeout_record["attempt_list"]] == [""]  # killed by design: its error says so
     out = cluster.corral("agents")
     assert out.returncode == 0 and "CONTAINMENT" in out.stdout and f" {kind}" in out.stdout.splitlines()[1]
+    shown = cluster.corral("show", str(done_job))
+    assert shown.returncode == 0 and "    note: 5 processes left running at its end were killed: " in shown.stdout
+    detail = json.loads(cluster.corral("show", str(done_job), "--json").stdout)["attempts_detail"]
+    assert [a["note"].split(":")[0] for a in detail] == ["5 processes left running at its end were killed"]
+
+
+def assert_noted(attempts: list[dict], left: dict[str, int]) -> None:
+    """The attempt record names each process killed at the job's normal end (by its pid)."""
+    [attempt] = attempts
+    assert attempt["state"] == "done" and attempt["counted"]
+    note = attempt["note"]
+    assert note.startswith("5 processes left running at its end were killed: "), note
+    assert f"timeout (pid {left['timeout']})" in note and f"sleep (pid {left['timeout-child']})" in note
+    assert all(f"(pid {pid})" in note for pid in left.values()), note
 
 
 def test_a_forced_stop_kills_escaped_processes(cluster: Cluster, tmp_path: Path, kind: str) -> None:
@@ -124,6 +140,7 @@ def test_a_callables_processes_end_with_it(cluster: Cluster, tmp_path: Path, kin
         assert c.wait([job], timeout=60) == {job: "done"}
         left = escaped(pids)
         assert [name for name, pid in left.items() if alive(pid)] == [], f"outlived the callable: {left}"
+        assert_noted(c.job(job)["attempt_list"], left)
         after = c.submit_call("tests.jobs:inc", (1,))  # the worker is fine, and the next job runs on it
         c.wait([after], timeout=30)
         assert c.values([after]) == [2]

@@ -115,6 +115,8 @@ def job_detail(record: Record) -> str:
                      f" {clock(a['started'])} → {clock(a['ended'])}{note}")
         if a["error"]:
             lines.append(f"    {'why' if unfinished else 'error'}: {a['error']}")
+        if a.get("note"):
+            lines.append(f"    note: {a['note']}")
         for label in ("stdout", "stderr", "traceback"):
             if a[label]:
                 lines.append(f"    --- {label} ---")

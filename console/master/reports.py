@@ -42,19 +42,20 @@ def check_results(results: Any) -> list[JobResult]:
     lowest, highest = _INT64.start, _INT64.stop
     named: list[JobResult] = []
     for row in results:
-        if type(row) not in (tuple, list) or len(row) != 11:
+        if type(row) not in (tuple, list) or len(row) != 12:
             raise CorralError(f"malformed report: bad result row {_sketch(row)}")
         # The one place a result's wire tuple is taken apart (JobResult's fields, in order): each
         # field checked as a local, the cheapest read there is; everything after reads it by name.
-        job_id, attempt, state, exit_code, value, out, err, error, tb, started, ended = row
+        job_id, attempt, state, exit_code, value, out, err, error, tb, started, ended, note = row
         if (type(job_id) is not int or type(attempt) is not int or type(state) is not str
                 or state not in RESULT_STATES or type(exit_code) not in _OPT_INT or type(value) not in _OPT_BYTES
                 or type(out) is not str or type(err) is not str or type(error) is not str or type(tb) is not str
-                or type(started) not in _NUMBER or type(ended) not in _NUMBER
+                or type(started) not in _NUMBER or type(ended) not in _NUMBER or type(note) is not str
                 or not lowest <= job_id < highest or not lowest <= attempt < highest
                 or (exit_code is not None and not lowest <= exit_code < highest)
                 or not ((out.isascii() and err.isascii() and error.isascii() and tb.isascii())
-                        or (_storable(out) and _storable(err) and _storable(error) and _storable(tb)))):
+                        or (_storable(out) and _storable(err) and _storable(error) and _storable(tb)))
+                or not (note.isascii() or _storable(note))):
             raise CorralError(f"malformed report: bad result row {_sketch(row)}")
         named.append(_new_tuple(JobResult, row))  # JobResult._make(row), without its length check
     return named

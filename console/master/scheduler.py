@@ -542,9 +542,10 @@ class Scheduler:
                                                    r.ended or writes.now, r.error or "the agent stopped it", 0,
                                                    r.stdout, r.stderr))
         # A clean, counted run needs no row of its own: the jobs row holds its whole story.
-        elif state != RELEASED and (r.stdout or r.stderr or r.error or not counted or state != DONE or attempt > 1):
+        elif state != RELEASED and (r.stdout or r.stderr or r.error or r.note or not counted or state != DONE
+                                     or attempt > 1):
             writes.attempts.append((job_id, attempt, agent.name, state, r.started, r.ended, r.exit_code,
-                                    r.stdout, r.stderr, r.error, r.traceback, int(counted)))
+                                    r.stdout, r.stderr, r.error, r.traceback, int(counted), r.note))
         if not counted or job is None:
             return  # a stale attempt (re-queued meanwhile, or already final): history only
         writes.changed.append(job_id)
@@ -749,7 +750,7 @@ class Scheduler:
 def _unfinished_row(job_id: int, attempt: int, agent: str, state: str, started: float | None, ended: float,
                     reason: str, counted: int, stdout: str = "", stderr: str = "") -> tuple[Any, ...]:
     """The attempts row of an attempt that ended without a result of its own (lost, interrupted)."""
-    return (job_id, attempt, agent, state, started, ended, None, stdout, stderr, reason, "", counted)
+    return (job_id, attempt, agent, state, started, ended, None, stdout, stderr, reason, "", counted, "")
 
 
 class _Writes:

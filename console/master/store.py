@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     error     TEXT NOT NULL,
     traceback TEXT NOT NULL,
     counted   INTEGER NOT NULL,
+    note      TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (job_id, attempt, agent)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS submissions (
@@ -89,6 +90,7 @@ CREATE INDEX IF NOT EXISTS jobs_ended_state ON jobs (state, id) WHERE {ENDED_SQL
 # before them gets them on open (ALTER TABLE ... ADD COLUMN; old rows read as the default).
 ADDED_COLUMNS = (
     ("jobs", "code", "TEXT"),  # the shipped code bundle (issue 12)
+    ("attempts", "note", "TEXT NOT NULL DEFAULT ''"),  # what the agent noted: processes killed at its end (issue 9)
 )
 
 
@@ -154,6 +156,7 @@ class AttemptRow(NamedTuple):
     error: str
     traceback: str
     counted: int
+    note: str  # what the agent noted beyond the outcome (processes it left running, killed at its end)
 
 
 class Submission(NamedTuple):
@@ -352,7 +355,7 @@ class Journal:
     LOST = "UPDATE jobs SET state='lost', lost=?, ended=?, error=? WHERE id=?"
     ATTEMPT = (
         "INSERT OR REPLACE INTO attempts (job_id, attempt, agent, state, started, ended, exit_code,"
-        " stdout, stderr, error, traceback, counted) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+        " stdout, stderr, error, traceback, counted, note) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
     )
 
     # --recovery -----------------------------------------------------------------------

@@ -123,7 +123,7 @@ class Views:
             attempts.append({
                 "attempt": row.attempts, "agent": row.agent, "state": DONE, "started": row.started,
                 "ended": row.ended, "exit_code": row.exit_code, "stdout": "", "stderr": "", "error": "",
-                "traceback": "", "counted": 1,
+                "traceback": "", "counted": 1, "note": "",
             })
         record["attempt_list"] = attempts
         with s.lock:

@@ -92,6 +92,8 @@ def render_record(record: dict[str, Any], now: float) -> Text:
         out.append("\n")
         if a["error"]:
             out.append_text(output(f"{'why' if unfinished else 'error'}: {a['error']}\n", "red"))
+        if a.get("note"):
+            out.append_text(output(f"note: {a['note']}\n", "yellow"))
         if unfinished and not (a["stdout"] or a["stderr"]):
             continue  # no output came back from it: nothing more to show
         if a_state == "running":
