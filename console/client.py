@@ -20,6 +20,7 @@ from .callables import Call, describe
 from .deploy import DEPLOY_TYPEID
 from .errors import AuthFailed, JobFailed, MapTimeout, MasterUnreachable
 from .master.validate import check, poll_rule
+from . import values as values_
 from .state import StateDir
 
 SUBMIT_BATCH = 10_000  # jobs per submit() round trip
@@ -70,7 +71,11 @@ class Client:
     """
 
     def __init__(self, home: Path | None = None, address: tuple[str, int] | None = None,
-                 authkey: bytes | None = None) -> None:
+                 authkey: bytes | None = None, values: values_.Policy = values_.TRUST) -> None:
+        """`values`: how callables' return values (pickled by agents) are read: "trust" (pickle.loads: whoever
+        runs an agent can run code here, as a multiprocessing worker could), "plain" (plain data only), or
+        a list of the classes also allowed ("module.Name", or the classes themselves)."""
+        self._values = values_.Reader(values)
         self.state = StateDir(home)
         self._shipped: dict[str, float] = {}  # code bundles the master said it holds -> when it said so
         self._code_proxy: Any = None
@@ -313,13 +318,12 @@ class Client:
         """The return values of finished callables, in order; JobFailed if one did not end done."""
         return self._unpack(self.outcomes(ids))
 
-    @staticmethod
-    def _unpack(outcomes: Sequence[Outcome]) -> list[Any]:
+    def _unpack(self, outcomes: Sequence[Outcome]) -> list[Any]:
         out = []
         for job_id, state, _exit, value, error in outcomes:
             if state != JobState.DONE.value:
                 raise JobFailed(f"job {job_id} ended {state}: {error}", f"see `corral show {job_id}`")
-            out.append(pickle.loads(value) if value is not None else None)
+            out.append(self._values.load(value, job_id) if value is not None else None)
         return out
 
     # ---- looking and acting ---------------------------------------------------------------

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import pickle
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from corral.agent.errors import CorralError
 from corral.agent.protocol import JobState
 
+from .. import values
 from ..escape import one_line
 
 if TYPE_CHECKING:
@@ -53,11 +53,9 @@ def job_exit_code(record: Record) -> int:
 
 
 def value_repr(value: bytes) -> str:
-    """A callable's return value, unpickled if this machine can (the job's module may not be importable here)."""
-    try:
-        return repr(pickle.loads(value))
-    except (pickle.UnpicklingError, ImportError, AttributeError, EOFError, TypeError, ValueError) as exc:
-        return f"({len(value)} bytes; not readable here: {type(exc).__name__})"
+    """A callable's return value as an agent handed it in: the plain data it holds, else its class and size
+    (console/values.py: never unpickled in full, so a forged value runs nothing here)."""
+    return values.shown(value)
 
 
 # ---- plain text ---------------------------------------------------------------------------------
@@ -180,15 +178,5 @@ def jsonable(record: Record) -> Record:
 
 
 def _json_value(value: bytes | None) -> Any:
-    """The value itself if JSON can hold it, else its repr (or why this machine cannot read it)."""
-    if value is None:
-        return None
-    try:
-        decoded = pickle.loads(value)
-    except (pickle.UnpicklingError, ImportError, AttributeError, EOFError, TypeError, ValueError):
-        return value_repr(value)
-    try:
-        json.dumps(decoded)
-    except (TypeError, ValueError):
-        return repr(decoded)
-    return decoded
+    """The value itself if it is plain data JSON can hold, else its repr or its class and size (values.as_json)."""
+    return None if value is None else values.as_json(value)

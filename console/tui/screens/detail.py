@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from typing import Any, ClassVar
 
 from rich.text import Text
@@ -12,6 +11,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Static
 
+from ... import values
 from ..format import duration, one_line, output, stamp
 from ..messages import CancelJobs, LoadJob, RequeueJobs
 from ..widgets.keybar import KeyBar
@@ -24,13 +24,8 @@ UNFINISHED = {"lost", "interrupted"}  # attempts that ended without a result (co
 
 
 def _value_text(value: bytes | None) -> str:
-    """A callable's return value, unpickled if this console can (the job's module may not be importable here)."""
-    if value is None:
-        return "None"
-    try:
-        return repr(pickle.loads(value))
-    except (pickle.UnpicklingError, ImportError, AttributeError, EOFError, TypeError, ValueError) as exc:
-        return f"({len(value)} bytes; not readable here: {type(exc).__name__})"
+    """A callable's return value: its plain data, else its class and size (never unpickled in full here)."""
+    return "None" if value is None else values.shown(value)
 
 
 def render_record(record: dict[str, Any], now: float) -> Text:
