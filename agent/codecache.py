@@ -14,11 +14,10 @@ import sys
 import time
 import uuid
 import zipfile
-from multiprocessing.managers import BaseManager
 from pathlib import Path
 from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-from .connection import SERIALIZER, call, deadline
+from .connection import call, open_proxy
 from .errors import CorralError
 from .protocol import (
     CODE_TYPEID,
@@ -111,20 +110,10 @@ def bundle_dir(digest: str, cache: Optional[Path] = None) -> Path:
     return (cache or CACHE_DIR) / digest
 
 
-class _CodeManager(BaseManager):
-    """Client side of the master's code store (only that is registered)."""
-
-
-_CodeManager.register(CODE_TYPEID)
-
-
 def fetch(address: Tuple[str, int], authkey: bytes, digest: str) -> bytes:
-    """One bundle from the master's code store, on a connection of its own (it is rare: once per bundle)."""
-    manager = _CodeManager(address=address, authkey=authkey, serializer=SERIALIZER)
-    with deadline(FETCH_SECONDS):
-        manager.connect()
-        store = getattr(manager, CODE_TYPEID)()
-    data: bytes = call(store, "get", FETCH_SECONDS, digest)
+    """One bundle from the master's code store (it is rare: once per bundle per host)."""
+    store = open_proxy(address, authkey, CODE_TYPEID)
+    data: bytes = call(store, "get", FETCH_SECONDS, digest)  # on this thread's connection to the master
     return data
 
 

@@ -133,6 +133,25 @@ def Client(address: Tuple[str, int], family: Optional[str] = None, authkey: Opti
     return conn
 
 
+def open_proxy(address: Tuple[str, int], authkey: bytes, typeid: str) -> Any:
+    """A proxy for the object the master serves under `typeid`; each thread that calls it gets its own
+    connection at its first call (managers keeps them per thread), so one proxy serves a whole session.
+
+    managers' own way (manager.connect(), then manager.<typeid>()) costs four connections, a handshake
+    each: connect's check, create, the proxy's incref and the manager's decref; and a decref at garbage
+    collection, in whatever thread, that would wait out a stalled master. Here: one, for create, whose
+    reference is never given back (the master serves one object for its whole life: a count, no memory),
+    so the proxy holds none. Within the caller's deadline, else CONNECT_SECONDS."""
+    with deadline(CONNECT_SECONDS):
+        conn = Client(address, authkey=authkey)
+        try:
+            ident, exposed = managers.dispatch(conn, None, "create", (typeid,), {})  # type: ignore[attr-defined]
+        finally:
+            conn.close()
+    token = managers.Token(typeid, address, ident)
+    return managers.AutoProxy(token, SERIALIZER, authkey=authkey, exposed=exposed, incref=False)  # type: ignore[attr-defined]
+
+
 def drop(proxy: Any) -> None:
     """Close and forget the connection a proxy holds in this thread, so its next call makes a new one.
 
@@ -176,8 +195,19 @@ class Backoff:
         self.current = self.first
 
 
+# The master's listen backlog. managers asks for 16: a crowd of agents connecting at once (each session
+# opens a few connections) overflows it, the kernel drops their SYNs, and each retries only after 1, 3,
+# 7 s... past its connect deadline. The kernel caps it at net.core.somaxconn (4096 on current Linux).
+LISTEN_BACKLOG = 1024
+
+
 class Listener(connection.Listener):
-    """multiprocessing.connection.Listener whose accepted connections have TCP_NODELAY set."""
+    """multiprocessing.connection.Listener with a backlog for a crowd, whose accepted connections have
+    TCP_NODELAY set."""
+
+    def __init__(self, address: Any = None, family: Optional[str] = None, backlog: int = 1,
+                 authkey: Optional[bytes] = None) -> None:
+        super().__init__(address, family, max(backlog, LISTEN_BACKLOG), authkey)
 
     def accept(self) -> connection.Connection:
         return nodelay(super().accept())

@@ -10,14 +10,13 @@ import sys
 import threading
 import time
 from multiprocessing import AuthenticationError
-from multiprocessing.managers import BaseManager
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Set, Tuple
 
 from . import codecache, contain
-from .connection import CONNECT_SECONDS, SERIALIZER, Backoff, call, deadline, drop
+from .connection import Backoff, call, drop, open_proxy
 from .errors import CorralError, JournalFailed, NameTaken
-from .pool import JobPool, released
+from .pool import Holding, JobPool, released
 from .protocol import RELEASED, SCHEDULER_TYPEID, AgentInfo, JobResult, Task
 from .spool import Outbox, Spool
 
@@ -34,25 +33,14 @@ SESSION_JOIN_SECONDS = 3.0  # a session's loops end within one long poll; never 
 # its own long poll on a loaded master (a crowd registering, a journal write); the slowest honest
 # answer seen on 2 loaded cores with 200 agents is well under it.
 CALL_MARGIN_SECONDS = 10.0
-SETUP_SECONDS = 3 * CONNECT_SECONDS  # a manager's connect and a proxy's creation: three connections
 REPORT_BYTES_PER_SECOND = 1024 * 1024  # a report's deadline grows by a second for each MiB it carries
 STEADY_SECONDS = 30.0  # a session that lasted this long ended by chance: register again at once
 JOURNAL_RETRY_SECONDS = 1.0  # a master whose journal refuses writes is asked again this often
 
 
-class SchedulerManager(BaseManager):
-    """Client side of the master's manager: only the scheduler is registered."""
-
-
-SchedulerManager.register(SCHEDULER_TYPEID)
-
-
 def connect(address: Tuple[str, int], authkey: bytes) -> Any:
-    """A fresh scheduler proxy on its own connection (proxies are per thread), within SETUP_SECONDS."""
-    manager = SchedulerManager(address=address, authkey=authkey, serializer=SERIALIZER)
-    with deadline(SETUP_SECONDS):
-        manager.connect()
-        return getattr(manager, SCHEDULER_TYPEID)()
+    """A scheduler proxy (one connection to make it; then one per thread that calls it), within CONNECT_SECONDS."""
+    return open_proxy(address, authkey, SCHEDULER_TYPEID)
 
 
 def report_seconds(results: List[JobResult]) -> float:
@@ -96,11 +84,13 @@ class Agent:
         self.outbox = Outbox()
         self.pool: Optional[JobPool] = None
         self.session = ""
+        self.scheduler: Any = None  # the session's proxy, shared by its loops (each on its own connection)
         self.draining = threading.Event()
         self.drain_said = False  # whether the log said we drain
         self.stopping = threading.Event()  # second signal: kill everything and leave
         self.disconnected = threading.Event()
         self.journal_failing = threading.Event()  # the master said its journal refuses writes; logged once
+        self.pool_ready = threading.Event()  # the pool exists: the take and report loops may start
         self.stop_signals = 0
         # Shipped code: fetched from the master before a task that needs it reaches the pool.
         self.code = codecache.CodeCache(lambda digest: codecache.fetch(self.address, self.authkey, digest),
@@ -147,11 +137,6 @@ class Agent:
                     log.warning("master %s:%s unreachable (%s); retrying in %.1fs", *self.address, exc, pause)
                     self._sleep(pause)
                     continue
-                if self.pool is None:
-                    # Once registered: the master (and a deploy waiting for "ready") hears from us
-                    # before we pay for a forkserver and N workers; no work is taken before they exist.
-                    self.pool = JobPool(self.info.slots, self._queue_results, self.draining, self.verbose,
-                                        containment=self.containment)
                 if self.outbox.spool is None and self.spool_dir is not None:
                     self._attach_spool()
                 began = time.monotonic()
@@ -180,14 +165,18 @@ class Agent:
         if self.locate is not None:
             self.address = self.locate()
         scheduler = connect(self.address, self.authkey)
-        while True:
-            try:
-                reply = call(scheduler, "register", CALL_MARGIN_SECONDS, self.info.to_wire(), sorted(self._ours()))
-                break
-            except NameTaken:
-                if not self.name_is_default:
-                    raise
-                self.info = dataclasses.replace(self.info, name=next_name(self.info.name))
+        try:
+            while True:
+                try:
+                    reply = call(scheduler, "register", CALL_MARGIN_SECONDS, self.info.to_wire(), sorted(self._ours()))
+                    break
+                except NameTaken:
+                    if not self.name_is_default:
+                        raise
+                    self.info = dataclasses.replace(self.info, name=next_name(self.info.name))
+        finally:
+            drop(scheduler)  # the supervisor calls nothing until the next register: no idle thread on the master
+        self.scheduler = scheduler
         self.session = reply["session"]
         log.info("registered with master %s:%s as %s (%d slots)", *self.address, self.info.name, self.info.slots)
 
@@ -207,6 +196,14 @@ class Agent:
                                             ("beating", self._beat, "heartbeat"))]
         for thread in threads:
             thread.start()
+        if self.pool is None:
+            # Once registered, and beating: the master (and a deploy waiting for "ready") hears from us
+            # before we pay for a forkserver and N workers, and keeps hearing from us while they start
+            # (on a host starting a crowd of agents at once that takes longer than a lease). No work
+            # is taken before they exist.
+            self.pool = JobPool(self.info.slots, self._queue_results, self.draining, self.verbose,
+                                containment=self.containment)
+        self.pool_ready.set()
         while not (self.disconnected.is_set() or self.stopping.is_set()):
             if self.draining.is_set():
                 if not self.drain_said:  # said here, not in the signal handler (handlers only set flags)
@@ -238,9 +235,8 @@ class Agent:
     def _session_loop(self, what: str, body: Callable[[Any], None]) -> None:
         """Run one loop of the session; any failure (a call past its deadline too) ends the session and
         the supervisor registers again."""
-        scheduler = None
+        scheduler = self.scheduler
         try:
-            scheduler = connect(self.address, self.authkey)
             body(scheduler)
         except (OSError, EOFError) as exc:
             log.warning("lost the master while %s: %s", what, exc)
@@ -252,12 +248,19 @@ class Agent:
             log.exception("failed while %s; reconnecting", what)
             self.disconnected.set()
         finally:
-            if scheduler is not None:
-                drop(scheduler)  # this thread ends: its connection with it, not at the garbage collector's leisure
+            drop(scheduler)  # this thread ends: its connection with it, not at the garbage collector's leisure
+
+    def _wait_for_pool(self) -> Optional[JobPool]:
+        """The pool, once it exists; None if the session ends first."""
+        while not self.pool_ready.wait(TICK_SECONDS):
+            if self.stopping.is_set() or self.disconnected.is_set():
+                return None
+        return self.pool
 
     def _take(self, scheduler: Any) -> None:
-        pool = self.pool
-        assert pool is not None
+        pool = self._wait_for_pool()
+        if pool is None:
+            return
         while not (self.draining.is_set() or self.stopping.is_set() or self.disconnected.is_set()):
             # Even when full, the long poll is how cancels reach us at once. `wanted` is our
             # credit on the master: each report() renews it as slots free up, and this parked
@@ -272,6 +275,8 @@ class Agent:
 
     def _report(self, scheduler: Any) -> None:
         """Send results as soon as there are any (what piles up meanwhile goes in the next call)."""
+        if self._wait_for_pool() is None:
+            return
         while not (self.stopping.is_set() or self.disconnected.is_set()):
             batch = self.outbox.wait(HEARTBEAT_SECONDS)
             if batch:
@@ -312,8 +317,10 @@ class Agent:
     def _send_report(self, scheduler: Any, batch: List[JobResult]) -> None:
         """One report: these results (none for a heartbeat), what we hold, our credit; then what it brought."""
         pool = self.pool
-        assert pool is not None
-        holding = pool.holding(draining=self.draining.is_set())
+        if pool is None:  # a heartbeat while the pool starts: nothing held, nothing wanted yet
+            holding = Holding(sorted(self.outbox.job_ids()), 0, {})
+        else:
+            holding = pool.holding(draining=self.draining.is_set())
         rows = [tuple(result) for result in batch]
         running = holding.running
         if not batch:
@@ -324,7 +331,10 @@ class Agent:
             tasks, cancel = call(scheduler, "report", seconds, self.session, rows, running, holding.wanted, holding.live)
         else:
             tasks, cancel = call(scheduler, "report", seconds, self.session, rows, running, holding.wanted)
-        _received(pool, self.code, tasks, cancel)
+        if tasks or cancel:
+            pool = self._wait_for_pool()  # none come before the pool exists (we wanted none); all the same
+            if pool is not None:
+                _received(pool, self.code, tasks, cancel)
 
     def _queue_results(self, results: List[JobResult]) -> None:
         """The pool's way out: settled results wait in the outbox for the report loop."""

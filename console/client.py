@@ -6,11 +6,11 @@ import os
 import pickle
 import time
 from multiprocessing import AuthenticationError
-from multiprocessing.managers import BaseManager, RemoteError
+from multiprocessing.managers import RemoteError
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, cast
 
-from corral.agent.connection import CONNECT_SECONDS, SERIALIZER, Backoff, call, deadline, drop
+from corral.agent.connection import Backoff, call, drop, open_proxy
 from corral.agent.errors import CorralError
 from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID, JobSpec, JobState
 
@@ -31,7 +31,6 @@ SHIPPED_SECONDS = 60.0  # how long a bundle the master said it holds is taken as
 # connection dropped; the next call makes a new one. A call's deadline is its own long poll plus the margin.
 CALL_MARGIN_SECONDS = 15.0
 SUBMIT_SECONDS = 60.0  # a submission of SUBMIT_BATCH jobs, journaled (fsync'd, maybe) before the answer
-SETUP_SECONDS = 3 * CONNECT_SECONDS  # a manager's connect and a proxy's creation: three connections
 # A waiting call (wait(), map()) outlives a master that stops answering or restarts for this long:
 # it reconnects with back-off and asks again (asking again is harmless: they only look).
 RECOVER_SECONDS = 120.0
@@ -47,15 +46,6 @@ def _last_words(text: str, limit: int = 200) -> str:
     said = [line.strip() for line in text[-10_000:].splitlines() if line.strip(" -\t")]
     last = said[-1] if said else "(no message)"
     return last if len(last) <= limit else last[: limit - 1] + "…"
-
-
-class _ClientManager(BaseManager):
-    """Our end of the master's BaseManager: the two names it serves, the scheduler and the deploy service."""
-
-
-_ClientManager.register(SCHEDULER_TYPEID)
-_ClientManager.register(DEPLOY_TYPEID)
-_ClientManager.register(CODE_TYPEID)
 
 
 def _spec_wire(spec: JobSpec | Record) -> Record:
@@ -86,14 +76,12 @@ class Client:
         self._connect()
 
     def _connect(self) -> None:
-        """A manager and a scheduler proxy on a new connection, within SETUP_SECONDS."""
-        self._manager = _ClientManager(address=self.address, authkey=self._authkey, serializer=SERIALIZER)
+        """A scheduler proxy (one connection to make it, within CONNECT_SECONDS; then one kept per thread)."""
         self._deploy = self._code_proxy = None
         where = f"{self.address[0]}:{self.address[1]}"
         try:
-            with deadline(SETUP_SECONDS):
-                self._manager.connect()
-                self._scheduler: Any = getattr(self._manager, SCHEDULER_TYPEID)()
+            # Making it is a round trip: a master that does not answer is said here, at once.
+            self._scheduler: Any = open_proxy(self.address, self._authkey, SCHEDULER_TYPEID)
         except AuthenticationError:
             raise AuthFailed(f"the master at {where} refused our authkey ({self.state.authkey_path})",
                              "use the authkey file of that master's state directory") from None
@@ -280,8 +268,7 @@ class Client:
         """A proxy for the master's code store, on this Client's manager (made on first use)."""
         if self._code_proxy is None:
             try:
-                with deadline(SETUP_SECONDS):
-                    self._code_proxy = getattr(self._manager, CODE_TYPEID)()
+                self._code_proxy = open_proxy(self.address, self._authkey, CODE_TYPEID)
             except (ConnectionError, OSError, EOFError) as exc:
                 raise self._lost(exc) from None
         return self._code_proxy
@@ -374,8 +361,7 @@ class Client:
     def _deploy_call(self, method: str, *args: Any, seconds: float = CALL_MARGIN_SECONDS) -> Any:
         if self._deploy is None:
             try:
-                with deadline(SETUP_SECONDS):
-                    self._deploy = getattr(self._manager, DEPLOY_TYPEID)()
+                self._deploy = open_proxy(self.address, self._authkey, DEPLOY_TYPEID)
             except (ConnectionError, OSError, EOFError) as exc:
                 raise self._lost(exc) from None
         return self._invoke(self._deploy, method, args, seconds)

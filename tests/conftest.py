@@ -16,16 +16,19 @@ from tests.cluster import Cluster
 REQUIRE_SSHD_ENV = "CORRAL_REQUIRE_SSHD"
 REQUIRE_TMUX_ENV = "CORRAL_REQUIRE_TMUX"
 SOAK_ENV = "CORRAL_SOAK"  # CI sets it: the long fault-injection runs are deselected from a plain `pytest -q`
+SCALE_ENV = "CORRAL_SCALE"  # CI sets it: the crowd of agents (minutes, every core) likewise
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the `soak` tests unless CORRAL_SOAK=1 (CI sets it) or they were asked for with `-m soak`."""
-    if os.environ.get(SOAK_ENV) == "1" or "soak" in (config.getoption("markexpr") or ""):
-        return
-    soak = [item for item in items if item.get_closest_marker("soak")]
-    if soak:
-        config.hook.pytest_deselected(items=soak)
-        items[:] = [item for item in items if not item.get_closest_marker("soak")]
+    """Deselect the `soak` and `scale` tests unless their variable is 1 (CI sets both) or they were asked
+    for with `-m soak` / `-m scale`."""
+    for marker, env in (("soak", SOAK_ENV), ("scale", SCALE_ENV)):
+        if os.environ.get(env) == "1" or marker in (config.getoption("markexpr") or ""):
+            continue
+        marked = [item for item in items if item.get_closest_marker(marker)]
+        if marked:
+            config.hook.pytest_deselected(items=marked)
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]
 
 
 @pytest.fixture
