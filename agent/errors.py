@@ -40,5 +40,6 @@ class ProtocolMismatch(CorralError):
 
 
 class JournalFailed(CorralError):
-    """The master could not write its journal (disk full, read-only, I/O error): nothing of the call
-    changed, the master serves on, and the same call succeeds once the journal can be written again."""
+    """The master could not write its journal, or the shipped code it keeps beside it (disk full,
+    read-only, I/O error): nothing of the call changed, the master serves on, and the same call succeeds
+    once the state directory can be written again."""

@@ -14,7 +14,7 @@ from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]  
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from corral.agent.errors import BadJobSpec, CorralError
+from corral.agent.errors import BadJobSpec, CorralError, JournalFailed
 from corral.agent.protocol import CHUNK_CALL, MAX_PAYLOAD_BYTES, JobSpec, JobState
 
 from . import ship as shipping
@@ -26,6 +26,7 @@ from .errors import JobFailed, MasterUnreachable
 POLL_SECONDS = 0.05  # the engine's long polls: how late it may notice a result or pick up new work
 WINDOW = 2000  # jobs one wait call asks about (the oldest in flight)
 RECONNECT_SECONDS = 30.0  # how long the engine tries to reach a master that went away before failing its work
+JOURNAL_RETRY_SECONDS = 1.0  # how often a step the master could not journal is sent again
 SLOTS_SECONDS = 2.0  # how long the cluster's slot count is reused for chunk sizes
 DONE, FAILED, CANCELLED = JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value
 
@@ -247,13 +248,26 @@ class Engine:
                 time.sleep(0.5)
 
     def _guarded(self, client: Client, step: Callable[[Client], None], batch: list[Work] | None) -> Client:
-        """Run one step; a master that went away is waited for (RECONNECT_SECONDS) and the step retried."""
+        """Run one step; a master that went away, or whose journal refuses writes (a full disk), is waited
+        for (RECONNECT_SECONDS) and the step retried: a submission carries its token, so it is queued once."""
+        refused_until = None
         while True:
             try:
                 step(client)
                 return client
             except MasterUnreachable:
                 client = self._connect(client)
+            except JournalFailed as exc:
+                refused_until = refused_until or time.monotonic() + RECONNECT_SECONDS
+                if time.monotonic() > refused_until or self.state == TERMINATE:
+                    if batch is None:
+                        raise
+                    for work in batch:
+                        if work.job_id is None:  # what went in before the refusal runs on
+                            work.finish(False, exc)
+                    self._wake()
+                    return client
+                time.sleep(JOURNAL_RETRY_SECONDS)
             except CorralError as exc:
                 if batch is None:
                     raise

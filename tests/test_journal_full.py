@@ -159,3 +159,50 @@ async def test_console_says_the_journal_is_failing_and_when_it_heals(tmp_path: P
             assert "master up" in header.status_text().plain
     finally:
         cluster.stop()
+
+
+def test_pool_waits_out_a_full_disk_and_queues_each_task_once(tmp_path: Path, small_fs: Path) -> None:
+    """A Pool.map submitted while the master's disk is full is refused, sent again under its token while
+    the disk stays full, and queued once when there is room: the map returns every value, no task twice."""
+    import threading
+
+    from corral import Pool
+
+    home = small_fs / "home"
+    cluster = Cluster(home)
+    cluster.logs = tmp_path / "logs"
+    cluster.logs.mkdir()
+    db = home / "corral.db"
+    try:
+        cluster.start_master()
+        cluster.start_agent("a", slots=4)
+        # 200 jobs of 2 kB: far more than the room SQLite's WAL file may still have. The function is the
+        # standard library's (len), so no code is shipped: the submission itself meets the full disk.
+        items = ["p" * (2000 + i) for i in range(200)]
+        assert Path(f"{db}-wal").stat().st_size < 200 * 1000
+        fill(small_fs / "filler")
+        got: dict[str, object] = {}
+
+        def run_map() -> None:
+            try:
+                with Pool(home=home) as pool:
+                    got["values"] = pool.map(len, items, chunksize=1)
+            except Exception as exc:  # noqa: BLE001 - the test reports it
+                got["error"] = exc
+
+        mapper = threading.Thread(target=run_map, daemon=True)
+        mapper.start()
+        log = cluster.logs / "master.log"
+        wait_for(lambda: "journal write failed: database or disk is full" in log.read_text(), timeout=60,
+                 what="the map's submission to be refused")
+        time.sleep(3)  # refused and sent again a few times
+        with cluster.client() as c:
+            assert c.status()["counts"]["queued"] == 0 and not c.status()["journal"]["ok"], got
+        (small_fs / "filler").unlink()
+        mapper.join(timeout=120)
+        assert not mapper.is_alive(), "the map did not end"
+        assert "error" not in got, got.get("error")
+        assert got["values"] == [2000 + i for i in range(200)]
+    finally:
+        cluster.stop()
+    journal_outcomes(db, range(1, 201), states=("done",))

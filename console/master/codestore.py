@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.agent.codecache import BadBundle, is_digest, read_bundle
-from corral.agent.errors import CorralError
+from corral.agent.errors import CorralError, JournalFailed
 from corral.agent.protocol import MAX_BUNDLE_BYTES
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,16 @@ class CodeStore:
         stage = path.with_name(f".{digest}.{uuid.uuid4().hex[:8]}")
         with self.lock:
             self._make_room(len(data))
-            stage.write_bytes(data)
-            os.chmod(stage, 0o600)
-            os.replace(stage, path)
+            try:
+                stage.write_bytes(data)
+                os.chmod(stage, 0o600)
+                os.replace(stage, path)
+            except OSError as exc:
+                # A full or read-only disk: the caller's one line, not an OSError that a client would take
+                # for its connection breaking. A client sends it again (a Pool does, while it waits).
+                stage.unlink(missing_ok=True)
+                raise JournalFailed(f"code bundle write failed: {exc.strerror or exc} ({self.directory})",
+                                    "nothing was stored; free space or fix the file system, then try again") from None
         log.info("code bundle %s stored (%d bytes)", digest[:12], len(data))
 
     def get(self, digest: str) -> bytes:
