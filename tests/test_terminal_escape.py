@@ -139,6 +139,9 @@ def test_corral_show_and_wait_escape_on_a_tty_and_pass_bytes_to_a_pipe(cluster: 
         assert b"\\x1b]0;" in seen, args
     shown = on_a_tty(cluster, "show", str(job)).decode()
     assert "\\x1b[2J\\x1b[H\\x1b]0;PWNED-BY-JOB\\x07" in shown and "end-of-hostile-output" in shown
+    table = cluster.corral("jobs")  # a table is for people, piped or not: each cell one line, escaped
+    rows = [line for line in table.stdout.splitlines() if line.startswith(f"{job} ")]
+    assert table.returncode == 0 and "\x1b" not in table.stdout and len(rows) == 1 and "\\x1b]0;NAMED" in rows[0]
     piped = cluster.corral("show", str(job))
     assert piped.returncode == 0 and "\x1b]0;PWNED-BY-JOB\x07" in piped.stdout  # a pipe gets what the job printed
     as_json = cluster.corral("show", str(job), "--json")

@@ -61,7 +61,9 @@ def value_repr(value: bytes) -> str:
 # ---- plain text ---------------------------------------------------------------------------------
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    """Columns padded to their widest cell, two spaces apart, no trailing blanks."""
+    """Columns padded to their widest cell, two spaces apart, no trailing blanks. Each cell is one line,
+    its control characters escaped (a job's or an agent's name holds what they chose), so rows stay rows."""
+    rows = [[one_line(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)

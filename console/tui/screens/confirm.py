@@ -10,6 +10,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label
 
+from ..format import one_line
+
 
 class ConfirmScreen(ModalScreen[bool]):
     """`y`/enter confirms, `n`/esc declines."""
@@ -26,9 +28,10 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm-dialog", classes="dialog"):
-            yield Label(self.question, id="question", markup=False)
+            # A question may name an agent or its host, which the agent chose: escaped.
+            yield Label(one_line(self.question), id="question", markup=False)
             if self.detail:
-                yield Label(self.detail, id="detail", classes="muted", markup=False)
+                yield Label(one_line(self.detail), id="detail", classes="muted", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("Yes (y)", id="yes", variant="error")
                 yield Button("No (n)", id="no")
