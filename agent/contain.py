@@ -232,7 +232,16 @@ class JobBox:
         try:
             return start()
         finally:
-            _write(os.path.join(self.here, "cgroup.procs"), str(self.me))
+            self._step_out()
+
+    def _step_out(self) -> None:
+        """Back to the worker's own cgroup (else the agent's): the job's cgroup must hold only the job."""
+        for home in (self.here, os.path.dirname(self.c.root)):
+            try:
+                _write(os.path.join(home, "cgroup.procs"), str(self.me))
+                return
+            except OSError as exc:
+                log.warning("pool worker %d cannot leave %s for %s: %s", self.me, self.cgroup, home, exc)
 
     def kill(self) -> None:
         """SIGKILL every process of the job (not the worker), wherever it went; repeats until none is
@@ -243,7 +252,8 @@ class JobBox:
                 return
             seen = {k.pid for k in self.killed}
             self.killed.extend(Killed(pid, _comm(pid)) for pid in alive if pid not in seen)
-            if self.cgroup and _kill_file(self.cgroup):  # all of it at once, what forks meanwhile too
+            if self.cgroup and self.me not in _cgroup_pids(self.cgroup) and _kill_file(self.cgroup):
+                # all of it at once, what forks meanwhile too (never with the worker still inside)
                 _await_empty(self.cgroup)
             for pid in alive:
                 _kill(pid)
@@ -264,9 +274,9 @@ class JobBox:
             return []
         if self.here:
             pids = _cgroup_pids(self.cgroup) if self.cgroup else []
-            pids += [pid for pid in _cgroup_pids(self.here) if pid != self.me]
+            pids += _cgroup_pids(self.here)
             if pids or os.path.isdir(self.here):
-                return [pid for pid in pids if not _zombie(pid)]
+                return [pid for pid in pids if pid != self.me and not _zombie(pid)]
         if not _has_children():
             return []  # the usual end: one wait call says the tree is empty, no /proc walk
         return [pid for pid in descendants(self.me) if not _zombie(pid)]
@@ -302,10 +312,17 @@ def worker_gone(c: Containment, pid: int) -> None:
 
 
 def kill_worker(c: Containment, pid: int) -> None:
-    """Kill a pool worker and, with cgroups, all its job started at once (a callable past its timeout)."""
+    """Kill a pool worker and everything its job started (a callable past its timeout), before the
+    job's outcome is reported: at once with a cgroup, else the worker first (it forks no more), then
+    its tree, then whatever of it was reparented to the agent meanwhile."""
     if c.kind == CGROUP and kill_cgroup(worker_cgroup(c, pid)):
         return
+    tree = descendants(pid) if c.kind == SUBREAPER else []
     _kill(pid)
+    for victim in tree:
+        _kill(victim)
+    if c.reaper:
+        sweep_orphans()
 
 
 def release(c: Containment) -> None:
@@ -314,39 +331,37 @@ def release(c: Containment) -> None:
         kill_cgroup(c.root)
         _rmtree_cgroup(c.root)
     if c.reaper:
-        sweep_orphans(wait=True)
+        sweep_orphans()
 
 
-def sweep_orphans(wait: bool = False) -> List[int]:
+def sweep_orphans() -> List[int]:
     """Kill and reap this agent's children that are not its own multiprocessing helpers: orphans of
-    a job whose worker died, reparented here because the agent is a subreaper. The pids killed."""
+    a job whose worker died, reparented here because the agent is a subreaper; returns once all of
+    them are dead (REAP_SECONDS at most), so a job's outcome is reported after its processes ended."""
     legit = _helpers()
-    me = os.getpid()
     tree = _children_map()
-    orphans = [pid for pid in tree.get(me, []) if pid not in legit]
     victims: List[int] = []
-    for orphan in orphans:
-        victims.append(orphan)
-        victims.extend(_below(tree, orphan))
-    for pid in victims:
+    for orphan in tree.get(os.getpid(), []):
+        if orphan not in legit:
+            victims.append(orphan)
+            victims.extend(_below(tree, orphan))
+    if not victims:
+        return []
+    running = [pid for pid in victims if not _zombie(pid)]  # the rest were dead already (a cgroup killed them)
+    for pid in running:
         _kill(pid)
-    deadline = time.monotonic() + (REAP_SECONDS if wait else 0.0)
-    pending = set(orphans)
-    while pending:
-        for pid in list(pending):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                pending.discard(pid)
-        if not pending or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    if victims:
-        log.info("killed %d processes left by jobs whose pool worker died: %s", len(victims), victims[:20])
-    # Reparented grandchildren of the killed (their parent died first) are the next sweep's children.
-    return victims
+    deadline = time.monotonic() + REAP_SECONDS
+    while not all(_zombie(pid) for pid in victims) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    # All dead now: each one's parent is dead or is this agent, so every zombie among them is ours.
+    for pid in victims:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    if running:
+        log.info("killed %d processes left by jobs whose pool worker died: %s", len(running), running[:20])
+    return running
 
 
 def _helpers() -> Set[int]:

@@ -49,3 +49,19 @@ def run_shell(text: str) -> int:
     import subprocess
 
     return subprocess.run(["/bin/sh", "-c", text], start_new_session=True, stdout=subprocess.DEVNULL).returncode
+
+
+def escape_then(text: str, ready: str, end: str) -> None:
+    """Start shell text in a session of its own and leave it running; once the file `ready` exists,
+    end as told: "exit" ends the pool worker itself (os._exit), "stubborn" ignores the timeout signal."""
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    subprocess.Popen(["/bin/sh", "-c", text], start_new_session=True, stdout=subprocess.DEVNULL)
+    while not Path(ready).exists():
+        time.sleep(0.05)
+    if end == "exit":
+        os._exit(3)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    time.sleep(300)

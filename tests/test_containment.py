@@ -146,6 +146,24 @@ def test_a_callables_processes_end_with_it(cluster: Cluster, tmp_path: Path, kin
         assert c.values([after]) == [2]
 
 
+@pytest.mark.parametrize("end, state", [("exit", "failed"), ("stubborn", "timeout")])
+def test_a_pool_worker_that_dies_takes_its_jobs_processes_with_it(cluster: Cluster, tmp_path: Path, kind: str,
+                                                                  end: str, state: str) -> None:
+    """A callable that ends its own worker (os._exit), or ignores its timeout until the agent kills the
+    worker: what it started is killed before its outcome is reported, and the next job runs."""
+    cluster.start_agent("box", 1, "", "--containment", kind)
+    pids = tmp_path / "p"
+    with cluster.client() as c:
+        job = c.submit_call("tests.jobs:escape_then", (escaping_job(pids, "echo > " + str(tmp_path / "ready")),
+                                                       str(tmp_path / "ready"), end), timeout=1.0)
+        assert c.wait([job], timeout=60) == {job: state}
+        left = escaped(pids)
+        assert [name for name, pid in left.items() if alive(pid)] == [], f"outlived its dead worker: {left}"
+        after = c.submit_call("tests.jobs:inc", (1,))
+        c.wait([after], timeout=30)
+        assert c.values([after]) == [2]
+
+
 def test_agent_refuses_a_containment_it_cannot_have(cluster: Cluster) -> None:
     out = cluster.corral("agent", "--containment", "nonsense")
     assert out.returncode == 2 and "--containment" in out.stderr
