@@ -224,7 +224,7 @@ class CorralApp(App[str]):
 
     def on_master_lost(self, message: MasterLost) -> None:
         self.connected = False
-        self.main.master_lost()
+        self.main.master_lost(message.address, message.since)
         self.notify(message.message, title="master unreachable", severity="error", timeout=10)
 
     def on_master_found(self, message: MasterFound) -> None:

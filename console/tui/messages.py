@@ -21,11 +21,13 @@ class SnapshotArrived(Message):
 
 
 class MasterLost(Message):
-    """The master stopped answering; the poller keeps trying."""
+    """The master stopped answering (or none answers at all); the poller keeps trying."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, address: tuple[str, int] | None = None, since: float = 0.0) -> None:
         super().__init__()
         self.message = message
+        self.address = address  # the master last answered there (None: it never did)
+        self.since = since  # when the poller found it gone (time.time())
 
 
 class MasterFound(Message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +58,7 @@ class Poller:
         """Loop until stop(): look, post, wait for the tick or a wake."""
         client: Client | None = None
         lost = False
+        address: tuple[str, int] | None = None  # where the master last answered
         seq, seen_version = 0, -1
         try:
             while not self._stop.is_set():
@@ -66,9 +68,10 @@ class Poller:
                     except CorralError as exc:  # no master.json, no authkey, refused, unreachable
                         if not lost:
                             lost = True
-                            self.post(MasterLost(str(exc)))
+                            self.post(MasterLost(str(exc), address, time.time()))
                         self._sleep(RETRY_SECONDS)
                         continue
+                    address = client.address
                     seq = 0  # a new connection may be a new master: ask for everything
                     if lost:
                         lost = False
@@ -81,7 +84,7 @@ class Poller:
                     client = None
                     if not lost:
                         lost = True
-                        self.post(MasterLost(str(exc)))
+                        self.post(MasterLost(str(exc), address, time.time()))
                     self._sleep(RETRY_SECONDS)
                     continue
                 seq, seen_version = snapshot["seq"], version

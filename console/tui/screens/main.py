@@ -119,8 +119,8 @@ class MainScreen(Screen[None]):
         if self._stashed is not None:
             self.show_snapshot(*self._stashed)
 
-    def master_lost(self) -> None:
-        self.query_one(StatsHeader).connected = False
+    def master_lost(self, address: tuple[str, int] | None = None, since: float = 0.0) -> None:
+        self.query_one(StatsHeader).master_lost(address, since)
 
     def on_window_moved(self, message: WindowMoved) -> None:
         message.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar, Sequence
 
 from rich.console import Group
@@ -37,10 +38,19 @@ class StatsHeader(Widget):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.last: dict[str, Any] = {}
+        self.lost_at: tuple[str, int] | None = None  # the address of the master lost (None: none ever answered)
+        self.lost_since = 0.0
 
     def show(self, snapshot: dict[str, Any]) -> None:
         self.last = snapshot
         self.connected = True
+        self.refresh()
+
+    def master_lost(self, address: tuple[str, int] | None, since: float) -> None:
+        """The console lost its master: the header says so, with where it was and since when, until
+        the next snapshot (the poller keeps trying)."""
+        self.lost_at, self.lost_since = address, since or time.time()
+        self.connected = False
         self.refresh()
 
     def counts_text(self) -> Text:
@@ -61,8 +71,10 @@ class StatsHeader(Widget):
         lost = sum(1 for a in agents if a["state"] == "lost")
         rate = snapshot.get("rate", [])
         info = Text(no_wrap=True, overflow="crop")
-        info.append("● master up" if self.connected else "✕ master unreachable",
-                    style="green" if self.connected else "bold red")
+        if self.connected:
+            info.append("● master up", style="green")
+        else:
+            info.append(f"✕ {self.down_text()}", style="bold red")
         journal = snapshot.get("journal") or {}
         if self.connected and not journal.get("ok", True):
             info.append("  ✕ journal failing", style="bold red")
@@ -78,6 +90,12 @@ class StatsHeader(Widget):
         room = min(SPARK_MAX, self.size.width - info.cell_len)
         info.append(sparkline(rate, room), style=self.get_component_rich_style("stats--spark"))
         return info
+
+    def down_text(self) -> str:
+        """"master down at 127.0.0.1:4000 since 12:03:04 (master unreachable)"."""
+        where = f" at {self.lost_at[0]}:{self.lost_at[1]}" if self.lost_at else ""
+        since = time.strftime("%H:%M:%S", time.localtime(self.lost_since or time.time()))
+        return f"master down{where} since {since} (master unreachable)"
 
     def render(self) -> Group:
         return Group(self.counts_text(), self.status_text())
