@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import importlib
 import io
@@ -15,14 +16,14 @@ import traceback
 from typing import IO, Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from . import codecache, contain
-from .protocol import CHUNK_CALL, OUTPUT_TAIL_BYTES, JobResult, JobState, Task, tail_text
+from .protocol import CHUNK_CALL, OUTPUT_TAIL_BYTES, JobResult, JobState, Task
 
 # Set by init_worker() in each pool worker process.
 # The pipe to the agent carries tagged tuples (agent/pool.py reads them, in order):
 #   ("worker", pid)                  a worker is up (the pool replaces dead ones by itself)
 #   ("chunk", pid, job_ids, t)       this worker starts a chunk of these jobs
 #   ("pgid", job_id, pgid, t)        a shell job's process group, for cancel
-#   ("output", job_id, stdout, stderr)  a running shell job's latest output tails
+#   ("output", job_id, stdout, stderr)  a running shell job's latest output tails (bytes)
 _events: Any = None
 _events_lock: Any = None  # workers share the pipe; a message may exceed the size written atomically
 _cancelled: Any = None  # shared int64 array: [0] is a version counter, [1:] a ring of job ids to cancel
@@ -91,12 +92,12 @@ def run_chunk(rows: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
 
 
 def _storable(result: JobResult) -> JobResult:
-    """A result whose texts the master can journal: a callable may print lone surrogates (what
-    surrogateescape makes of undecodable bytes), which UTF-8 cannot hold; they become "?"."""
-    if result.stdout.isascii() and result.stderr.isascii() and result.error.isascii() and result.traceback.isascii():
+    """A result whose texts the master can journal: a callable's error may hold lone surrogates (what
+    surrogateescape makes of undecodable bytes), which UTF-8 cannot hold; they become "?". (Output is
+    bytes: stored as it is.)"""
+    if result.error.isascii() and result.traceback.isascii():
         return result
-    return result._replace(stdout=_utf8(result.stdout), stderr=_utf8(result.stderr),
-                           error=_utf8(result.error), traceback=_utf8(result.traceback))
+    return result._replace(error=_utf8(result.error), traceback=_utf8(result.traceback))
 
 
 def _utf8(text: str) -> str:
@@ -137,18 +138,55 @@ def execute(task: Task) -> JobResult:
 
 
 class _Tail:
-    """Keeps the last OUTPUT_TAIL_BYTES of a stream, whatever its length."""
+    """Keeps the last OUTPUT_TAIL_BYTES of a stream, whatever its length, and how long it was in all."""
 
     def __init__(self) -> None:
         self.data = bytearray()
+        self.total = 0
 
     def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
         self.data += chunk
         if len(self.data) > 2 * OUTPUT_TAIL_BYTES:
             del self.data[:-OUTPUT_TAIL_BYTES]
 
-    def text(self) -> str:
-        return tail_text(bytes(self.data))
+    def tail(self) -> bytes:
+        return bytes(self.data[-OUTPUT_TAIL_BYTES:])
+
+
+class _TailBuffer(io.RawIOBase):
+    """The binary end of a callable's sys.stdout/sys.stderr: what it writes (text or, through
+    `.buffer`, bytes) lands in a _Tail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept = _Tail()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self.kept.add(chunk)
+        return len(chunk)
+
+
+def _output_errors(exc: UnicodeError) -> Tuple[bytes, int]:
+    """Encoding a callable's text output: what surrogateescape made of undecodable bytes becomes
+    those bytes again; any other lone surrogate becomes "?" (a print never fails over it)."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    bad = exc.object[exc.start:exc.end]
+    return bytes(ord(c) - 0xDC00 if 0xDC80 <= ord(c) <= 0xDCFF else 0x3F for c in bad), exc.end
+
+
+codecs.register_error("corral.output", _output_errors)
+
+
+def _capture() -> io.TextIOWrapper:
+    """A text stream for a callable's prints, kept as bytes (UTF-8), its tail only."""
+    return io.TextIOWrapper(_TailBuffer(), encoding="utf-8", errors="corral.output",  # type: ignore[arg-type]
+                            write_through=True, line_buffering=False)
 
 
 def kill_group(pgid: int) -> None:
@@ -212,8 +250,10 @@ def _run_shell(task: Task, started: float) -> JobResult:
         task.attempt,
         state,
         exit_code=returncode,
-        stdout=stdout.text(),
-        stderr=stderr.text(),
+        stdout=stdout.tail(),
+        stderr=stderr.tail(),
+        stdout_total=stdout.total,
+        stderr_total=stderr.total,
         error=error,
         started=started,
         ended=ended,
@@ -250,7 +290,7 @@ def _pump(proc: "subprocess.Popen[bytes]", deadline: Optional[float], job_id: in
         while selector.get_map():
             now = time.time()
             if changed and now >= next_live:
-                _tell_agent(("output", job_id, out.text(), err.text()))
+                _tell_agent(("output", job_id, out.tail(), err.tail()))
                 next_live, changed = now + LIVE_SECONDS, False
             if drain_until is not None and now >= drain_until:
                 break
@@ -304,19 +344,6 @@ def _resolve(name: str) -> Callable[..., Any]:
     return found
 
 
-class _CappedBuffer(io.StringIO):
-    """Captures a callable's prints, keeping only the tail."""
-
-    def write(self, s: str) -> int:
-        n = super().write(s)
-        if self.tell() > 2 * OUTPUT_TAIL_BYTES:
-            keep = self.getvalue()[-OUTPUT_TAIL_BYTES:]
-            self.seek(0)
-            self.truncate()
-            super().write(keep)
-        return n
-
-
 def _run_callable(task: Task, started: float) -> JobResult:
     global _current_job
     name = task.func or ""
@@ -334,7 +361,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
             started=started,
             ended=time.time(),
         )
-    out, err = _CappedBuffer(), _CappedBuffer()
+    out, err = _capture(), _capture()
     state, value, error, tb = JobState.DONE.value, None, "", ""
     saved_env = _snapshot_env()  # the whole of it: a callable may change os.environ itself
     saved_cwd = os.getcwd() if task.cwd else None
@@ -374,14 +401,22 @@ def _run_callable(task: Task, started: float) -> JobResult:
         state,
         exit_code=0 if state == JobState.DONE.value else None,
         value=value,
-        stdout=out.getvalue()[-OUTPUT_TAIL_BYTES:],
-        stderr=err.getvalue()[-OUTPUT_TAIL_BYTES:],
+        stdout=_captured(out).tail(),
+        stderr=_captured(err).tail(),
+        stdout_total=_captured(out).total,
+        stderr_total=_captured(err).total,
         error=error,
         traceback=tb,
         started=started,
         ended=time.time(),
         note=_leftovers_note(state, killed),
     )
+
+
+def _captured(stream: io.TextIOWrapper) -> _Tail:
+    """What a callable's stream kept (write_through passed each write on; the callable may have closed it)."""
+    raw: _TailBuffer = stream.buffer  # type: ignore[assignment]
+    return raw.kept
 
 
 def _failure_value(exc: BaseException, tb: str) -> Optional[bytes]:

@@ -48,7 +48,7 @@ class _Held:
         self.worker = 0  # the pool worker's pid once its chunk started
         self.pgid = 0  # the shell's process group, for shell jobs
         self.started = 0.0
-        self.output: Optional[Tuple[str, str]] = None  # the latest (stdout, stderr) tails while it runs
+        self.output: Optional[Tuple[bytes, bytes]] = None  # the latest (stdout, stderr) tails while it runs
 
 
 class Holding(NamedTuple):
@@ -56,7 +56,7 @@ class Holding(NamedTuple):
 
     running: List[int]
     wanted: int  # the credit: how many more jobs to send
-    live: Dict[int, Tuple[str, str]]  # job id -> (stdout, stderr) tails that changed since the last report
+    live: Dict[int, Tuple[bytes, bytes]]  # job id -> (stdout, stderr) tails that changed since the last report
 
 
 class JobPool:

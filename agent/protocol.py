@@ -9,6 +9,8 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 # Bump when a wire record changes shape or meaning; master and agent compare it at register().
 # 2: shipped code (JobSpec.code, Task.code, CODE_TYPEID), chunked calls (CHUNK_CALL), a failed callable's value.
 # 3: JobResult.note (what the agent noted of the attempt: processes killed at its end).
+# 3 (issue 9): a job's output crosses as bytes (JobResult.stdout/stderr, live tails) with how many bytes each
+#   stream produced in all (JobResult.stdout_total/stderr_total).
 PROTOCOL_VERSION = 3
 
 # The one name registered on the master's BaseManager; its methods are the API.
@@ -120,8 +122,9 @@ class JobResult(NamedTuple):
     exit_code: Optional[int] = None
     # pickle of a callable's return value: opaque to the master.
     value: Optional[bytes] = None
-    stdout: str = ""
-    stderr: str = ""
+    # The last OUTPUT_TAIL_BYTES of each stream, as the job wrote them (any bytes, not only UTF-8).
+    stdout: bytes = b""
+    stderr: bytes = b""
     error: str = ""
     traceback: str = ""
     started: float = 0.0
@@ -129,6 +132,9 @@ class JobResult(NamedTuple):
     # What the agent noted of the attempt beyond its outcome: processes it left running that were
     # killed at its end (agent/contain.py describe_killed); "" for nearly every attempt.
     note: str = ""
+    # How many bytes each stream produced in all: more than len(stdout) means stdout is a tail.
+    stdout_total: int = 0
+    stderr_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,8 +170,6 @@ class AgentInfo:
         }
 
 
-def tail_text(data: bytes, limit: int = OUTPUT_TAIL_BYTES) -> str:
-    """The last `limit` bytes of an output stream, decoded leniently."""
-    if len(data) > limit:
-        data = data[-limit:]
+def output_text(data: bytes) -> str:
+    """A job's output for display: decoded as UTF-8, anything else replaced (never an error)."""
     return data.decode("utf-8", errors="replace")

@@ -111,8 +111,8 @@ def test_one_deploy_puts_agents_on_both_hosts_and_tagged_jobs_run_there(ssh_clus
     red = run_tagged(ssh_cluster, "red", "pwd; echo $CORRAL_JOB_ID", count=3)
     blue = run_tagged(ssh_cluster, "blue", "pwd", count=3)
     assert {j["agent"] for j in red} == {"h1"} and {j["agent"] for j in blue} == {"h2"}
-    assert all(j["attempt_list"][-1]["stdout"].split()[0] == str(hosts["h1"].remote_dir.resolve()) for j in red)
-    assert all(j["attempt_list"][-1]["stdout"].strip() == str(hosts["h2"].remote_dir.resolve()) for j in blue)
+    assert all(j["attempt_list"][-1]["stdout"].decode().split()[0] == str(hosts["h1"].remote_dir.resolve()) for j in red)
+    assert all(j["attempt_list"][-1]["stdout"].decode().strip() == str(hosts["h2"].remote_dir.resolve()) for j in blue)
 
     listing = ssh_cluster.corral("hosts")
     assert listing.returncode == 0
@@ -189,7 +189,7 @@ def test_stop_drain_lets_the_running_job_finish_and_starts_no_more(ssh_cluster: 
     assert not alive(pid)
     with ssh_cluster.client() as c:
         job = c.job(first)
-        assert job["state"] == "done" and job["attempt_list"][-1]["stdout"] == "finished\n"
+        assert job["state"] == "done" and job["attempt_list"][-1]["stdout"] == b"finished\n"
         assert c.job(second)["state"] == "queued", "a draining agent starts nothing new"
         assert agent(ssh_cluster, "h1")["state"] == "stopped"
         assert c.ssh_links() == [], "a stopped host's SSH link is closed"
@@ -220,7 +220,7 @@ def test_stop_kills_running_jobs_and_requeues_them(ssh_cluster: Cluster, lab: Ss
     deploy(ssh_cluster, "h1", "--slots", "1")
     with ssh_cluster.client() as c:
         assert c.wait([job], 60) == {job: "done"}
-        assert c.job(job)["attempt_list"][-1]["stdout"] == "second run\n"
+        assert c.job(job)["attempt_list"][-1]["stdout"] == b"second run\n"
 
 
 def test_new_settings_upgrade_the_running_agent_by_drain_and_restart(ssh_cluster: Cluster, lab: SshLab) -> None:

@@ -327,7 +327,7 @@ def test_two_clusters_deploying_to_one_account_keep_their_files_apart(ssh_cluste
             with cluster.client() as c:
                 (job,) = c.submit([{"command": "pwd", "tags": [tag]}])
                 assert c.wait([job], 60) == {job: "done"}
-                assert Path(c.job(job)["attempt_list"][-1]["stdout"].strip()).parent == cache.resolve()
+                assert Path(c.job(job)["attempt_list"][-1]["stdout"].decode().strip()).parent == cache.resolve()
         removed = other.corral("hosts", "remove", "h1", timeout=60)
         assert removed.returncode == 0, removed.stderr
         left = [p for p in cache.iterdir() if p.is_dir()]

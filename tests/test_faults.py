@@ -69,7 +69,7 @@ def _killed_agent(cluster: Cluster, runs: Path) -> None:
         order = sorted(held + newer, key=lambda j: started_on(c, j, "rescuer"))
     for j, record in records.items():
         assert record["agent"] == "rescuer" and record["attempts"] == 2 and record["lost"] == 1, record
-        assert record["attempt_list"][-1]["stdout"] == f"out {j}\n"
+        assert record["attempt_list"][-1]["stdout"] == f"out {j}\n".encode()
     assert order[:2] == held, order
     journal_outcomes(cluster.home / "corral.db", held + newer, states=("done",))
 
@@ -99,7 +99,7 @@ def test_master_killed_mid_flow_and_restarted(tmp_path: Path) -> None:
             history = {j: c.job(j)["attempt_list"] for j in shells}
         for i, j in enumerate(shells):
             counted = [a for a in history[j] if a["counted"]]
-            assert [a["stdout"] for a in counted] == [f"shell {i}\n"], (j, history[j])
+            assert [a["stdout"] for a in counted] == [f"shell {i}\n".encode()], (j, history[j])
         journal_outcomes(cluster.home / "corral.db", calls + shells, states=("done",))
 
 
@@ -152,7 +152,7 @@ def test_results_finished_while_the_master_is_away_survive_an_agent_restart(tmp_
             assert c.wait([job], timeout=30) == {job: "done"}
             record = c.job(job)
         assert record["attempts"] == 1 and record["lost"] == 0, record
-        assert record["attempt_list"][-1]["stdout"] == "result\n"
+        assert record["attempt_list"][-1]["stdout"] == b"result\n"
         assert lines(runs) == ["x"], "the job ran again although its result was spooled"
         wait_for(lambda: not spool.exists(), timeout=10, what="the spool to be emptied once handed in")
         journal_outcomes(cluster.home / "corral.db", [job], states=("done",))
@@ -181,7 +181,7 @@ def test_late_result_of_a_requeued_job_wins_while_it_waits_in_the_queue(tmp_path
             wait_for(lambda: agent_states(c)["slow"] == ("up", agent.pid), timeout=30, what="the agent back up")
             record = c.job(job)
         counted = [(a["attempt"], a["agent"], a["stdout"]) for a in record["attempt_list"] if a["counted"]]
-        assert counted == [(1, "slow", "attempt 1\n")], record["attempt_list"]
+        assert counted == [(1, "slow", b"attempt 1\n")], record["attempt_list"]
         journal_outcomes(cluster.home / "corral.db", [job], states=("done",))
 
 

@@ -95,7 +95,7 @@ def test_retries_until_success_or_exhausted(cluster: Cluster, tmp_path: Path) ->
         good, failed = c.job(ok), c.job(bad)
     assert good["attempts"] == 3
     assert [a["state"] for a in good["attempt_list"]] == ["failed", "failed", "done"]
-    assert good["attempt_list"][-1]["stdout"] == "try 3\n"
+    assert good["attempt_list"][-1]["stdout"] == b"try 3\n"
     assert failed["attempts"] == 2 and failed["exit_code"] == 1
 
 
@@ -138,11 +138,11 @@ def test_output_capture_and_truncation(cluster: Cluster) -> None:
         printed = c.submit_call("tests.jobs:shout", ("hello",))
         c.wait([big, printed], timeout=30)
         attempt = c.job(big)["attempt_list"][0]
-        assert len(attempt["stdout"].encode()) == OUTPUT_TAIL_BYTES
-        assert attempt["stdout"].endswith("xxxxEND\n")
-        assert attempt["stderr"] == "oops\n"
+        assert len(attempt["stdout"]) == OUTPUT_TAIL_BYTES
+        assert attempt["stdout"].endswith(b"xxxxEND\n")
+        assert attempt["stderr"] == b"oops\n"
         shouted = c.job(printed)
-        assert shouted["attempt_list"][0]["stdout"] == "HELLO\n"
+        assert shouted["attempt_list"][0]["stdout"] == b"HELLO\n"
         assert c.values([printed]) == ["hello"]
 
 
@@ -152,7 +152,7 @@ def test_env_cwd_and_job_variables(cluster: Cluster, tmp_path: Path) -> None:
         [job] = c.submit([JobSpec(command="echo $GREETING $(pwd) $CORRAL_JOB_ID", env={"GREETING": "hi"},
                                   cwd=str(tmp_path))])
         c.wait([job], timeout=20)
-        assert c.job(job)["attempt_list"][0]["stdout"] == f"hi {tmp_path} {job}\n"
+        assert c.job(job)["attempt_list"][0]["stdout"] == f"hi {tmp_path} {job}\n".encode()
         env_job = c.submit_call("tests.jobs:getenv", ("GREETING",), env={"GREETING": "callable"})
         c.wait([env_job], timeout=20)
         assert c.values([env_job]) == ["callable"]

@@ -1,13 +1,16 @@
 """The record tells the truth, on real processes: an attempt a stopped agent killed stays in the job's
-history as interrupted (with why), and the job runs again, counting nothing against it."""
+history as interrupted (with why); a job's output is its bytes, end to end, and a tail says it is one."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
-from corral.agent.protocol import JobSpec
-from tests.cluster import Cluster, wait_for
+from corral.agent.protocol import OUTPUT_TAIL_BYTES, JobSpec
+from tests.cluster import REPO, Cluster, wait_for
 from tests.faultkit import attempt_rows, journal_outcomes, running_cluster
 
 
@@ -52,3 +55,39 @@ def test_a_forced_stop_leaves_the_killed_attempt_in_the_history(tmp_path: Path) 
     journal_outcomes(journal, [job])
     assert attempt_rows(journal, job) == [(1, "stopped", "interrupted", 0), (2, "again", "done", 1)]
     assert runs.read_text().split() == [str(job), "1", str(job), "2"]  # it really ran twice, once each attempt
+
+
+def corral_bytes(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    """The real CLI, its output kept as bytes."""
+    return subprocess.run([sys.executable, "-m", "corral", *args], env=cluster.env, cwd=REPO, capture_output=True,
+                          timeout=120)
+
+
+def test_output_is_bytes_end_to_end_and_a_tail_says_so(cluster: Cluster) -> None:
+    cluster.start_agent("a", slots=1)
+    odd = rb"printf 'a\377\376b\n'; printf 'err\200\n' >&2"
+    waited = corral_bytes(cluster, "submit", "--wait", "--", odd.decode())
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stdout == b"a\xff\xfeb\n" and waited.stderr == b"err\x80\n"  # no notice: the whole output
+    with cluster.client() as c:
+        (job,) = [j["id"] for j in c.jobs(limit=1)]
+        (attempt,) = c.job(job)["attempt_list"]
+        assert (attempt["stdout"], attempt["stderr"]) == (b"a\xff\xfeb\n", b"err\x80\n")  # the Python API: bytes
+    raw = corral_bytes(cluster, "show", str(job), "--raw")
+    assert (raw.returncode, raw.stdout, raw.stderr) == (0, b"a\xff\xfeb\n", b"err\x80\n")
+    shown = corral_bytes(cluster, "show", str(job))
+    assert shown.returncode == 0 and "a\ufffd\ufffdb" in shown.stdout.decode() and shown.stderr == b""
+    as_json = json.loads(corral_bytes(cluster, "show", str(job), "--json").stdout)
+    assert as_json["attempts_detail"][0]["stdout"] == "a\ufffd\ufffdb\n"
+
+    # 200,000 bytes written: what is kept and shown is the last 64 KiB, and each command says so on stderr.
+    long = "head -c 200000 /dev/zero | tr '\\0' x; echo END"
+    waited = corral_bytes(cluster, "submit", "--wait", "--", long)
+    assert waited.returncode == 0 and len(waited.stdout) == OUTPUT_TAIL_BYTES and waited.stdout.endswith(b"xEND\n")
+    note = b"attempt 1: stdout shown is the last 64 KiB of 195.3 KiB it wrote\n"
+    assert waited.stderr.startswith(b"corral: job ") and waited.stderr.endswith(note), waited.stderr
+    job = int(waited.stderr.split()[2])
+    for args in (("show", str(job)), ("show", str(job), "--raw"), ("wait", str(job))):
+        again = corral_bytes(cluster, *args)
+        assert again.returncode == 0 and again.stderr == f"corral: job {job} ".encode() + note, (args, again.stderr)
+    assert b"--- stdout (last 64 KiB of 195.3 KiB) ---" in corral_bytes(cluster, "show", str(job)).stdout

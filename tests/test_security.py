@@ -354,8 +354,8 @@ def test_job_printing_hundreds_of_megabytes_is_capped_in_bounded_memory(cluster:
         shell, call = c.job(loud)["attempt_list"][0], c.job(chatty)["attempt_list"][0]
         assert c.values([chatty]) == [300]
     assert states == {loud: "done", chatty: "done"}
-    assert len(shell["stdout"].encode()) == OUTPUT_TAIL_BYTES and shell["stdout"].endswith("yyyEND\n")
-    assert len(shell["stderr"].encode()) == OUTPUT_TAIL_BYTES and set(shell["stderr"]) == {"e"}
+    assert len(shell["stdout"]) == OUTPUT_TAIL_BYTES and shell["stdout"].endswith(b"yyyEND\n")
+    assert len(shell["stderr"]) == OUTPUT_TAIL_BYTES and set(shell["stderr"]) == {ord("e")}
     assert len(call["stdout"]) == OUTPUT_TAIL_BYTES
     # 700 MB went through the agent; none of its processes grew past a small multiple of a bare Python.
     python_peaks = {pid: kb for pid, kb in peak.items() if kb}
@@ -376,7 +376,7 @@ def test_rogue_agent_garbage_is_refused_whole_and_loses_nothing(tmp_path: Path) 
             tasks, _ = rogue.take(session, 2, 5.0)
             assert sorted(t[0] for t in tasks) == [job, other]
             t = time.time()
-            good = (job, 1, "done", 0, None, "hi\n", "", "", "", t, t + 0.1)
+            good = (job, 1, "done", 0, None, b"hi\n", b"", "", "", t, t + 0.1, 3, 0)
             garbage = {
                 "not a list": "rows",
                 "a dict": {"rows": [good]},
@@ -389,15 +389,17 @@ def test_rogue_agent_garbage_is_refused_whole_and_loses_nothing(tmp_path: Path) 
                 "a list for the state": [good[:2] + (["done"],) + good[3:]],
                 "a str exit code": [good[:3] + ("0",) + good[4:]],
                 "a str value": [good[:4] + ("value",) + good[5:]],
-                "bytes for stdout": [good[:5] + (b"hi",) + good[6:]],
+                "text for stdout (output crosses as bytes)": [good[:5] + ("hi",) + good[6:]],
+                "a str stdout total": [good[:11] + ("3",) + good[12:]],
+                "a negative stderr total": [good[:12] + (-1,)],
                 "a str time": [good[:9] + ("now",) + good[10:]],
                 "a nested row": [[good]],
                 "an id past 64 bits": [(2**70,) + good[1:]],
                 "an exit code past 64 bits": [good[:3] + (2**64,) + good[4:]],
-                "text that is not Unicode": [good[:5] + ("\udcff",) + good[6:]],
+                "text that is not Unicode": [good[:7] + ("\udcff",) + good[8:]],
                 # One bad row spoils the whole report: the good one beside it is not applied either.
                 "a good row and a bad one": [good, good[:2] + ("exploded",) + good[3:]],
-                "a good row and an unstorable one": [good, (other, 1, "done", 2**80, None, "", "", "", "", t, t)],
+                "a good row and an unstorable one": [good, (other, 1, "done", 2**80, None, b"", b"", "", "", t, t, 0, 0)],
             }
             for what, rows in garbage.items():
                 with pytest.raises(CorralError, match="malformed report"):
@@ -408,11 +410,11 @@ def test_rogue_agent_garbage_is_refused_whole_and_loses_nothing(tmp_path: Path) 
             # The good report still goes through afterwards.
             rogue.report(session, [good], [other], 0)
             assert c.wait([job], timeout=10) == {job: "done"}
-            assert c.job(job)["attempt_list"][0]["stdout"] == "hi\n"
+            assert c.job(job)["attempt_list"][0]["stdout"] == b"hi\n"
 
             # Then it vanishes mid-report: half a message, and the connection closes.
             half, ident = raw_session(cluster.address(), key)
-            payload = pickle.dumps((ident, "report", (session, [(other, 1, "done", 0, None, "", "", "", "", t, t)], [], 0), {}))
+            payload = pickle.dumps((ident, "report", (session, [(other, 1, "done", 0, None, b"", b"", "", "", t, t, 0, 0)], [], 0), {}))
             os.write(half.fileno(), struct.pack("!i", len(payload)) + payload[: len(payload) // 2])
             half.close()
             # ... and is never heard from again (its proxy shares this thread's connection with `c`).
@@ -448,8 +450,8 @@ def test_a_report_sent_twice_is_recorded_once(tmp_path: Path) -> None:
             tasks, _ = rogue.take(session, 2, 5.0)
             assert len(tasks) == 2
             t = time.time()
-            rows = [(quiet, 1, "done", 0, None, "", "", "", "", t, t + 0.5),
-                    (loud, 1, "failed", 3, None, "out\n", "", "exit code 3", "", t, t + 0.6)]
+            rows = [(quiet, 1, "done", 0, None, b"", b"", "", "", t, t + 0.5, 0, 0),
+                    (loud, 1, "failed", 3, None, b"out\n", b"", "exit code 3", "", t, t + 0.6, 4, 0)]
             rogue.report(session, rows, [], 0)
             again = agent_connect(cluster.address(), authkey_of(cluster))
             session = again.register(AgentInfo(name="twice", host="h", pid=1, slots=2, tags=("t",)).to_wire(),
@@ -458,7 +460,7 @@ def test_a_report_sent_twice_is_recorded_once(tmp_path: Path) -> None:
             assert c.wait([quiet, loud], timeout=5) == {quiet: "done", loud: "failed"}
             shown = {j: c.job(j)["attempt_list"] for j in (quiet, loud)}
         assert [(a["attempt"], a["counted"]) for a in shown[quiet]] == [(1, 1)], shown[quiet]
-        assert [(a["attempt"], a["counted"], a["stdout"]) for a in shown[loud]] == [(1, 1, "out\n")], shown[loud]
+        assert [(a["attempt"], a["counted"], a["stdout"]) for a in shown[loud]] == [(1, 1, b"out\n")], shown[loud]
         journal_outcomes(cluster.home / "corral.db", [quiet, loud], states=("done", "failed"))
 
 
@@ -475,6 +477,6 @@ def test_callable_printing_text_that_is_not_unicode(cluster: Cluster) -> None:
         assert c.values([after]) == [7]
     assert record["state"] == "failed" and "bad name" in record["error"]
     attempt = record["attempt_list"][0]
-    assert attempt["stdout"].startswith("before ") and attempt["stdout"].endswith(" after\n")
-    assert attempt["stderr"].startswith("err ")
+    assert attempt["stdout"].startswith(b"before ") and attempt["stdout"].endswith(b" after\n")
+    assert attempt["stderr"].startswith(b"err ")
     journal_outcomes(cluster.home / "corral.db", [odd, after], states=("done", "failed"))

@@ -225,7 +225,7 @@ async def test_D_drains_the_selected_agent_its_running_job_finishes(ssh_cluster:
     assert not alive(pid)
     with ssh_cluster.client() as c:
         record = c.job(first)
-        assert record["state"] == "done" and record["attempt_list"][-1]["stdout"] == "finished\n"
+        assert record["state"] == "done" and record["attempt_list"][-1]["stdout"] == b"finished\n"
         assert c.job(second)["state"] == "queued", "a draining agent starts nothing new"
 
 

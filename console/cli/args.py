@@ -171,7 +171,11 @@ def _add_job_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
 
     p = sub.add_parser("show", help="one job, with every attempt's output")
     p.add_argument("id", type=_job_id)
-    p.add_argument("--json", action="store_true")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true")
+    how.add_argument("--raw", action="store_true",
+                     help="only the output of the job's last attempt, its bytes as the job wrote them"
+                          " (stdout to stdout, stderr to stderr)")
 
     p = sub.add_parser("cancel", help="cancel jobs (running ones are killed within a second)")
     p.add_argument("ids", type=_job_id, nargs="*", metavar="ID")

@@ -83,8 +83,7 @@ def _wait_and_print(client: Client, ids: Sequence[int], timeout: float | None) -
         counted = [a for a in record["attempt_list"] if a["counted"]]
         last = counted[-1] if counted else None
         if last is not None:
-            sys.stdout.write(last["stdout"])
-            sys.stderr.write(last["stderr"])
+            _print_output(job_id, last)
         if record["func"] and record["state"] == JobState.DONE.value and record["value"] is not None:
             print(render.value_repr(record["value"]))
         if record["state"] != JobState.DONE.value:
@@ -113,10 +112,34 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_output(job_id: int, attempt: dict[str, Any]) -> None:
+    """One attempt's output, its bytes to stdout and stderr; a line on stderr for each stream that is
+    only the tail of what the job wrote."""
+    render.write_output(sys.stdout, attempt["stdout"])
+    render.write_output(sys.stderr, attempt["stderr"])
+    for note in render.truncation_notes(job_id, attempt):
+        print(note, file=sys.stderr)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     with Client(home=args.home_path) as client:
         record = client.job(args.id)
-    print(render.to_json(render.jsonable(record)) if args.json else render.job_detail(record))
+    if args.raw:
+        # The last attempt's (the counted one's, when there is one): the output the job's outcome came with.
+        attempts = record["attempt_list"]
+        counted = [a for a in attempts if a["counted"]]
+        last = (counted or attempts)[-1] if attempts else None
+        if last is not None:
+            _print_output(args.id, last)
+        sys.stdout.flush()
+        return 0
+    if args.json:
+        print(render.to_json(render.jsonable(record)))
+        return 0
+    print(render.job_detail(record))
+    for attempt in record["attempt_list"]:
+        for note in render.truncation_notes(args.id, attempt):
+            print(note, file=sys.stderr)
     return 0
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from corral.agent.errors import CorralError
-from corral.agent.protocol import JobState
+from corral.agent.protocol import JobState, output_text
 
 from .. import values
 from ..escape import one_line
@@ -119,9 +119,50 @@ def job_detail(record: Record) -> str:
             lines.append(f"    note: {a['note']}")
         for label in ("stdout", "stderr", "traceback"):
             if a[label]:
-                lines.append(f"    --- {label} ---")
-                lines.append("    " + a[label].rstrip("\n").replace("\n", "\n    "))
+                text = a[label] if label == "traceback" else output_text(a[label])
+                lines.append(f"    --- {label}{tail_note(a, label)} ---")
+                lines.append("    " + text.rstrip("\n").replace("\n", "\n    "))
     return "\n".join(lines)
+
+
+def size_text(n: int) -> str:
+    """A byte count as the README writes sizes: 512 bytes, 64 KiB, 1.2 MiB."""
+    if n < 1024:
+        return f"{n} bytes"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+
+
+def truncated(attempt: Record, label: str) -> bool:
+    """Whether an attempt's stdout or stderr is only the tail of what the job wrote."""
+    return attempt.get(f"{label}_total", 0) > len(attempt[label])
+
+
+def tail_note(attempt: Record, label: str) -> str:
+    """" (last 64 KiB of 1.2 MiB)" for a stream kept as a tail, else ''."""
+    if label == "traceback" or not truncated(attempt, label):
+        return ""
+    return f" (last {size_text(len(attempt[label]))} of {size_text(attempt[label + '_total'])})"
+
+
+def truncation_notes(job_id: int, attempt: Record) -> list[str]:
+    """The lines `--wait` and `show` print on stderr when the output shown is a truncated tail."""
+    return [f"corral: job {job_id} attempt {attempt['attempt']}: {label} shown is the last"
+            f" {size_text(len(attempt[label]))} of {size_text(attempt[label + '_total'])} it wrote"
+            for label in ("stdout", "stderr") if truncated(attempt, label)]
+
+
+def write_output(stream: TextIO, data: bytes) -> None:
+    """A job's output bytes onto one of our streams, as they are (flushing the text written before)."""
+    if not data:
+        return
+    stream.flush()
+    stream.buffer.write(data)
+    stream.buffer.flush()
 
 
 def status_text(status: Record) -> str:
@@ -175,7 +216,13 @@ def jsonable(record: Record) -> Record:
         ended_otherwise = record.get("state", JobState.DONE.value) != JobState.DONE.value
         out["value"] = None if ended_otherwise else _json_value(record["value"])
     if "attempt_list" in record:
-        out["attempts_detail"] = [dict(a, counted=bool(a["counted"])) for a in record["attempt_list"]]
+        # Output as text, decoded with replacement (`corral show --raw` gives the bytes); *_total says
+        # how many bytes the stream produced in all (more than the text's: a tail).
+        out["attempts_detail"] = [dict(a, counted=bool(a["counted"]), stdout=output_text(a["stdout"]),
+                                       stderr=output_text(a["stderr"])) for a in record["attempt_list"]]
+    for label in ("live_stdout", "live_stderr"):
+        if label in record:
+            out[label] = output_text(record[label])
     return out
 
 

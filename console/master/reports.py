@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from corral.agent.errors import CorralError
-from corral.agent.protocol import JobResult
+from corral.agent.protocol import OUTPUT_TAIL_BYTES, JobResult
 
 from .records import RESULT_STATES
 from .validate import shown
@@ -13,6 +13,7 @@ from .validate import shown
 _OPT_INT, _OPT_BYTES, _NUMBER = (int, type(None)), (bytes, type(None)), (int, float)
 _INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
 _new_tuple = tuple.__new__
+RESULT_FIELDS = len(JobResult._fields)
 
 
 def _storable(text: str) -> bool:
@@ -29,7 +30,7 @@ def _storable(text: str) -> bool:
 def _sketch(row: Any) -> str:
     """A bounded picture of a result row someone sent (never the str() of all of it)."""
     if type(row) in (tuple, list):
-        return "(" + ", ".join(shown(field) for field in row[:12]) + (", …)" if len(row) > 12 else ")")
+        return "(" + ", ".join(shown(field) for field in row[:14]) + (", …)" if len(row) > 14 else ")")
     return shown(row)
 
 
@@ -42,19 +43,21 @@ def check_results(results: Any) -> list[JobResult]:
     lowest, highest = _INT64.start, _INT64.stop
     named: list[JobResult] = []
     for row in results:
-        if type(row) not in (tuple, list) or len(row) != 12:
+        if type(row) not in (tuple, list) or len(row) != RESULT_FIELDS:
             raise CorralError(f"malformed report: bad result row {_sketch(row)}")
         # The one place a result's wire tuple is taken apart (JobResult's fields, in order): each
         # field checked as a local, the cheapest read there is; everything after reads it by name.
-        job_id, attempt, state, exit_code, value, out, err, error, tb, started, ended, note = row
+        job_id, attempt, state, exit_code, value, out, err, error, tb, started, ended, note, out_total, err_total = row
         if (type(job_id) is not int or type(attempt) is not int or type(state) is not str
                 or state not in RESULT_STATES or type(exit_code) not in _OPT_INT or type(value) not in _OPT_BYTES
-                or type(out) is not str or type(err) is not str or type(error) is not str or type(tb) is not str
+                or type(out) is not bytes or type(err) is not bytes or type(error) is not str or type(tb) is not str
+                or len(out) > OUTPUT_TAIL_BYTES or len(err) > OUTPUT_TAIL_BYTES
                 or type(started) not in _NUMBER or type(ended) not in _NUMBER or type(note) is not str
+                or type(out_total) is not int or type(err_total) is not int
+                or not 0 <= out_total < highest or not 0 <= err_total < highest
                 or not lowest <= job_id < highest or not lowest <= attempt < highest
                 or (exit_code is not None and not lowest <= exit_code < highest)
-                or not ((out.isascii() and err.isascii() and error.isascii() and tb.isascii())
-                        or (_storable(out) and _storable(err) and _storable(error) and _storable(tb)))
+                or not ((error.isascii() and tb.isascii()) or (_storable(error) and _storable(tb)))
                 or not (note.isascii() or _storable(note))):
             raise CorralError(f"malformed report: bad result row {_sketch(row)}")
         named.append(_new_tuple(JobResult, row))  # JobResult._make(row), without its length check

@@ -67,7 +67,7 @@ class Scheduler:
         self.recent_final: OrderedDict[int, str] = OrderedDict()
         # Final jobs by state, kept as they become final (and are pruned), so no count scans the journal.
         self.final_counts: Counter[str] = Counter()
-        self.live_output: dict[int, tuple[str, str]] = {}  # running job id -> its latest (stdout, stderr)
+        self.live_output: dict[int, tuple[bytes, bytes]] = {}  # running job id -> its latest (stdout, stderr)
         self.finished_times: deque[float] = deque(maxlen=100_000)
         self.seq = 0  # bumped on every change, for incremental snapshots
         self.changes: deque[tuple[int, int]] = deque(maxlen=200_000)  # (seq, job id)
@@ -539,13 +539,13 @@ class Scheduler:
         interrupted = state == RELEASED and r.started > 0
         if interrupted:
             writes.attempts.append(_unfinished_row(job_id, attempt, agent.name, INTERRUPTED, r.started,
-                                                   r.ended or writes.now, r.error or "the agent stopped it", 0,
-                                                   r.stdout, r.stderr))
+                                                   r.ended or writes.now, r.error or "the agent stopped it", 0, r))
         # A clean, counted run needs no row of its own: the jobs row holds its whole story.
         elif state != RELEASED and (r.stdout or r.stderr or r.error or r.note or not counted or state != DONE
                                      or attempt > 1):
             writes.attempts.append((job_id, attempt, agent.name, state, r.started, r.ended, r.exit_code,
-                                    r.stdout, r.stderr, r.error, r.traceback, int(counted), r.note))
+                                    r.stdout, r.stderr, r.error, r.traceback, int(counted), r.note,
+                                    r.stdout_total, r.stderr_total))
         if not counted or job is None:
             return  # a stale attempt (re-queued meanwhile, or already final): history only
         writes.changed.append(job_id)
@@ -600,14 +600,14 @@ class Scheduler:
         self._enqueue(job)
 
     def _take_live_output(self, agent: AgentRecord, live: Any) -> None:
-        """Keep (in memory only) the output tails of jobs running on this agent; drop the malformed."""
+        """Keep (in memory only) the output tails (bytes) of jobs running on this agent; drop the malformed."""
         if type(live) is not dict:
             raise CorralError("malformed report: live output must map job ids to (stdout, stderr)")
-        limit = 2 * OUTPUT_TAIL_BYTES
+        limit = OUTPUT_TAIL_BYTES
         for job_id, tails in live.items():
             job = self.jobs.get(job_id) if type(job_id) is int else None
             if (job is None or job.state != RUNNING or job.agent != agent.name or type(tails) not in (tuple, list)
-                    or len(tails) != 2 or not all(type(t) is str and len(t) <= limit for t in tails)):
+                    or len(tails) != 2 or not all(type(t) is bytes and len(t) <= limit for t in tails)):
                 continue
             self.live_output[job_id] = (tails[0], tails[1])
             self._changed(job_id)  # the console reloads a job detail it shows when its job changed
@@ -748,9 +748,13 @@ class Scheduler:
 
 
 def _unfinished_row(job_id: int, attempt: int, agent: str, state: str, started: float | None, ended: float,
-                    reason: str, counted: int, stdout: str = "", stderr: str = "") -> tuple[Any, ...]:
-    """The attempts row of an attempt that ended without a result of its own (lost, interrupted)."""
-    return (job_id, attempt, agent, state, started, ended, None, stdout, stderr, reason, "", counted, "")
+                    reason: str, counted: int, result: JobResult | None = None) -> tuple[Any, ...]:
+    """The attempts row of an attempt that ended without a result of its own (lost, interrupted), with
+    what output came back from it (the `result` of a release), if any."""
+    if result is None:
+        return (job_id, attempt, agent, state, started, ended, None, b"", b"", reason, "", counted, "", 0, 0)
+    return (job_id, attempt, agent, state, started, ended, None, result.stdout, result.stderr, reason, "", counted,
+            result.note, result.stdout_total, result.stderr_total)
 
 
 class _Writes:

@@ -50,12 +50,14 @@ CREATE TABLE IF NOT EXISTS attempts (
     started   REAL,
     ended     REAL,
     exit_code INTEGER,
-    stdout    TEXT NOT NULL,
-    stderr    TEXT NOT NULL,
+    stdout    BLOB NOT NULL,
+    stderr    BLOB NOT NULL,
     error     TEXT NOT NULL,
     traceback TEXT NOT NULL,
     counted   INTEGER NOT NULL,
     note      TEXT NOT NULL DEFAULT '',
+    stdout_total INTEGER NOT NULL DEFAULT 0,
+    stderr_total INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, attempt, agent)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS submissions (
@@ -91,6 +93,9 @@ CREATE INDEX IF NOT EXISTS jobs_ended_state ON jobs (state, id) WHERE {ENDED_SQL
 ADDED_COLUMNS = (
     ("jobs", "code", "TEXT"),  # the shipped code bundle (issue 12)
     ("attempts", "note", "TEXT NOT NULL DEFAULT ''"),  # what the agent noted: processes killed at its end (issue 9)
+    # How many bytes each stream produced in all (issue 9); an older journal's output is TEXT, read as bytes.
+    ("attempts", "stdout_total", "INTEGER NOT NULL DEFAULT 0"),
+    ("attempts", "stderr_total", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -151,12 +156,14 @@ class AttemptRow(NamedTuple):
     started: float | None
     ended: float | None
     exit_code: int | None
-    stdout: str
-    stderr: str
+    stdout: bytes  # the tail of the stream, as the job wrote it
+    stderr: bytes
     error: str
     traceback: str
     counted: int
     note: str  # what the agent noted beyond the outcome (processes it left running, killed at its end)
+    stdout_total: int  # bytes the stream produced in all: more than len(stdout) means stdout is a tail
+    stderr_total: int
 
 
 class Submission(NamedTuple):
@@ -355,7 +362,8 @@ class Journal:
     LOST = "UPDATE jobs SET state='lost', lost=?, ended=?, error=? WHERE id=?"
     ATTEMPT = (
         "INSERT OR REPLACE INTO attempts (job_id, attempt, agent, state, started, ended, exit_code,"
-        " stdout, stderr, error, traceback, counted, note) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " stdout, stderr, error, traceback, counted, note, stdout_total, stderr_total)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
     )
 
     # --recovery -----------------------------------------------------------------------
@@ -431,7 +439,7 @@ class Journal:
             rows = self.reader.execute(
                 f"SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE job_id=? ORDER BY attempt, started", (job_id,)
             ).fetchall()
-        return [AttemptRow._make(row) for row in rows]
+        return [AttemptRow._make(row)._replace(stdout=_blob(row[6]), stderr=_blob(row[7])) for row in rows]
 
     def summaries(self, states: Sequence[str] | None, limit: int, before: int | None = None) -> list[SummaryRow]:
         """Jobs newest first (ids below `before`, when given), in any of `states` (all when None). Final
@@ -514,6 +522,11 @@ class Journal:
         if from_oldest:
             rows.reverse()
         return total, [FinishedRow._make(row) for row in rows]
+
+
+def _blob(output: bytes | str) -> bytes:
+    """A stream's tail as bytes: a journal from before issue 9 holds it as (UTF-8) text."""
+    return output.encode("utf-8", "replace") if isinstance(output, str) else output
 
 
 def encode_env(env: dict[str, str]) -> str:

@@ -122,8 +122,8 @@ class Views:
             # A clean first run has no attempts row of its own (see Scheduler._apply_results): the jobs row is it.
             attempts.append({
                 "attempt": row.attempts, "agent": row.agent, "state": DONE, "started": row.started,
-                "ended": row.ended, "exit_code": row.exit_code, "stdout": "", "stderr": "", "error": "",
-                "traceback": "", "counted": 1, "note": "",
+                "ended": row.ended, "exit_code": row.exit_code, "stdout": b"", "stderr": b"", "error": "",
+                "traceback": "", "counted": 1, "note": "", "stdout_total": 0, "stderr_total": 0,
             })
         record["attempt_list"] = attempts
         with s.lock:

@@ -38,3 +38,15 @@ def set_env_then(action: str, seconds: float = 0.0) -> None:
         raise RuntimeError("failing with the environment changed")
     if action == "nap":
         time.sleep(seconds)
+
+
+def write_bytes() -> None:
+    """Output of every kind a callable may write: text, bytes, surrogateescape'd bytes, a lone surrogate."""
+    import sys
+
+    print("héllo")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(b"\xff\x00raw\n")
+    print("name " + b"\xfe".decode("utf-8", "surrogateescape"))
+    print("odd \ud800")
+    print("warn", file=sys.stderr)

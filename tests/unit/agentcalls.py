@@ -28,4 +28,8 @@ def result(task: Task, state: str = "done", exit_code: int | None = 0, **fields:
     unstarted = state == RELEASED
     fields.setdefault("started", 0.0 if unstarted else 100.0)
     fields.setdefault("ended", 0.0 if unstarted else 101.0)
+    for label in ("stdout", "stderr"):  # output crosses as bytes, with how much the stream held in all
+        if isinstance(fields.get(label), str):
+            fields[label] = fields[label].encode()
+        fields.setdefault(f"{label}_total", len(fields.get(label, b"")))
     return tuple(JobResult(task.job_id, task.attempt, state, exit_code, **fields))

@@ -77,7 +77,7 @@ def test_jobs_run_and_come_back_as_named_results(pool: JobPool, reported: Report
     reported.wait(1)
     pool.accept([call(2, "pid")])  # one slot: the next unknown job once it is free
     got = reported.wait(1, 2)
-    assert (got[1].state, got[1].exit_code, got[1].stdout) == ("failed", 3, "hello\n")
+    assert (got[1].state, got[1].exit_code, got[1].stdout) == ("failed", 3, b"hello\n")
     assert got[2].state == "done" and pickle.loads(got[2].value or b"") != os.getpid()
     assert got[2].ended >= got[2].started > 0
     assert pool.idle() and pool.holding(draining=False).running == []

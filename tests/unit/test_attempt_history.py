@@ -85,7 +85,7 @@ def test_a_late_result_replaces_the_lost_record_of_its_attempt(scheduler: Schedu
     # alpha's attempt 1 did end after all (a failure, so it does not win): its real result is kept.
     scheduler.report(alpha, [result(first, "failed", 2, error="exit 2", stdout="late\n")], [], 0)
     assert history(scheduler, job_id) == [(1, "alpha", "failed", 0), (2, "beta", "failed", 1)]
-    assert scheduler.job(job_id)["attempt_list"][0]["stdout"] == "late\n"
+    assert scheduler.job(job_id)["attempt_list"][0]["stdout"] == b"late\n"
 
 
 def test_attempts_given_up_after_a_restart_are_in_the_history(master: Master) -> None:

@@ -107,7 +107,7 @@ def test_report_finishes_jobs_and_outcomes_follow(scheduler: Scheduler) -> None:
     assert [(o.id, o.state, o.exit_code, o.error) for o in outcomes] == [(bad, "failed", 3, "exit 3"), (ok, "done", 0, "")]
     assert all(type(row) is tuple for row in scheduler.outcomes([ok]))  # plain on the wire, not a NamedTuple
     job = scheduler.job(ok)
-    assert job["attempt_list"][0]["stdout"] == "ok\n" and job["state"] == "done"
+    assert job["attempt_list"][0]["stdout"] == b"ok\n" and job["state"] == "done"
     assert scheduler.agents["alpha"].done == 1 and scheduler.agents["alpha"].failed == 1
 
 
@@ -150,7 +150,8 @@ def test_a_report_is_checked_whole_before_anything_changes(scheduler: Scheduler)
     session = register(scheduler)
     (task,) = take(scheduler, session)
     for bad in (["not a row"], [result(task), result(task)[:5]], [(*result(task)[:2], "exploded", *result(task)[3:])],
-                [result(task, stdout="\udcff")], [(task.job_id, 2**70, *result(task)[2:])], "not a list"):
+                [result(task, error="\udcff")], [(*result(task)[:5], "text, not bytes", *result(task)[6:])],
+                [(task.job_id, 2**70, *result(task)[2:])], "not a list"):
         with pytest.raises(CorralError, match="malformed report") as caught:
             scheduler.report(session, bad, [], 0)
         assert len(str(caught.value)) < 400

@@ -214,9 +214,9 @@ def test_job_record_and_listing(scheduler: Scheduler) -> None:
     (job_id,) = scheduler.submit([cmd("echo hi", name="greet", tags=["t"], env={"A": "1"})])
     session = register(scheduler, tags=("t",))
     (task,) = take(scheduler, session)
-    scheduler.report(session, [], [], 0, {job_id: ("half way\n", "")})
+    scheduler.report(session, [], [], 0, {job_id: (b"half way\n", b"")})
     live = scheduler.job(job_id)
-    assert (live["state"], live["agent"], live["live_stdout"]) == ("running", "alpha", "half way\n")
+    assert (live["state"], live["agent"], live["live_stdout"]) == ("running", "alpha", b"half way\n")
     scheduler.report(session, [result(task)], [], 0)
     record = scheduler.job(job_id)
     assert (record["name"], record["env"], record["tags"], record["state"], record["exit_code"]) == (

@@ -11,7 +11,10 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Static
 
+from corral.agent.protocol import output_text
+
 from ... import values
+from ...cli.render import tail_note
 from ..format import duration, one_line, output, stamp
 from ..messages import CancelJobs, LoadJob, RequeueJobs
 from ..widgets.keybar import KeyBar
@@ -63,12 +66,12 @@ def render_record(record: dict[str, Any], now: float) -> Text:
         # A clean first run leaves no attempt row (the master keeps only what has something to say).
         attempts = [{"attempt": record["attempts"], "agent": record["agent"], "state": state,
                      "started": record["started"], "ended": record["ended"], "exit_code": record["exit_code"],
-                     "stdout": "", "stderr": "", "error": "", "traceback": "", "counted": 1}]
+                     "stdout": b"", "stderr": b"", "error": "", "traceback": "", "counted": 1}]
     recorded = {a["attempt"] for a in attempts}
     if state == "running" and record["attempts"] not in recorded:
         attempts.append({"attempt": record["attempts"], "agent": record["agent"], "state": "running",
-                         "started": record["started"], "ended": None, "exit_code": None, "stdout": "",
-                         "stderr": "", "error": "", "traceback": "", "counted": 1})
+                         "started": record["started"], "ended": None, "exit_code": None, "stdout": b"",
+                         "stderr": b"", "error": "", "traceback": "", "counted": 1})
     if not attempts:
         out.append("\nnot started yet: waiting for a free slot on an agent with its tags\n", style="dim")
     for a in attempts:
@@ -92,7 +95,7 @@ def render_record(record: dict[str, Any], now: float) -> Text:
         if unfinished and not (a["stdout"] or a["stderr"]):
             continue  # no output came back from it: nothing more to show
         if a_state == "running":
-            live = [(label, record.get(f"live_{label}") or "") for label in ("stdout", "stderr")]
+            live = [(label, output_text(record.get(f"live_{label}") or b"")) for label in ("stdout", "stderr")]
             if not any(text for _, text in live):
                 out.append("no output yet (a running shell job's output follows here live)\n", style="dim")
                 continue
@@ -104,10 +107,10 @@ def render_record(record: dict[str, Any], now: float) -> Text:
                     out.append("(empty)\n", style="dim")
             continue
         for label in ("stdout", "stderr", "traceback"):
-            text = a[label]
+            text = a[label] if label == "traceback" else output_text(a[label])
             if label == "traceback" and not text:
                 continue
-            out.append(f"{label}\n", style="dim underline")
+            out.append(f"{label}{tail_note(a, label)}\n", style="dim underline")
             if text:
                 out.append_text(output(text if text.endswith("\n") else text + "\n"))
             else:
