@@ -376,7 +376,7 @@ def test_rogue_agent_garbage_is_refused_whole_and_loses_nothing(tmp_path: Path) 
             tasks, _ = rogue.take(session, 2, 5.0)
             assert sorted(t[0] for t in tasks) == [job, other]
             t = time.time()
-            good = (job, 1, "done", 0, None, b"hi\n", b"", "", "", t, t + 0.1, 3, 0)
+            good = (job, 1, "done", 0, None, b"hi\n", b"", "", "", t, t + 0.1, "", 3, 0)
             garbage = {
                 "not a list": "rows",
                 "a dict": {"rows": [good]},
@@ -390,8 +390,8 @@ def test_rogue_agent_garbage_is_refused_whole_and_loses_nothing(tmp_path: Path) 
                 "a str exit code": [good[:3] + ("0",) + good[4:]],
                 "a str value": [good[:4] + ("value",) + good[5:]],
                 "text for stdout (output crosses as bytes)": [good[:5] + ("hi",) + good[6:]],
-                "a str stdout total": [good[:11] + ("3",) + good[12:]],
-                "a negative stderr total": [good[:12] + (-1,)],
+                "a str stdout total": [good[:12] + ("3",) + good[13:]],
+                "a negative stderr total": [good[:13] + (-1,)],
                 "a str time": [good[:9] + ("now",) + good[10:]],
                 "a nested row": [[good]],
                 "an id past 64 bits": [(2**70,) + good[1:]],
@@ -399,7 +399,7 @@ def test_rogue_agent_garbage_is_refused_whole_and_loses_nothing(tmp_path: Path) 
                 "text that is not Unicode": [good[:7] + ("\udcff",) + good[8:]],
                 # One bad row spoils the whole report: the good one beside it is not applied either.
                 "a good row and a bad one": [good, good[:2] + ("exploded",) + good[3:]],
-                "a good row and an unstorable one": [good, (other, 1, "done", 2**80, None, b"", b"", "", "", t, t, 0, 0)],
+                "a good row and an unstorable one": [good, (other, 1, "done", 2**80, None, b"", b"", "", "", t, t, "", 0, 0)],
             }
             for what, rows in garbage.items():
                 with pytest.raises(CorralError, match="malformed report"):
@@ -414,7 +414,7 @@ def test_rogue_agent_garbage_is_refused_whole_and_loses_nothing(tmp_path: Path) 
 
             # Then it vanishes mid-report: half a message, and the connection closes.
             half, ident = raw_session(cluster.address(), key)
-            payload = pickle.dumps((ident, "report", (session, [(other, 1, "done", 0, None, b"", b"", "", "", t, t, 0, 0)], [], 0), {}))
+            payload = pickle.dumps((ident, "report", (session, [(other, 1, "done", 0, None, b"", b"", "", "", t, t, "", 0, 0)], [], 0), {}))
             os.write(half.fileno(), struct.pack("!i", len(payload)) + payload[: len(payload) // 2])
             half.close()
             # ... and is never heard from again (its proxy shares this thread's connection with `c`).
@@ -450,8 +450,8 @@ def test_a_report_sent_twice_is_recorded_once(tmp_path: Path) -> None:
             tasks, _ = rogue.take(session, 2, 5.0)
             assert len(tasks) == 2
             t = time.time()
-            rows = [(quiet, 1, "done", 0, None, b"", b"", "", "", t, t + 0.5, 0, 0),
-                    (loud, 1, "failed", 3, None, b"out\n", b"", "exit code 3", "", t, t + 0.6, 4, 0)]
+            rows = [(quiet, 1, "done", 0, None, b"", b"", "", "", t, t + 0.5, "", 0, 0),
+                    (loud, 1, "failed", 3, None, b"out\n", b"", "exit code 3", "", t, t + 0.6, "", 4, 0)]
             rogue.report(session, rows, [], 0)
             again = agent_connect(cluster.address(), authkey_of(cluster))
             session = again.register(AgentInfo(name="twice", host="h", pid=1, slots=2, tags=("t",)).to_wire(),
