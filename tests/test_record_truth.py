@@ -91,3 +91,36 @@ def test_output_is_bytes_end_to_end_and_a_tail_says_so(cluster: Cluster) -> None
         again = corral_bytes(cluster, *args)
         assert again.returncode == 0 and again.stderr == f"corral: job {job} ".encode() + note, (args, again.stderr)
     assert b"--- stdout (last 64 KiB of 195.3 KiB) ---" in corral_bytes(cluster, "show", str(job)).stdout
+
+
+def test_wait_on_a_terminal_escapes_the_jobs_bytes_and_raw_does_not(cluster: Cluster) -> None:
+    import os
+    import pty
+
+    cluster.start_agent("a", slots=1)
+
+    def on_a_tty(*args: str) -> bytes:
+        primary, secondary = pty.openpty()
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "corral", *args], env=cluster.env, cwd=REPO,
+                                    stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary)
+            os.close(secondary)
+            seen = b""
+            while True:
+                try:
+                    chunk = os.read(primary, 65536)
+                except OSError:  # EIO: the other end closed
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            assert proc.wait(timeout=120) == 0, seen
+            return seen
+        finally:
+            os.close(primary)
+
+    seen = on_a_tty("submit", "--wait", "--", r"printf 'x\033]0;owned\007y\377\n'")
+    assert b"\x1b" not in seen and b"\x07" not in seen and b"x\\x1b]0;owned\\x07y" in seen, seen
+    with cluster.client() as c:
+        (job,) = [j["id"] for j in c.jobs(limit=1)]
+    assert b"\x1b]0;owned\x07y\xff" in on_a_tty("show", str(job), "--raw")  # --raw: the bytes, as asked

@@ -112,11 +112,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_output(job_id: int, attempt: dict[str, Any]) -> None:
-    """One attempt's output, its bytes to stdout and stderr; a line on stderr for each stream that is
-    only the tail of what the job wrote."""
-    render.write_output(sys.stdout, attempt["stdout"])
-    render.write_output(sys.stderr, attempt["stderr"])
+def _print_output(job_id: int, attempt: dict[str, Any], raw: bool = False) -> None:
+    """One attempt's output to stdout and stderr (render.write_output); a line on stderr for each stream
+    that is only the tail of what the job wrote."""
+    render.write_output(sys.stdout, attempt["stdout"], raw)
+    render.write_output(sys.stderr, attempt["stderr"], raw)
     for note in render.truncation_notes(job_id, attempt):
         print(note, file=sys.stderr)
 
@@ -130,7 +130,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         counted = [a for a in attempts if a["counted"]]
         last = (counted or attempts)[-1] if attempts else None
         if last is not None:
-            _print_output(args.id, last)
+            _print_output(args.id, last, raw=True)
         sys.stdout.flush()
         return 0
     if args.json:

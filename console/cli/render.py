@@ -10,7 +10,7 @@ from corral.agent.errors import CorralError
 from corral.agent.protocol import JobState, output_text
 
 from .. import values
-from ..escape import one_line
+from ..escape import TerminalStream, one_line
 
 if TYPE_CHECKING:
     from ..deploy.inventory import Host
@@ -156,11 +156,16 @@ def truncation_notes(job_id: int, attempt: Record) -> list[str]:
             for label in ("stdout", "stderr") if truncated(attempt, label)]
 
 
-def write_output(stream: TextIO, data: bytes) -> None:
-    """A job's output bytes onto one of our streams, as they are (flushing the text written before)."""
+def write_output(stream: TextIO, data: bytes, raw: bool = False) -> None:
+    """A job's output onto one of our streams: its bytes as they are into a pipe or a file (or with
+    `raw`, `show --raw`, anywhere); decoded and escaped on a terminal (escape.TerminalStream), so the
+    job's bytes never act on the operator's terminal."""
     if not data:
         return
-    stream.flush()
+    if isinstance(stream, TerminalStream) and not raw:
+        stream.write(output_text(data))
+        return
+    stream.flush()  # the text written before goes first
     stream.buffer.write(data)
     stream.buffer.flush()
 
