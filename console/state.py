@@ -131,7 +131,10 @@ class StateDir:
         the one that holds it. Taken before the master opens its journal or writes master.json."""
         self.ensure()
         path = self.home / MASTER_LOCK_NAME
-        fd = os.open(str(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.path.lexists(path):
+            check_trusted(path, "master lock")  # another user's file (or a symlink) is refused, as any state file
+        # Created with its final mode; never through a symlink planted since the check.
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -5,10 +5,14 @@ and starts once the first has gone, however it went (SIGTERM, or kill -9 with it
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from corral.agent.protocol import JobSpec
 from tests.cluster import REPO, wait_for
@@ -66,3 +70,19 @@ def test_second_master_on_the_same_home_is_refused(tmp_path: Path) -> None:
         assert not (home / "master.json").exists()
         third = cluster.start_master()
         wait_for(lambda: json.loads((home / "master.json").read_text())["pid"] == third.pid, what="the third master")
+
+
+def test_a_lock_file_planted_by_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("planting a file as `nobody` needs root; CI runs as root with CORRAL_NO_SKIPS=1")
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    planted = home / "master.lock"
+    planted.write_text("{}")
+    os.chown(planted, pwd.getpwnam("nobody").pw_uid, -1)
+    env = dict(os.environ, CORRAL_HOME=str(home), PYTHONPATH=str(REPO))
+    refused = second_master(home, env)
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"corral master: refusing the master lock {planted}: it belongs to nobody"), line
+    assert not (home / "master.json").exists() and not (home / "corral.db").exists()
