@@ -18,6 +18,7 @@ from corral.agent.errors import BadJobSpec, CorralError, JournalFailed
 from corral.agent.protocol import CHUNK_CALL, MAX_PAYLOAD_BYTES, JobSpec, JobState
 
 from . import ship as shipping
+from . import values as values_
 from .batches import batch_name
 from .callables import Call, describe
 from .client import SUBMIT_BATCH, SUBMIT_BYTES, Client
@@ -37,23 +38,25 @@ Settle = Callable[[int, bool, Any], None]
 
 # ---- outcomes into values and exceptions --------------------------------------------------------------
 
-def job_exception(job_id: int, state: str, value: bytes | None, error: str) -> BaseException:
+def job_exception(job_id: int, state: str, value: bytes | None, error: str,
+                  reader: values_.Reader = values_.TRUSTING) -> BaseException:
     """The exception a failed job stands for: the task's own (type, args) with the remote traceback as its
-    cause, as multiprocessing raises it; JobFailed when it cannot be rebuilt here or the job did not fail
-    by raising (timeout, cancelled, lost)."""
+    cause, as multiprocessing raises it; JobFailed when it cannot be rebuilt here (or `reader` refuses its
+    class) or the job did not fail by raising (timeout, cancelled, lost)."""
     hint = f"see `corral show {job_id}`"
     if state != FAILED or value is None:
         return JobFailed(f"job {job_id} ended {state}: {error or state}", hint)
     try:
-        tb, pickled = pickle.loads(value)
+        tb, pickled = values_.plain_loads(value)  # (traceback text, pickled exception): plain, as the agent makes it
+        tb = tb if isinstance(tb, str) else ""
     except Exception:  # noqa: BLE001 - a value of another shape: keep the message
         return JobFailed(f"job {job_id} failed: {error}", hint)
     exc: BaseException | None = None
     if pickled is not None:
         try:
-            loaded = pickle.loads(pickled)
+            loaded = reader.load(pickled, job_id) if isinstance(pickled, bytes) else None
             exc = loaded if isinstance(loaded, BaseException) else None
-        except Exception:  # noqa: BLE001 - its class is not importable here, or does not unpickle
+        except Exception:  # noqa: BLE001 - its class is not importable here, does not unpickle, or is refused
             exc = None
     if exc is None:
         exc = JobFailed(f"job {job_id} failed: {error}", hint)
@@ -62,15 +65,16 @@ def job_exception(job_id: int, state: str, value: bytes | None, error: str) -> B
     return exc
 
 
-def decode(outcome: tuple[Any, ...]) -> tuple[bool, Any, str]:
-    """(ok, value or exception, state) of one outcome row (id, state, exit_code, value, error)."""
+def decode(outcome: tuple[Any, ...], reader: values_.Reader = values_.TRUSTING) -> tuple[bool, Any, str]:
+    """(ok, value or exception, state) of one outcome row (id, state, exit_code, value, error); a value is
+    read by `reader` (the pool's values= policy): one it refuses or cannot import is a one-line CorralError."""
     job_id, state, _exit_code, value, error = outcome
     if state == DONE:
         try:
-            return True, (pickle.loads(value) if value is not None else None), state
-        except Exception as exc:  # noqa: BLE001 - e.g. the value's class is not importable here
-            return False, exc, state
-    return False, job_exception(job_id, state, value, error), state
+            return True, (reader.load(value, job_id) if value is not None else None), state
+        except Exception as exc:  # noqa: BLE001 - ValueRefused/ValueUnreadable (one line), or what a trusted
+            return False, exc, state  # value's own unpickling raised: the task's error, never the engine's
+    return False, job_exception(job_id, state, value, error, reader), state
 
 
 def run_hook(hook: Callable[[Any], Any] | None, arg: Any) -> None:
@@ -125,9 +129,10 @@ class Engine:
     network and one round trip carries many jobs. A small batch is submitted and answered in a single
     round trip (submit_map waits for it); results are polled every POLL_SECONDS."""
 
-    def __init__(self, home: Path | None, cap: int | None) -> None:
+    def __init__(self, home: Path | None, cap: int | None, reader: values_.Reader = values_.TRUSTING) -> None:
         self.home = home
         self.cap = cap
+        self.reader = reader
         self.cv = threading.Condition()
         self.outbox: deque[Work] = deque()
         self.watching: dict[int, Work] = {}
@@ -321,7 +326,7 @@ class Engine:
                 self.cv.notify_all()
         for outcome, work in zip(outcomes, works):
             if work is not None:
-                ok, value, state = decode(outcome)
+                ok, value, state = decode(outcome, self.reader)
                 work.finish(ok, value if ok or state != CANCELLED else Cancelled(value))
 
     def _wake(self) -> None:
@@ -362,9 +367,11 @@ class Submitter:
     kind = "pool"
 
     def __init__(self, processes: int | None, home: Path | None, tags: Sequence[str], ship: Sequence[Any] | None,
-                 timeout: float | None, name: str | None) -> None:
+                 timeout: float | None, name: str | None, values: values_.Policy = values_.TRUST) -> None:
         if processes is not None and (type(processes) is not int or processes < 1):
             raise ValueError("Number of processes must be at least 1")
+        self._values = values
+        self._reader = values_.Reader(values)
         self._home = home
         self._local = threading.local()
         client = self._client()  # here and now: an unreachable master is the constructor's error
@@ -377,13 +384,13 @@ class Submitter:
         self._lock = threading.Lock()
         self._singles = itertools.count(1)
         self._slots: tuple[float, int] = (0.0, 0)
-        self._engine = Engine(home, processes)
+        self._engine = Engine(home, processes, self._reader)
 
     def _client(self) -> Client:
         """This thread's Client (a proxy is not shared between threads)."""
         client = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = Client(home=self._home)
+            client = self._local.client = Client(home=self._home, values=self._values)
         return client
 
     def _template(self, func: Any) -> Template:

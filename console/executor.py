@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .engine import Cancelled, Submitter, Work
+from .values import TRUST, Policy
 
 
 # ---- concurrent.futures --------------------------------------------------------------------------
@@ -61,10 +62,11 @@ class Executor(Submitter, concurrent.futures.Executor):
     kind = "executor"
 
     def __init__(self, max_workers: int | None = None, *, home: Path | str | None = None, tags: Sequence[str] = (),
-                 ship: Sequence[Any] | None = None, timeout: float | None = None, name: str | None = None) -> None:
+                 ship: Sequence[Any] | None = None, timeout: float | None = None, name: str | None = None,
+                 values: Policy = TRUST) -> None:
         if max_workers is not None and (type(max_workers) is not int or max_workers < 1):
             raise ValueError("max_workers must be greater than 0")
-        super().__init__(max_workers, Path(home) if home is not None else None, tags, ship, timeout, name)
+        super().__init__(max_workers, Path(home) if home is not None else None, tags, ship, timeout, name, values)
         self._shutdown = False
         self._futures_lock = threading.Lock()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .engine import CLOSE, RUN, TERMINATE, Cancelled, Submitter, Terminated, run_hook
+from .values import TRUST, Policy
 
 
 # ---- multiprocessing.Pool ---------------------------------------------------------------------------
@@ -174,13 +175,15 @@ class Pool(Submitter):
     `processes` caps how many of this pool's jobs are on the cluster at once (None: no cap beyond the
     cluster's slots); `home` picks the master (its state directory); `tags` and `timeout` apply to every
     job; `ship` names more code to send (modules, module names, folders) besides what each function's
-    module needs. The jobs are one batch, named "pool-N [i/n]" in the console."""
+    module needs; `values` is how results are unpickled, as Client's (default "trust"). The jobs are one
+    batch, named "pool-N [i/n]" in the console."""
 
     kind = "pool"
 
     def __init__(self, processes: int | None = None, *, home: Path | str | None = None, tags: Sequence[str] = (),
-                 ship: Sequence[Any] | None = None, timeout: float | None = None, name: str | None = None) -> None:
-        super().__init__(processes, Path(home) if home is not None else None, tags, ship, timeout, name)
+                 ship: Sequence[Any] | None = None, timeout: float | None = None, name: str | None = None,
+                 values: Policy = TRUST) -> None:
+        super().__init__(processes, Path(home) if home is not None else None, tags, ship, timeout, name, values)
         self._imaps: weakref.WeakSet[IMapIterator] = weakref.WeakSet()
         self._state = RUN
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 
 
 def inc(x: int) -> int:
     return x + 1
+
+
+def a_date(year: int) -> datetime.date:
+    """A value that is not plain data (its class must be imported to unpickle it)."""
+    return datetime.date(year, 1, 2)
 
 
 def boom(message: str) -> None:

@@ -4,6 +4,7 @@ restricted Client never run them, and say what they are in one line."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import time
@@ -15,6 +16,9 @@ import pytest
 from corral.agent.protocol import AgentInfo, JobResult, JobSpec
 from corral.agent.runner import connect as agent_connect
 from corral.console.client import Client
+from corral.console.errors import JobFailed
+from corral.console.executor import Executor
+from corral.console.pool import Pool
 from corral.console.tui.app import CorralApp
 from corral.console.tui.screens.detail import JobDetailScreen
 from corral.console.values import ValueRefused, ValueUnreadable
@@ -113,3 +117,21 @@ async def test_console_detail_never_runs_a_forged_value(forged: tuple[Cluster, P
             assert f"value     {expected}" in str(detail.query_one("#detail-text").render()), kind
             await pilot.press("escape")
     assert not marker.exists()
+
+
+def test_pool_and_executor_take_the_same_policy(cluster: Cluster) -> None:
+    """Values of real jobs: a date (not plain data) and a raised ValueError, under each policy."""
+    cluster.start_agent("a", slots=2)
+    with Pool(home=cluster.home) as trusting:
+        assert trusting.apply("tests.jobs:a_date", (2020,)) == datetime.date(2020, 1, 2)
+        with pytest.raises(ValueError, match="kaboom"):
+            trusting.apply("tests.jobs:boom", ("kaboom",))
+    with Pool(home=cluster.home, values="plain") as plain:
+        assert plain.apply("tests.jobs:inc", (41,)) == 42
+        with pytest.raises(ValueRefused, match="pickled datetime.date, .*values='plain'"):
+            plain.apply("tests.jobs:a_date", (2020,))
+        # The exception's class is refused too: it is raised as JobFailed, with its message.
+        with pytest.raises(JobFailed, match="kaboom"):
+            plain.apply("tests.jobs:boom", ("kaboom",))
+    with Executor(home=cluster.home, values=["datetime.date"]) as allowing:
+        assert allowing.submit("tests.jobs:a_date", 1999).result(timeout=60) == datetime.date(1999, 1, 2)
