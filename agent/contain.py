@@ -39,6 +39,7 @@ REAP_SECONDS = 5.0  # how long a job's end waits for what it killed to be gone (
 _AGENT_DIR = re.compile(r"corral-(\d+)$")
 
 T = TypeVar("T")
+_worker_reaps = False  # this pool worker is a child subreaper: every process its job left is its descendant
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,10 @@ def _remove_stale_agents(base: str) -> None:
 def enter_worker(c: Containment) -> None:
     """Pool initializer's part: this worker becomes a subreaper (a job's orphans come back to it) and,
     with cgroups, moves into w-<pid> (what a callable starts is born there)."""
+    global _worker_reaps
     if c.kind == GROUP:
         return
-    set_subreaper()
+    _worker_reaps = set_subreaper()
     if c.kind == CGROUP:
         here = worker_cgroup(c, os.getpid())
         try:
@@ -262,6 +264,10 @@ class JobBox:
 
     def end(self) -> List[Killed]:
         """The job has ended: kill what it left, reap it, remove its cgroup; what was killed."""
+        if _worker_reaps and not self.cgroup and not self.killed and not _has_children():
+            # The usual end of a callable: a subreaper with no child at all has no descendant left
+            # anywhere (its job's orphans would have come to it), so one system call says it.
+            return self.killed
         self.kill()
         self._reap(wait=True)
         if self.cgroup:
@@ -368,16 +374,26 @@ def _helpers() -> Set[int]:
     """This process's children that multiprocessing started and relies on: the pool's workers (under
     spawn), the forkserver and the resource tracker. Anything else here is a job's orphan."""
     pids = {child.pid for child in multiprocessing.active_children() if child.pid}
-    try:
-        from multiprocessing import forkserver, resource_tracker
+    from multiprocessing import forkserver, resource_tracker
 
-        for pid in (getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None),
-                    getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)):
-            if pid:
-                pids.add(int(pid))
-    except ImportError:
-        pass
+    known = [getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None),
+             getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)]
+    pids.update(int(pid) for pid in known if pid)
+    if None in known:
+        # A Python whose private names differ: know them by how multiprocessing starts them
+        # (`python -c 'from multiprocessing.forkserver import main; ...'`), never kill them by mistake.
+        for pid in _children_map().get(os.getpid(), []):
+            if b"from multiprocessing." in _cmdline(pid):
+                pids.add(pid)
     return pids
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 # ---- cgroup files -------------------------------------------------------------------------------
