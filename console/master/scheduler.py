@@ -81,10 +81,24 @@ class Scheduler:
         """Rebuild the queues from the journal: queued stay queued; running wait for their agent."""
         self.next_id = self.journal.max_id() + 1
         self.final_counts.update(self.journal.final_counts())
+        # Jobs of one submission share their text in memory (one decoded message: the same objects); read
+        # back row by row they would be a copy each, and a restart would multiply the master's memory by
+        # what they share. One copy of each distinct value, as before the restart.
+        texts: dict[Any, Any] = {}
+        envs: dict[str, dict[str, str]] = {}
+        tag_sets: dict[str, frozenset[str]] = {}
+        one = texts.setdefault
         for row in self.journal.active_jobs():
-            job = Job(row.id, row.name, row.command, row.func, row.payload, json.loads(row.env), row.cwd,
-                      row.priority, row.timeout, row.retries, frozenset(json.loads(row.tags)), row.state,
-                      row.attempts, row.failures, row.lost, row.agent, row.submitted, row.started, row.code)
+            env = envs.get(row.env)
+            if env is None:
+                env = envs[row.env] = json.loads(row.env)
+            tags = tag_sets.get(row.tags)
+            if tags is None:
+                tags = tag_sets[row.tags] = frozenset(json.loads(row.tags))
+            job = Job(row.id, one(row.name, row.name), one(row.command, row.command), one(row.func, row.func),
+                      one(row.payload, row.payload), env, one(row.cwd, row.cwd), row.priority, row.timeout,
+                      row.retries, tags, row.state, row.attempts, row.failures, row.lost, row.agent,
+                      row.submitted, row.started, row.code)
             self.jobs[job.id] = job
             if job.state == QUEUED:
                 self._enqueue(job)
