@@ -127,6 +127,14 @@ def Client(address: Tuple[str, int], family: Optional[str] = None, authkey: Opti
             try:
                 connection.answer_challenge(conn, authkey)
                 connection.deliver_challenge(conn, authkey)
+            except CallTimeout:  # connected, then no challenge or no verdict: one line that says so
+                conn.close()
+                raise CallTimeout(f"the master at {address[0]}:{address[1]} did not answer the authkey handshake"
+                                  f" within {CONNECT_SECONDS:g}s (paused, overloaded, or not a corral master)") from None
+            except AssertionError:  # answer_challenge's check that the first message is a challenge
+                conn.close()
+                raise ConnectionError(f"{address[0]}:{address[1]} is not a corral master"
+                                      " (it sent no authkey challenge)") from None
             except BaseException:
                 conn.close()
                 raise

@@ -85,6 +85,8 @@ class Client:
         except AuthenticationError:
             raise AuthFailed(f"the master at {where} refused our authkey ({self.state.authkey_path})",
                              "use the authkey file of that master's state directory") from None
+        except TimeoutError as exc:  # connected, but the handshake went unanswered (agent/connection.py)
+            raise MasterUnreachable(str(exc), "is that master paused or overloaded? try again, or restart it") from None
         except (ConnectionError, OSError, EOFError) as exc:
             raise MasterUnreachable(f"no master answers at {where} ({exc})",
                                     "start one with `corral master` (or just `corral`)") from None

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
-import pickle
 import signal
 import socket
 import sqlite3
-import struct
 import sys
 import threading
 import time
+import traceback
 from multiprocessing import connection
 from multiprocessing.managers import BaseManager, Server
-from typing import Any, Callable, Mapping, Protocol, Sequence, Tuple, cast
+from typing import Any, Callable, Mapping, Protocol, Sequence, Tuple
 
 from corral.agent.connection import SERIALIZER
 from corral.agent.errors import CorralError
@@ -24,40 +22,41 @@ from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID
 
 from ..state import MasterLock, StateDir
 from . import codestore
+from .decode import PlainDataUnpickler, Refused, plain_loads
+from .door import HANDSHAKE_SECONDS, Door
 from .records import Retention
 from .scheduler import Scheduler
 from .store import Journal
+from .validate import shown
+
+__all__ = ["HANDSHAKE_SECONDS", "MAX_MESSAGE_BYTES", "PlainDataUnpickler", "plain_loads", "serve"]
 
 log = logging.getLogger(__name__)
 
 # The largest message the master reads from any peer; a bigger one closes that connection.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-HANDSHAKE_SECONDS = 10.0
+MAX_NAME = 64  # characters of a request's object id and method name (managers' own are a dozen)
 
 
-class PlainDataUnpickler(pickle.Unpickler):
-    """Unpickles plain data only (dict/list/tuple/str/bytes/int/float/bool/None need no global at all):
-    any class or function reference is refused, so nothing runs."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refused: the master accepts plain data only, not {module}.{name}")
-
-
-# The handshake's two verdicts (multiprocessing.connection's, which its type stubs do not declare).
-_WELCOME: bytes = getattr(connection, "WELCOME")
-_FAILURE: bytes = getattr(connection, "FAILURE")
-
-
-def plain_loads(data: bytes) -> Any:
-    return PlainDataUnpickler(io.BytesIO(data)).load()
+def _check_request(request: Any) -> Any:
+    """A managers request is (object id or None, method name, args tuple, kwargs dict): anything else is
+    refused here, before the Server formats any of it into an error (`%r` of a 64 MiB name)."""
+    if (type(request) is not tuple or len(request) != 4
+            or not (request[0] is None or (type(request[0]) is str and len(request[0]) <= MAX_NAME))
+            or type(request[1]) is not str or len(request[1]) > MAX_NAME
+            or type(request[2]) is not tuple or type(request[3]) is not dict
+            or not all(type(k) is str for k in request[3])):
+        raise Refused("refused: a request is (object id, method name, args tuple, kwargs dict)")
+    return request
 
 
 class PlainDataConnection:
-    """A server-side connection whose recv() unpickles with PlainDataUnpickler and bounds the size."""
+    """An admitted peer's connection (see door.py): recv() reads at most MAX_MESSAGE_BYTES and decodes them
+    as bounded plain data (decode.py), then checks the request's shape."""
 
-    def __init__(self, conn: connection.Connection) -> None:
+    def __init__(self, conn: connection.Connection, peer: str) -> None:
         self._conn = conn
-        self._welcomed = False  # the peer passed our authkey challenge
+        self._peer = peer
 
     def recv(self) -> Any:
         try:
@@ -66,62 +65,85 @@ class PlainDataConnection:
             # Too big (its rest still fills the stream, so nothing after it can be read), or cut off
             # mid-message: drop this peer. EOFError ends its thread, which closes the connection.
             log.warning("dropped the connection from %s: %s (a message may hold at most %d MiB)",
-                        self._peer(), exc, MAX_MESSAGE_BYTES >> 20)
+                        self._peer, exc, MAX_MESSAGE_BYTES >> 20)
             raise EOFError(str(exc)) from None
-        return plain_loads(data)
-
-    def recv_bytes(self, maxlength: int | None = None) -> bytes:
-        """Only the handshake reads with recv_bytes: each of its messages must arrive whole within
-        HANDSHAKE_SECONDS, so a peer that stops half-way holds no connection and no thread."""
-        deadline = time.monotonic() + HANDSHAKE_SECONDS
-        size = struct.unpack("!i", self._read(4, deadline))[0]
-        if size < 0 or (maxlength is not None and size > maxlength):
-            raise OSError("bad message length")
-        return self._read(size, deadline)
-
-    def _read(self, count: int, deadline: float) -> bytes:
-        data = b""
-        while len(data) < count:
-            if not self._conn.poll(max(0.0, deadline - time.monotonic())):
-                raise EOFError("the peer did not finish its handshake in time")
-            chunk = os.read(self._conn.fileno(), count - len(data))
-            if not chunk:
-                raise EOFError("the peer hung up during the handshake")
-            data += chunk
-        return data
-
-    def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
-        if len(buf) == len(_WELCOME) and bytes(buf) == _WELCOME:
-            self._welcomed = True
-        elif len(buf) == len(_FAILURE) and bytes(buf) == _FAILURE:
-            # The handshake's verdict on a peer whose authkey is wrong: one line here too.
-            log.warning("refused a connection from %s: wrong authkey", self._peer())
-        self._conn.send_bytes(buf, offset, size)
+        try:
+            return _check_request(plain_loads(data))
+        except Refused as exc:
+            log.warning("refused a message from %s (%d bytes): %s", self._peer, len(data), exc)
+            raise
 
     def send(self, obj: Any) -> None:
-        if self._welcomed:  # a peer that failed the handshake gets no traceback of why
-            self._conn.send(obj)
-
-    def _peer(self) -> str:
-        try:
-            with socket.socket(fileno=os.dup(self._conn.fileno())) as sock:
-                host, port = sock.getpeername()[:2]
-            return f"{host}:{port}"
-        except OSError:
-            return "a peer"
+        self._conn.send(obj)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
 
 
+def _peer_of(conn: connection.Connection) -> str:
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "a peer"
+
+
 class CorralServer(Server):
-    """The managers Server with the pickle boundary: every message is read as plain data."""
+    """The managers Server behind corral's door (door.py: bounded handshakes, one thread per admitted peer
+    only), reading every message as bounded plain data, and deaf to a peer's `shutdown`."""
 
     stop_event: threading.Event  # set by Server.__init__ (undeclared in its type stubs); serve() replaces it
 
-    def handle_request(self, conn: Any) -> None:
-        # Duck-typed: PlainDataConnection has every Connection method the Server calls.
-        super().handle_request(cast(Any, PlainDataConnection(conn)))
+    def accepter(self) -> None:
+        # The bound socket (the managers Listener's SocketListener's) and the key (attributes Server.__init__
+        # sets, which its type stubs do not declare).
+        listener = getattr(getattr(getattr(self, "listener"), "_listener"), "_socket")
+        Door(listener, bytes(getattr(self, "authkey")), self._admit, self.stop_event).run()
+
+    def _admit(self, conn: connection.Connection) -> None:
+        """Start the thread of a peer that passed the handshake; RuntimeError if none can start."""
+        thread = threading.Thread(target=self._serve, args=(conn,), name="peer", daemon=True)
+        thread.start()
+
+    def _serve(self, conn: connection.Connection) -> None:
+        """Server.handle_request after its handshake (the door ran it): the first request, then for a
+        proxy's `accept_connection` the rest of the connection's life (serve_client)."""
+        c: Any = PlainDataConnection(conn, _peer_of(conn))
+        try:
+            try:
+                _, funcname, args, kwds = c.recv()
+                if funcname not in self.public:
+                    raise AttributeError(f"{shown(funcname)} is not a request the master serves")
+                func = getattr(self, funcname)
+            except (EOFError, OSError):
+                return
+            except Exception:
+                msg: tuple[str, Any] = ("#TRACEBACK", traceback.format_exc())
+            else:
+                try:
+                    msg = ("#RETURN", func(c, *args, **kwds))
+                except Exception:
+                    msg = ("#TRACEBACK", traceback.format_exc())
+            try:
+                c.send(msg)
+            except Exception:
+                c.send(("#TRACEBACK", traceback.format_exc(limit=1)))
+        except SystemExit:
+            pass  # serve_client's way of saying the peer hung up
+        except (EOFError, OSError):
+            pass
+        finally:
+            conn.close()
+
+    def shutdown(self, c: Any) -> None:
+        """A peer's managers-level `shutdown` does not stop the master: only `corral master`'s signals do."""
+        log.warning("refused a peer's request to shut the master down (a signal to `corral master` stops it)")
+        raise PermissionError("the master does not stop on a peer's request; signal `corral master` instead")
+
+    def decref(self, c: Any, ident: str) -> None:
+        """Everything the master serves is a singleton that lives as long as it does: a peer's decref (one
+        per proxy it drops, or a thousand from a hostile one) never removes it from under the others."""
 
 
 # Module-level (no lambdas): the registered callable must be importable by name.
