@@ -134,7 +134,11 @@ class Agent:
                     if self.draining.is_set() and self._idle():
                         break
                     pause = backoff.next()
-                    log.warning("master %s:%s unreachable (%s); retrying in %.1fs", *self.address, exc, pause)
+                    if isinstance(exc, JournalFailed):  # reachable, but it could not journal what we hand back
+                        log.warning("master %s:%s could not register us: %s; retrying in %.1fs", *self.address,
+                                    exc.message, pause)
+                    else:
+                        log.warning("master %s:%s unreachable (%s); retrying in %.1fs", *self.address, exc, pause)
                     self._sleep(pause)
                     continue
                 if self.outbox.spool is None and self.spool_dir is not None:

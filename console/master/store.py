@@ -390,8 +390,8 @@ class Journal:
         the scheduler's lock (so a submission and its retry cannot both miss it)."""
         try:
             row = self.db.execute(f"SELECT {SUBMISSION_COLUMNS} FROM submissions WHERE token=?", (token,)).fetchone()
-        except sqlite3.Error as exc:
-            raise journal_error(self.path, exc) from None
+        except sqlite3.Error as exc:  # at run time, not at opening: the call fails, the master serves on
+            raise CorralError(f"journal read failed: {exc} ({self.path})", "nothing was queued; try again") from None
         return None if row is None else Submission._make(row)
 
     def max_id(self) -> int:
