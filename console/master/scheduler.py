@@ -30,6 +30,7 @@ from .views import Views
 
 log = logging.getLogger(__name__)
 
+SHARE_REFRESH_SECONDS = 0.5  # how stale _fair_share's count of slots may be
 RECENT_FINAL = 200_000  # final states kept in memory for wait(); older ones are read from the journal
 
 
@@ -63,6 +64,7 @@ class Scheduler:
         self.jobs: dict[int, Job] = {}
         self.queues: dict[frozenset[str], list[tuple[int, int]]] = {}  # tag set -> heap of (-priority, id)
         self.agents: dict[str, AgentRecord] = {}
+        self._slots_up, self._slots_counted = 0, float("-inf")  # the slots of agents up, as _fair_share last counted
         self.sessions: dict[str, AgentRecord] = {}
         self.recent_final: OrderedDict[int, str] = OrderedDict()
         # Final jobs by state, kept as they become final (and are pruned), so no count scans the journal.
@@ -429,10 +431,30 @@ class Scheduler:
         log.info("agent %s up: %d slots, tags %s", name, agent.slots, ",".join(sorted(agent.tags)) or "-")
         return {"session": agent.session, "lease": self.lease_seconds}
 
+    def _fair_share(self, agent: AgentRecord) -> int:
+        """How many jobs this agent may hold while a burst of short ones is queued: its slots' part of all
+        the work on hand, queued or held by agents (ceil(active jobs × its slots / the slots of all agents
+        up)), never less than one per slot.
+
+        An agent asks for ~100 ms of work (agent/pacing.py): thousands of tiny jobs. Served as asked,
+        the first few agents to take would hold a whole burst while the rest of a crowd stays idle;
+        capped at a share, every free slot gets its part. The agents' slots are counted again at most
+        every SHARE_REFRESH_SECONDS (O(agents), not per call)."""
+        now = time.monotonic()
+        if now - self._slots_counted > SHARE_REFRESH_SECONDS:
+            self._slots_up = sum(a.slots for a in self.agents.values() if a.state is AgentState.UP)
+            self._slots_counted = now
+        on_hand = len(self.jobs)  # queued, running and held: O(1), and steady while a burst is handed out
+        return max(agent.slots, -(-on_hand * agent.slots // max(1, self._slots_up)))
+
     def _serve_credit(self, agent: AgentRecord) -> tuple[list[TaskTuple], list[int]]:
-        """New work for the agent's credit, and its cancels. JournalFailed when the dispatch cannot be
-        journaled: its jobs are queued still, its credit and cancels kept for the next call."""
-        jobs = self._pop(agent, agent.credit) if agent.credit > 0 and agent.state is not AgentState.DRAINING else []
+        """New work for the agent's credit (within its fair share of a burst), and its cancels.
+        JournalFailed when the dispatch cannot be journaled: its jobs are queued still, its credit and
+        cancels kept for the next call."""
+        limit = agent.credit
+        if limit > agent.slots and self.queues:  # more than a job per slot: short jobs, maybe a burst
+            limit = min(limit, self._fair_share(agent) - len(agent.running))
+        jobs = self._pop(agent, limit) if limit > 0 and agent.state is not AgentState.DRAINING else []
         tasks = self._dispatch(agent, jobs) if jobs else []
         agent.credit -= len(jobs)
         return tasks, self._cancels(agent)
