@@ -24,7 +24,7 @@ from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, INTERRUPTED, LOST, Q
 from .reports import check_results
 from .store import Journal, Outcome, Submission, encode_env, encode_tags
 from .rows import pack
-from .validate import (MAX_JOBS, Checked, batch_rule, check, is_whole, payload_rule, poll_rule, shown, size_rule,
+from .validate import (MAX_JOBS, Checked, batch_rule, carried_bytes, check, is_whole, payload_rule, poll_rule, shown, size_rule,
                        token_rule)
 from .views import Views
 
@@ -164,7 +164,7 @@ class Scheduler:
     def _agent(self, session: str) -> AgentRecord:
         agent = self.sessions.get(session)
         if agent is None:
-            raise UnknownAgent(f"unknown agent session {session!r}", "register again")
+            raise UnknownAgent(f"unknown agent session {shown(session)}", "register again")
         agent.last_seen = time.time()
         if agent.state is AgentState.LOST:
             agent.state = AgentState.UP
@@ -215,12 +215,14 @@ class Scheduler:
         if not isinstance(template, dict) or template.get("func") is None:
             raise BadJobSpec("submit_map() needs a template with a module:function")
         base = check(dict(template, payload=None), "template")
+        carried = carried_bytes(base.name, base.env, base.cwd, base.tags)  # what each job carries beside its payload
+        room = MAX_PAYLOAD_BYTES - carried
         for i, payload in enumerate(payloads):
-            if type(payload) is not bytes or len(payload) > MAX_PAYLOAD_BYTES:
+            if type(payload) is not bytes or len(payload) > room:
                 where = f"job {i + 1} of {len(payloads)}"
                 try:
                     payload_rule(payload)
-                    size_rule(None, payload)
+                    size_rule(None, payload, carried)
                 except BadJobSpec as exc:
                     raise BadJobSpec(f"{where}: {exc.message}", exc.hint) from None
         checked = [base] * len(payloads)

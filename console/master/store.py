@@ -530,8 +530,9 @@ def _blob(output: bytes | str) -> bytes:
 
 
 def encode_env(env: dict[str, str]) -> str:
-    return json.dumps(env, separators=(",", ":")) if env else "{}"
+    # ensure_ascii=False: the journal stores the text as counted (a \uXXXX escape is 6 bytes for 2 or 3).
+    return json.dumps(env, separators=(",", ":"), ensure_ascii=False) if env else "{}"
 
 
 def encode_tags(tags: Sequence[str]) -> str:
-    return json.dumps(list(tags), separators=(",", ":")) if tags else "[]"
+    return json.dumps(list(tags), separators=(",", ":"), ensure_ascii=False) if tags else "[]"

@@ -247,12 +247,31 @@ def batch_rule(value: Any, count: int) -> tuple[int, int | None]:
     return first, total
 
 
-def size_rule(command: str | None, payload: bytes | None) -> None:
-    size = len(payload or b"")
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def carried_bytes(name: str, env: dict[str, str], cwd: str | None, tags: Any) -> int:
+    """What a job carries beside its command and arguments, in UTF-8 bytes (checked fields only): the
+    journal stores all of it once per job, so the job's limit counts all of it."""
+    size = _utf8_len(name) if name else 0
+    if cwd:
+        size += _utf8_len(cwd)
+    for key, value in env.items():
+        size += _utf8_len(key) + _utf8_len(value) + 2
+    for tag in tags:
+        size += _utf8_len(tag) + 1
+    return size
+
+
+def size_rule(command: str | None, payload: bytes | None, carried: int = 0) -> None:
+    """A job's command and arguments, and what else it carries (carried_bytes), within MAX_JOB_BYTES."""
+    size = len(payload or b"") + carried
     if command is not None:
-        size += len(command) if command.isascii() else len(command.encode())
+        size += _utf8_len(command)
     if size > MAX_JOB_BYTES:
-        raise Invalid("job", f"is {size} bytes of command and arguments; the limit is {MAX_JOB_BYTES}",
+        what = "command and arguments" + (" with its name, env, cwd and tags" if carried else "")
+        raise Invalid("job", f"is {size} bytes of {what}; the limit is {MAX_JOB_BYTES}",
                       "pass large data by path, not by value")
 
 
@@ -302,7 +321,6 @@ def check(spec: Any, where: str = "job") -> Checked:
             func_rule(func)
         if payload is not None:
             payload_rule(payload)
-        size_rule(command, payload)
         if name:
             name_rule(name)
         if env:
@@ -319,6 +337,8 @@ def check(spec: Any, where: str = "job") -> Checked:
             tags = tags_rule(tags)
         if code is not None:
             code_rule(code)
+        # Last, on checked fields: every byte the job carries counts (a 1 MiB env is a 1 MiB job).
+        size_rule(command, payload, carried_bytes(name, env, cwd, tags) if (name or env or cwd or tags) else 0)
     except Invalid as exc:
         raise BadJobSpec(f"{where}: {exc.message}", exc.hint) from None
     # tuple.__new__: Checked(...) costs twice as much, per job of every submission.

@@ -104,3 +104,29 @@ def test_a_submission_as_the_client_sends_it() -> None:
              for i in range(5000)]
     message = ("7f3a", "submit", (specs,), {})
     assert plain_loads(bytes(ForkingPickler.dumps(message))) == message
+
+
+def test_a_job_counts_everything_it_carries() -> None:
+    """The 1 MiB per job holds its name, env, cwd and tags too (the journal stores them with it)."""
+    from corral.agent.errors import BadJobSpec
+    from corral.console.master.validate import MAX_JOB_BYTES, check
+
+    half = "v" * (MAX_JOB_BYTES // 2)
+    check({"command": "true", "env": {"A": half}})
+    for spec in ({"command": "echo " + half, "env": {"A": half}},
+                 {"command": "true", "env": {f"K{i}": half[:1000] for i in range(1100)}},
+                 {"func": "m:f", "payload": half.encode(), "cwd": "/" + half},
+                 {"command": "true", "tags": [f"t{i}" + "x" * 1000 for i in range(1100)]}):
+        with pytest.raises(BadJobSpec, match=f"bytes of command and arguments with its name, env, cwd and tags;"
+                                             f" the limit is {MAX_JOB_BYTES}"):
+            check(spec)
+    # Non-ASCII text counts as the UTF-8 the journal stores.
+    with pytest.raises(BadJobSpec, match="the limit is"):
+        check({"command": "true", "env": {"A": "é" * (MAX_JOB_BYTES // 2 + 10)}})
+
+
+def test_the_journal_stores_env_and_tags_as_counted() -> None:
+    from corral.console.master.store import encode_env, encode_tags
+
+    assert len(encode_env({"A": "é" * 100}).encode()) < 220
+    assert encode_tags(["ü"]) == '["ü"]'
