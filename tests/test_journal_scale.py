@@ -44,6 +44,7 @@ def reads(client) -> dict[str, float]:  # type: ignore[no-untyped-def]
     }
 
 
+@pytest.mark.timeout(900)  # building 200,000 jobs takes ~15 s on an idle 2-core machine, minutes on a loaded one
 def test_reads_with_200k_finished_jobs_cost_what_they_return(cluster: Cluster) -> None:
     cluster.start_agent("a", slots=2, verbose=False)
     with cluster.client() as client:
