@@ -21,15 +21,16 @@ from .protocol import CHUNK_CALL, OUTPUT_TAIL_BYTES, JobResult, JobState, Task
 # Set by init_worker() in each pool worker process.
 # The pipe to the agent carries tagged tuples (agent/pool.py reads them, in order):
 #   ("worker", pid)                  a worker is up (the pool replaces dead ones by itself)
-#   ("chunk", pid, job_ids, t)       this worker starts a chunk of these jobs
-#   ("pgid", job_id, pgid, t)        a shell job's process group, for cancel
-#   ("output", job_id, stdout, stderr)  a running shell job's latest output tails (bytes)
+# Every job is named by its attempt, a (job id, attempt) pair: two attempts of one job may run here at once.
+#   ("chunk", pid, attempts, t)      this worker starts a chunk of these attempts
+#   ("pgid", attempt, pgid, t)       a shell job's process group, for cancel
+#   ("output", attempt, stdout, stderr)  a running shell job's latest output tails (bytes)
 _events: Any = None
 _events_lock: Any = None  # workers share the pipe; a message may exceed the size written atomically
-_cancelled: Any = None  # shared int64 array: [0] is a version counter, [1:] a ring of job ids to cancel
+_cancelled: Any = None  # shared int64 array: [0] is a version counter, [1:] a ring of (job id, attempt) pairs
 _cancel_seen = -1
-_cancel_ids: FrozenSet[int] = frozenset()
-_current_job: Optional[int] = None  # the callable job running now, the only one a signal may interrupt
+_cancel_ids: FrozenSet[Tuple[int, int]] = frozenset()
+_current_job: Optional[Tuple[int, int]] = None  # the callable attempt running now, the only one a signal may interrupt
 _functions: Dict[str, Callable[..., Any]] = {}
 _containment = contain.Containment(contain.GROUP)  # the agent's, given to init_worker
 MAX_FAILURE_BYTES = 2 * 1024 * 1024  # a failed call's pickled exception, at most (else the caller gets its text)
@@ -71,23 +72,24 @@ def _on_timeout_signal(signum: int, frame: Any) -> None:
         raise JobInterrupted(JobState.TIMEOUT.value)
 
 
-def _is_cancelled(job_id: int) -> bool:
-    """Whether the agent asked to cancel `job_id`; re-reads the shared ring only when it changed."""
+def _is_cancelled(key: Tuple[int, int]) -> bool:
+    """Whether the agent asked to cancel this attempt; re-reads the shared ring only when it changed."""
     global _cancel_seen, _cancel_ids
     if _cancelled is None:
         return False
     version = _cancelled[0]
     if version != _cancel_seen:
         _cancel_seen = version
-        _cancel_ids = frozenset(_cancelled[1:])
-    return job_id in _cancel_ids
+        ring = _cancelled[1:]
+        _cancel_ids = frozenset(zip(ring[0::2], ring[1::2]))
+    return key in _cancel_ids
 
 
 def run_chunk(rows: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
     """Pool task: run a chunk of tasks (packed Task tuples) one after another, return their results
     packed too. Tuples in, tuples out: a NamedTuple pickles with its class, a plain tuple is cheaper."""
     tasks = [Task._make(row) for row in rows]
-    _tell_agent(("chunk", os.getpid(), [task.job_id for task in tasks], time.time()))
+    _tell_agent(("chunk", os.getpid(), [(task.job_id, task.attempt) for task in tasks], time.time()))
     return [tuple(_storable(execute(task))) for task in tasks]
 
 
@@ -115,7 +117,7 @@ def _tell_agent(event: Tuple[Any, ...]) -> None:
 def execute(task: Task) -> JobResult:
     """Run one task to its end; every failure becomes a JobResult, never an exception."""
     started = time.time()
-    if _is_cancelled(task.job_id):
+    if _is_cancelled((task.job_id, task.attempt)):
         return JobResult(task.job_id, task.attempt, JobState.CANCELLED.value, started=started, ended=started)
     fault = env_fault(task.env) if task.env else ""
     if fault:  # refused whole, before any of it (or the job's code, or its cwd) is applied
@@ -226,10 +228,10 @@ def _run_shell(task: Task, started: float) -> JobResult:
             started=started,
             ended=time.time(),
         )
-    _tell_agent(("pgid", task.job_id, proc.pid, time.time()))
+    _tell_agent(("pgid", (task.job_id, task.attempt), proc.pid, time.time()))
     deadline = started + task.timeout if task.timeout else None
     try:
-        timed_out, stdout, stderr = _pump(proc, deadline, task.job_id, box)
+        timed_out, stdout, stderr = _pump(proc, deadline, (task.job_id, task.attempt), box)
         returncode = proc.wait()
     finally:
         killed = box.end()  # whatever ended it: nothing the job started outlives it
@@ -237,7 +239,7 @@ def _run_shell(task: Task, started: float) -> JobResult:
     what = "process group killed" if _containment.kind == contain.GROUP else "all its processes killed"
     if timed_out:
         state, error = JobState.TIMEOUT.value, f"timed out after {task.timeout:g}s; {what}"
-    elif _is_cancelled(task.job_id):
+    elif _is_cancelled((task.job_id, task.attempt)):
         state, error = JobState.CANCELLED.value, f"cancelled; {what}"
     elif returncode == 0:
         state, error = JobState.DONE.value, ""
@@ -269,7 +271,7 @@ def _leftovers_note(state: str, killed: List[contain.Killed]) -> str:
     return ""
 
 
-def _pump(proc: "subprocess.Popen[bytes]", deadline: Optional[float], job_id: int,
+def _pump(proc: "subprocess.Popen[bytes]", deadline: Optional[float], attempt: Tuple[int, int],
           box: contain.JobBox) -> Tuple[bool, _Tail, _Tail]:
     """Read the process's output until it ends or the deadline passes: (timed out, stdout, stderr).
     While it runs, the tails go to the agent every LIVE_SECONDS when they changed (live output).
@@ -290,7 +292,7 @@ def _pump(proc: "subprocess.Popen[bytes]", deadline: Optional[float], job_id: in
         while selector.get_map():
             now = time.time()
             if changed and now >= next_live:
-                _tell_agent(("output", job_id, out.tail(), err.tail()))
+                _tell_agent(("output", attempt, out.tail(), err.tail()))
                 next_live, changed = now + LIVE_SECONDS, False
             if drain_until is not None and now >= drain_until:
                 break
@@ -375,7 +377,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
             os.chdir(task.cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                _current_job = task.job_id
+                _current_job = (task.job_id, task.attempt)
                 if task.timeout:
                     signal.setitimer(signal.ITIMER_REAL, task.timeout)
                 result = func(*args, **kwargs) if calls is None else [func(*each) for each in calls]

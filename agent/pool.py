@@ -19,7 +19,7 @@ from .protocol import RELEASED, JobResult, JobState, Task
 log = logging.getLogger(__name__)
 
 HARD_KILL_GRACE_SECONDS = 5.0  # a callable ignoring its timeout signal this long gets its worker killed
-CANCEL_RING = 256  # job ids the workers can be told to cancel at once (a ring: the oldest are overwritten)
+CANCEL_RING = 256  # attempts the workers can be told to cancel at once (a ring: the oldest are overwritten)
 SWEEP_SECONDS = 0.5  # how often dead workers and overdue callables are looked for
 EVENT_POLL_SECONDS = 0.2
 
@@ -28,6 +28,14 @@ _DONE, _FAILED = JobState.DONE.value, JobState.FAILED.value
 _CANCELLED, _TIMEOUT = JobState.CANCELLED.value, JobState.TIMEOUT.value
 
 Report = Callable[[List[JobResult]], None]
+# What the agent holds, runs, reports and kills: one attempt of one job (protocol.Attempt's fields), never a
+# job id alone: the master may send a job again (a new attempt) while an older attempt still runs here.
+Key = Tuple[int, int]
+
+
+def key_of(item: Any) -> Key:
+    """The (job id, attempt) of a Task or a JobResult."""
+    return (item.job_id, item.attempt)
 
 
 def released(task: Task, why: str, started: float = 0.0) -> JobResult:
@@ -54,7 +62,7 @@ class _Held:
 class Holding(NamedTuple):
     """What a report tells the master of the jobs held here."""
 
-    running: List[int]
+    running: List[Key]  # the attempts held here (taken, not yet settled)
     wanted: int  # the credit: how many more jobs to send
     live: Dict[int, Tuple[bytes, bytes]]  # job id -> (stdout, stderr) tails that changed since the last report
 
@@ -64,7 +72,8 @@ class JobPool:
 
     The session's take and report loops call accept() and cancel(); the pool's result thread calls
     back with finished chunks; the events thread here follows the workers and sweeps. Settled
-    results go to `report` (the outbox). One lock guards the held jobs.
+    results go to `report` (the outbox) under the lock that guards the held attempts, so an attempt
+    is always either held or in the outbox: a report's list of what runs here never misses one.
     """
 
     def __init__(self, slots: int, report: Report, draining: threading.Event, verbose: bool = False,
@@ -80,13 +89,13 @@ class JobPool:
         self.verbose = verbose
         self.pacing = Pacing(slots)
         self.lock = threading.Lock()
-        self.held: Dict[int, _Held] = {}
+        self.held: Dict[Key, _Held] = {}
         self.waiting: Deque[Task] = deque()  # held, not yet fed to the pool (cancelled or released here)
         self.in_pool: Set[int] = set()  # chunk numbers fed to the pool and not yet settled
         self.next_chunk = 1
-        self.releasing: Set[int] = set()  # in the pool's queue while draining: handed back once skipped
-        self.cancel_requested: Set[int] = set()
-        self.live_changed: Set[int] = set()
+        self.releasing: Set[Key] = set()  # in the pool's queue while draining: handed back once skipped
+        self.cancel_requested: Set[Key] = set()
+        self.live_changed: Set[Key] = set()
         self.workers: Set[int] = set()  # pids the workers announced, less those seen gone (events thread only)
         self.closed = threading.Event()
         # forkserver: the agent has threads, and fork() from a threaded process can deadlock;
@@ -94,7 +103,7 @@ class JobPool:
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         ctx = multiprocessing.get_context(method)
         self.events, events_writer = ctx.Pipe(duplex=False)
-        self.cancel_ring: Any = ctx.Array("q", 1 + CANCEL_RING, lock=False)
+        self.cancel_ring: Any = ctx.Array("q", 1 + 2 * CANCEL_RING, lock=False)
         self.cancel_next = 1
         self.pool = ctx.Pool(slots, execute.init_worker,
                              (events_writer, ctx.Lock(), self.cancel_ring, os.getpid(), self.containment))
@@ -107,7 +116,7 @@ class JobPool:
         with self.lock:
             return self.pacing.wanted(len(self.held))
 
-    def held_ids(self) -> Set[int]:
+    def held_keys(self) -> Set[Key]:
         with self.lock:
             return set(self.held)
 
@@ -118,10 +127,10 @@ class JobPool:
     def holding(self, draining: bool) -> Holding:
         with self.lock:
             live = {}
-            for job_id in self.live_changed:
-                held = self.held.get(job_id)
+            for key in sorted(self.live_changed):  # two attempts of one job here: the newer one's output shows
+                held = self.held.get(key)
                 if held is not None and held.output is not None:
-                    live[job_id] = held.output
+                    live[key[0]] = held.output
             self.live_changed.clear()
             wanted = 0 if draining else self.pacing.wanted(len(self.held))
             return Holding(list(self.held), wanted, live)
@@ -135,12 +144,13 @@ class JobPool:
             back = tasks
             if not self.draining.is_set():
                 kept, back = self.pacing.admit(tasks, len(self.held), self.waiting)
-            for task in kept:
-                self.held[task.job_id] = _Held(task)
-            self.waiting.extend(kept)
+            fresh = [task for task in kept if key_of(task) not in self.held]  # the same attempt twice: held once
+            for task in fresh:
+                self.held[key_of(task)] = _Held(task)
+            self.waiting.extend(fresh)
             self._feed()
-        if back:
-            self.report([released(task, "handed back: this agent has enough work") for task in back])
+            if back:
+                self.report([released(task, "handed back: this agent has enough work") for task in back])
 
     def _feed(self) -> None:
         """Hand waiting tasks to the pool in the chunks pacing cuts (lock held)."""
@@ -151,13 +161,13 @@ class JobPool:
             number = self.next_chunk
             self.next_chunk += 1
             self.in_pool.add(number)
-            ids = []
+            keys = []
             for task in chunk:
-                self.held[task.job_id].chunk = number
-                ids.append(task.job_id)
+                self.held[key_of(task)].chunk = number
+                keys.append(key_of(task))
             self.pool.apply_async(execute.run_chunk, ([tuple(task) for task in chunk],),
                                   callback=functools.partial(self._on_chunk, number),
-                                  error_callback=functools.partial(self._on_chunk_error, number, ids))
+                                  error_callback=functools.partial(self._on_chunk_error, number, keys))
 
     # ---- results out --------------------------------------------------------------------
 
@@ -165,13 +175,11 @@ class JobPool:
         """Pool callback (its result thread): a chunk's packed results."""
         self._settle([JobResult._make(row) for row in rows], (number,))
 
-    def _on_chunk_error(self, number: int, ids: List[int], exc: BaseException) -> None:
+    def _on_chunk_error(self, number: int, keys: List[Key], exc: BaseException) -> None:
         now = time.time()
         error = f"the pool could not run it: {type(exc).__name__}: {exc}"
-        with self.lock:
-            attempts = {job_id: self.held[job_id].task.attempt for job_id in ids if job_id in self.held}
         self._settle([JobResult(job_id, attempt, _FAILED, error=error, started=now, ended=now)
-                      for job_id, attempt in attempts.items()], (number,))
+                      for job_id, attempt in keys], (number,))
 
     def _settle(self, results: List[JobResult], chunks: Iterable[int]) -> None:
         """Jobs ended: learn their durations, refill the pool, report them. `chunks` are the pool
@@ -181,57 +189,59 @@ class JobPool:
         with self.lock:
             self.in_pool.difference_update(chunks)
             for result in results:
-                job_id = result.job_id
-                held = self.held.pop(job_id, None)
+                key = key_of(result)
+                held = self.held.pop(key, None)
                 if held is None:
                     continue  # already settled (e.g. its worker was declared dead)
-                if result.state == _CANCELLED and job_id in self.releasing:
-                    self.releasing.discard(job_id)
+                if result.state == _CANCELLED and key in self.releasing:
+                    self.releasing.discard(key)
                     result = result._replace(state=RELEASED)
                 elif result.state == _DONE or result.state == _FAILED:
                     samples.append((kind_of(held.task), result.ended - result.started))
-                self.cancel_requested.discard(job_id)
+                self.cancel_requested.discard(key)
+                self.live_changed.discard(key)
                 finished.append(result)
             self.pacing.learn(samples)
             self._feed()
+            if finished:
+                self.report(finished)  # under the lock: from held to the outbox in one step
         if self.verbose:
             for result in finished:
                 print(f"Finished job: {result.job_id} ({result.state})", flush=True)
-        if finished:
-            self.report(finished)
 
     # ---- cancel and release -------------------------------------------------------------
 
-    def cancel(self, job_ids: List[int]) -> None:
-        """Cancel jobs the master says to: unstarted ones here at once, running ones by signal."""
+    def cancel(self, keys: List[Key]) -> None:
+        """Cancel the attempts the master says to: unstarted ones here at once, running ones by signal.
+        Another attempt of the same job held here is left alone."""
         now = time.time()
-        wanted = set(job_ids)
+        wanted = set(keys)
         with self.lock:
-            unstarted = [task for task in self.waiting if task.job_id in wanted]
+            unstarted = [task for task in self.waiting if key_of(task) in wanted]
             if unstarted:
-                self.waiting = deque(task for task in self.waiting if task.job_id not in wanted)
+                self.waiting = deque(task for task in self.waiting if key_of(task) not in wanted)
                 for task in unstarted:
-                    del self.held[task.job_id]
-            targets = [self.held[job_id] for job_id in job_ids if job_id in self.held]
-            self.cancel_requested.update(held.task.job_id for held in targets)
-            self._mark_cancelled([held.task.job_id for held in targets])
+                    del self.held[key_of(task)]
+                self.report([JobResult(task.job_id, task.attempt, _CANCELLED, error="cancelled before it started",
+                                       started=now, ended=now) for task in unstarted])
+            targets = [self.held[key] for key in wanted if key in self.held]
+            self.cancel_requested.update(key_of(held.task) for held in targets)
+            self._mark_cancelled([key_of(held.task) for held in targets])
         for held in targets:
             if held.pgid:
                 execute.kill_group(held.pgid)
             elif held.worker and held.task.func:
                 _signal(held.worker, signal.SIGUSR1)  # the worker raises in the callable if it is this job
-            log.info("cancel job %s", held.task.job_id)
-        if unstarted:
-            self.report([JobResult(task.job_id, task.attempt, _CANCELLED, error="cancelled before it started",
-                                   started=now, ended=now) for task in unstarted])
+            log.info("cancel job %s attempt %s", held.task.job_id, held.task.attempt)
 
-    def _mark_cancelled(self, job_ids: List[int]) -> None:
-        """Publish ids in the shared ring the workers read before and during each job (lock held)."""
-        if not job_ids:
+    def _mark_cancelled(self, keys: List[Key]) -> None:
+        """Publish attempts in the shared ring the workers read before and during each job (lock held)."""
+        if not keys:
             return
         ring = self.cancel_ring
-        for job_id in job_ids:
-            ring[self.cancel_next] = job_id
+        for job_id, attempt in keys:
+            slot = 2 * self.cancel_next - 1
+            ring[slot], ring[slot + 1] = job_id, attempt
             self.cancel_next = self.cancel_next % CANCEL_RING + 1
         ring[0] += 1
 
@@ -243,12 +253,12 @@ class JobPool:
             waiting = list(self.waiting)
             self.waiting.clear()
             for task in waiting:
-                del self.held[task.job_id]
-            in_pool = [job_id for job_id, held in self.held.items() if not held.worker and job_id not in self.releasing]
+                del self.held[key_of(task)]
+            in_pool = [key for key, held in self.held.items() if not held.worker and key not in self.releasing]
             self.releasing.update(in_pool)
             self._mark_cancelled(in_pool)
-        if waiting:
-            self.report([released(task, "handed back: the agent is draining") for task in waiting])
+            if waiting:
+                self.report([released(task, "handed back: the agent is draining") for task in waiting])
 
     # ---- the events thread: which worker runs what, timeouts, dead workers --------------
 
@@ -274,30 +284,33 @@ class JobPool:
         if kind == "worker":
             self.workers.add(event[1])
             return
-        starting: List[int] = []
+        starting: List[Key] = []
         with self.lock:
             if kind == "chunk":
                 _, pid, starting, started = event
-                for job_id in starting:
-                    held = self.held.get(job_id)
+                for key in starting:
+                    held = self.held.get(key)
                     if held is not None:
                         held.worker, held.started = pid, started
+                        if key in self.cancel_requested and held.task.func:
+                            # cancelled before we knew its worker: cancel() could not signal it then
+                            _signal(pid, signal.SIGUSR1)
             elif kind == "output":
-                _, job_id, out, err = event
-                held = self.held.get(job_id)
+                _, key, out, err = event
+                held = self.held.get(key)
                 if held is not None:
                     held.output = (out, err)
-                    self.live_changed.add(job_id)
+                    self.live_changed.add(key)
             elif kind == "pgid":
-                _, job_id, pgid, _ = event
-                held = self.held.get(job_id)
+                _, key, pgid, _ = event
+                held = self.held.get(key)
                 if held is not None:
                     held.pgid = pgid
-                    if job_id in self.cancel_requested:
+                    if key in self.cancel_requested:
                         execute.kill_group(pgid)
         if self.verbose:
-            for job_id in starting:
-                print(f"Run job: {job_id}", flush=True)
+            for job_id, attempt in starting:
+                print(f"Run job: {job_id}" + (f" (attempt {attempt})" if attempt > 1 else ""), flush=True)
 
     def _sweep(self, now: float) -> None:
         """Settle the jobs whose worker died, and callables past timeout + grace (their worker is
@@ -310,7 +323,7 @@ class JobPool:
         dead: List[JobResult] = []
         chunks: Set[int] = set()
         with self.lock:
-            for job_id, held in self.held.items():
+            for held in self.held.values():
                 task = held.task
                 if not held.worker:
                     continue
@@ -322,14 +335,14 @@ class JobPool:
                 else:
                     continue
                 chunks.add(held.chunk)
-                dead.append(JobResult(job_id, task.attempt, state, error=error, started=held.started, ended=now))
+                dead.append(JobResult(task.job_id, task.attempt, state, error=error, started=held.started, ended=now))
         if dead:
             self._settle(dead, chunks)
 
     # ---- the end ------------------------------------------------------------------------
 
-    def stop(self) -> Set[int]:
-        """Stop the pool and its workers; returns the ids of the jobs still held, which were killed
+    def stop(self) -> Set[Key]:
+        """Stop the pool and its workers; returns the attempts still held, which were killed
         (with all their processes). With nothing held, a clean stop."""
         self.closed.set()
         with self.lock:

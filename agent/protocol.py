@@ -11,6 +11,8 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 # 3: JobResult.note (what the agent noted of the attempt: processes killed at its end).
 # 3 (issue 9): a job's output crosses as bytes (JobResult.stdout/stderr, live tails) with how many bytes each
 #   stream produced in all (JobResult.stdout_total/stderr_total).
+# 3 (issue 9): attempts are the unit: register() and report() say which (job id, attempt) pairs the agent
+#   holds, a report says how many tasks the agent has received this session, cancels name the attempt.
 PROTOCOL_VERSION = 3
 
 # The one name registered on the master's BaseManager; its methods are the API.
@@ -97,6 +99,14 @@ class JobSpec:
         if self.code is not None:  # only then: an 11th key doubles the size of every spec dict the master reads
             wire["code"] = self.code
         return wire
+
+
+class Attempt(NamedTuple):
+    """One run of one job: what an agent holds, runs, reports and kills, and what the master hands out
+    (a plain pair on the wire). A job sent again while an older attempt still runs is another Attempt."""
+
+    job_id: int
+    attempt: int
 
 
 class Task(NamedTuple):

@@ -94,6 +94,11 @@ class Agent:
         self.journal_failing = threading.Event()  # the master said its journal refuses writes; logged once
         self.pool_ready = threading.Event()  # the pool exists: the take and report loops may start
         self.stop_signals = 0
+        # How many tasks this session has received and settled into the pool or the outbox: a report
+        # says so, and the master only re-queues an attempt missing from our list once we have every
+        # task it sent (a take reply still on its way is not "missing").
+        self.received = 0
+        self.received_lock = threading.Lock()
         # Shipped code: fetched from the master before a task that needs it reaches the pool.
         self.code = codecache.CodeCache(lambda digest: codecache.fetch(self.address, self.authkey, digest),
                                         verbose=verbose)
@@ -167,10 +172,12 @@ class Agent:
         self.outbox.attach(Spool(self.spool_dir / f"{self.info.name}.pickle"))
 
     def _register(self) -> None:
-        """Open a session with the master, telling it which jobs are still ours."""
+        """Open a session with the master, telling it which attempts are still ours."""
         if self.locate is not None:
             self.address = self.locate()
         scheduler = connect(self.address, self.authkey)
+        with self.received_lock:
+            self.received = 0  # a new session counts its tasks afresh, as the master does
         try:
             while True:
                 try:
@@ -186,10 +193,10 @@ class Agent:
         self.session = reply["session"]
         log.info("registered with master %s:%s as %s (%d slots)", *self.address, self.info.name, self.info.slots)
 
-    def _ours(self) -> Set[int]:
+    def _ours(self) -> Set[Tuple[int, int]]:
         """The jobs this agent holds: running or waiting here, and finished but not yet reported."""
-        running = self.pool.held_ids() if self.pool is not None else set()
-        return running | self.outbox.job_ids()
+        running = self.pool.held_keys() if self.pool is not None else set()
+        return running | self.outbox.keys()
 
     def _serve_session(self) -> None:
         """Take, report and beat on this session until it breaks, we are told to stop, or we drained.
@@ -277,7 +284,7 @@ class Agent:
             except JournalFailed as exc:
                 self._journal_refused(exc, "new work for us")  # nothing was handed to us: ask again in a while
                 continue
-            _received(pool, self.code, rows, cancel)
+            self._received(rows, cancel)
 
     def _report(self, scheduler: Any) -> None:
         """Send results as soon as there are any (what piles up meanwhile goes in the next call)."""
@@ -321,26 +328,34 @@ class Agent:
             self.disconnected.wait(HEARTBEAT_SECONDS)
 
     def _send_report(self, scheduler: Any, batch: List[JobResult]) -> None:
-        """One report: these results (none for a heartbeat), what we hold, our credit; then what it brought."""
+        """One report: these results (none for a heartbeat), what we hold, our credit; then what it brought.
+        What we hold is every attempt held by the pool or settled and waiting in the outbox (the pool moves
+        one from held to the outbox under its lock, so reading held, then the outbox, misses none; and a
+        heartbeat that overtakes the report carrying a result still names that attempt), and how many
+        tasks we had by then: the master re-queues what we do not hold only once we have had them all."""
         pool = self.pool
+        with self.received_lock:
+            received = self.received  # first: every task counted so far is held or in the outbox now
         if pool is None:  # a heartbeat while the pool starts: nothing held, nothing wanted yet
-            holding = Holding(sorted(self.outbox.job_ids()), 0, {})
+            holding = Holding([], 0, {})
         else:
             holding = pool.holding(draining=self.draining.is_set())
+        running = sorted(set(holding.running) | self.outbox.keys())
         rows = [tuple(result) for result in batch]
-        running = holding.running
-        if not batch:
-            # A heartbeat may overtake the report carrying a job's result: the job is still ours.
-            running = sorted(set(running) | self.outbox.job_ids())
-        seconds = report_seconds(batch)
-        if holding.live:
-            tasks, cancel = call(scheduler, "report", seconds, self.session, rows, running, holding.wanted, holding.live)
-        else:
-            tasks, cancel = call(scheduler, "report", seconds, self.session, rows, running, holding.wanted)
+        tasks, cancel = call(scheduler, "report", report_seconds(batch), self.session, rows, running,
+                             holding.wanted, holding.live or None, received)
         if tasks or cancel:
-            pool = self._wait_for_pool()  # none come before the pool exists (we wanted none); all the same
-            if pool is not None:
-                _received(pool, self.code, tasks, cancel)
+            if self._wait_for_pool() is not None:  # none come before the pool exists (we wanted none); all the same
+                self._received(tasks, cancel)
+
+    def _received(self, rows: List[Tuple[Any, ...]], cancel: List[Any]) -> None:
+        """What a take() or report() brought back, settled into the pool (or the outbox), then counted."""
+        pool = self.pool
+        assert pool is not None
+        _received(pool, self.code, rows, cancel)
+        if rows:
+            with self.received_lock:
+                self.received += len(rows)
 
     def _queue_results(self, results: List[JobResult]) -> None:
         """The pool's way out: settled results wait in the outbox for the report loop."""
@@ -359,13 +374,14 @@ class Agent:
             why = "stopped by a second signal" if self.stopping.is_set() else "the agent stopped"
             self._hand_back(killed, [released(task, why, started) for task, started in pool.held_tasks()], why)
 
-    def _hand_back(self, killed: Set[int], results: List[JobResult], why: str) -> None:
+    def _hand_back(self, killed: Set[Tuple[int, int]], results: List[JobResult], why: str) -> None:
         """After a forced stop, tell the master (best effort) that our killed jobs should run again,
         rather than leave them to wait out this agent's lease."""
         pending = self.outbox.wait(0)
         # A job we killed may have ended (killed by signal 9) before the pool went: that is our
         # doing, not the job's failure, so it too is handed back to run again.
-        results = results + [result._replace(state=RELEASED, error=why) if result.job_id in killed else result
+        results = results + [result._replace(state=RELEASED, error=why) if (result.job_id, result.attempt) in killed
+                             else result
                              for result in pending]
         if not results or not self.session:
             return
@@ -378,11 +394,11 @@ class Agent:
             self.outbox.acknowledge(len(pending))
 
 
-def _received(pool: JobPool, code: codecache.CodeCache, rows: List[Tuple[Any, ...]], cancel: List[int]) -> None:
-    """What a take() or report() brought back: ids to cancel, and packed tasks to run (their shipped
-    code on this host first)."""
+def _received(pool: JobPool, code: codecache.CodeCache, rows: List[Tuple[Any, ...]], cancel: List[Any]) -> None:
+    """What a take() or report() brought back: attempts to cancel ((job id, attempt) pairs), and packed
+    tasks to run (their shipped code on this host first)."""
     if cancel:
-        pool.cancel(cancel)
+        pool.cancel([(int(pair[0]), int(pair[1])) for pair in cancel])
     if rows:
         ready, failed = code.prepare([Task._make(row) for row in rows])
         if failed:

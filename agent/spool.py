@@ -9,7 +9,7 @@ import pickle
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional, Set
+from typing import Iterable, List, Optional, Set, Tuple
 
 from .protocol import JobResult
 
@@ -145,9 +145,10 @@ class Outbox:
             if self.spool is not None and self._results:
                 self.spool.save(self._results)
 
-    def job_ids(self) -> Set[int]:
+    def keys(self) -> Set[Tuple[int, int]]:
+        """The (job id, attempt) of every result waiting here."""
         with self._ready:
-            return {result.job_id for result in self._results}
+            return {(result.job_id, result.attempt) for result in self._results}
 
     def __len__(self) -> int:
         with self._ready:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
+import struct
 import subprocess
+import threading
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -226,3 +230,116 @@ class Namespace:
         kill_pids(self.pids())
         ip("netns", "del", self.name, check=False)
         ip("link", "del", self.veth, check=False)
+
+
+# ---- attempts: how many times each job really ran, and nothing left running ------------------------
+
+def record_run(runs: Path) -> str:
+    """A shell prefix that appends "job-id attempt" to `runs` when the job's process really starts."""
+    return f'echo "$CORRAL_JOB_ID $CORRAL_ATTEMPT" >> {runs}; '
+
+
+def runs_of(runs: Path) -> Counter[tuple[int, int]]:
+    """How many times each (job id, attempt) really ran, from the file record_run() appends to."""
+    if not runs.exists():
+        return Counter()
+    return Counter((int(job), int(attempt)) for job, attempt in
+                   (line.split() for line in runs.read_text().splitlines() if line.strip()))
+
+
+def times_run(runs: Path) -> Counter[int]:
+    """How many times each job ran, whatever the attempt."""
+    per_job: Counter[int] = Counter()
+    for (job_id, _), n in runs_of(runs).items():
+        per_job[job_id] += n
+    return per_job
+
+
+def journal_rows(db: Path, sql: str, *args: object) -> list[tuple]:
+    db_conn = sqlite3.connect(str(db), timeout=30)
+    try:
+        return db_conn.execute(sql, args).fetchall()
+    finally:
+        db_conn.close()
+
+
+def assert_nothing_running(db: Path) -> None:
+    """No job of the journal is left `running` (or taken by an agent and never settled)."""
+    left = journal_rows(db, "SELECT id, state, agent FROM jobs WHERE state NOT IN (%s)" % ",".join("?" * len(FINAL)),
+                        *FINAL)
+    assert not left, f"jobs left in the journal unfinished: {left[:10]}"
+
+
+# ---- cutting an agent's connections --------------------------------------------------------------
+
+class CutProxy:
+    """A TCP relay between agents and the master, whose connections the test can cut all at once: the
+    agent sees its sockets reset mid-call, the master sees nothing until it writes (as with a NAT or
+    firewall dropping state)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.lock = threading.Lock()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.cuts = 0
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                far = socket.create_connection(self.target, timeout=10)
+                far.settimeout(None)
+            except OSError:
+                near.close()
+                continue
+            with self.lock:
+                self.pairs.append((near, far))
+            for src, dst in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut_agent_side(self) -> int:
+        """Cut every relayed connection, from the agent's side; returns how many were cut. The master is
+        not told beyond a FIN it reads only when it next reads: a take parked there goes on waiting, its
+        thread blocked in the scheduler, for a peer that has gone."""
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for near, _far in pairs:
+            try:
+                near.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+                near.shutdown(socket.SHUT_RDWR)  # wakes the relay thread reading it
+            except OSError:
+                pass
+            near.close()
+        self.cuts += 1
+        return len(pairs)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        with self.lock:
+            for near, far in self.pairs:
+                near.close()
+                far.close()

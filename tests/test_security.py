@@ -414,12 +414,12 @@ def test_rogue_agent_garbage_is_refused_whole_and_loses_nothing(tmp_path: Path) 
             }
             for what, rows in garbage.items():
                 with pytest.raises(CorralError, match="malformed report"):
-                    rogue.report(session, rows, [job, other], 0)
+                    rogue.report(session, rows, [(job, 1), (other, 1)], 0)
                 assert c.wait([job, other], timeout=0.05) == {}, f"{what}: changed a job"
             conn = sqlite_rows(cluster.home / "corral.db", job, other)
             assert conn == [(job, "running", 0), (other, "running", 0)], conn
             # The good report still goes through afterwards.
-            rogue.report(session, [good], [other], 0)
+            rogue.report(session, [good], [(other, 1)], 0)
             assert c.wait([job], timeout=10) == {job: "done"}
             assert c.job(job)["attempt_list"][0]["stdout"] == b"hi\n"
 
@@ -466,7 +466,7 @@ def test_a_report_sent_twice_is_recorded_once(tmp_path: Path) -> None:
             rogue.report(session, rows, [], 0)
             again = agent_connect(cluster.address(), authkey_of(cluster))
             session = again.register(AgentInfo(name="twice", host="h", pid=1, slots=2, tags=("t",)).to_wire(),
-                                     [quiet, loud])["session"]
+                                     [(quiet, 1), (loud, 1)])["session"]
             again.report(session, rows, [], 0)
             assert c.wait([quiet, loud], timeout=5) == {quiet: "done", loud: "failed"}
             shown = {j: c.job(j)["attempt_list"] for j in (quiet, loud)}

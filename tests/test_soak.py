@@ -1,5 +1,6 @@
-"""Soak: 20,000 jobs over 3 agents while agents are killed (SIGKILL) and restarted at random; every
-job ends with exactly one recorded outcome, in under 5 minutes on a 2-core machine.
+"""Soak: 20,000 jobs over 3 agents while agents are killed (SIGKILL) and restarted at random and the
+master is stopped (SIGSTOP, up to twice the lease) at random; every job ends with exactly one recorded
+outcome, in under 5 minutes on a 2-core machine.
 
 Reproduce a run with CORRAL_SOAK_SEED=<the seed printed on failure>."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ def test_20000_jobs_while_agents_are_killed_at_random(tmp_path: Path) -> None:
     seed = int(os.environ.get("CORRAL_SOAK_SEED") or time.time_ns() % 1_000_000)
     rng = random.Random(seed)
     t0 = time.monotonic()
-    kills = restarts = 0
+    kills = restarts = stalls = 0
     # --max-lost high: here a job may be caught in many kills, and must still end done, not lost.
     with running_cluster(tmp_path / "home", "--lease", LEASE, "--max-lost", "1000") as cluster:
         for name in AGENTS:
@@ -38,6 +40,7 @@ def test_20000_jobs_while_agents_are_killed_at_random(tmp_path: Path) -> None:
                             for i in range(JOBS)])
             restart_at: dict[str, float] = {}
             next_kill = time.monotonic() + rng.uniform(0.5, 2.0)
+            next_stall = time.monotonic() + rng.uniform(2.0, 6.0)
             while True:
                 counts = c.status()["counts"]
                 final = sum(counts[state] for state in FINAL)
@@ -62,12 +65,23 @@ def test_20000_jobs_while_agents_are_killed_at_random(tmp_path: Path) -> None:
                     kills += 1
                     restart_at[victim.args[victim.args.index("--name") + 1]] = now + rng.uniform(0.0, 2.0)
                     next_kill = now + rng.uniform(0.3, 1.5)
+                if now >= next_stall:
+                    # The master itself paused (a VM migration, swap): its agents are not to blame.
+                    assert cluster.master is not None
+                    cluster.master.send_signal(signal.SIGSTOP)
+                    try:
+                        time.sleep(rng.uniform(0.5, 2 * float(LEASE)))
+                    finally:
+                        cluster.master.send_signal(signal.SIGCONT)
+                    stalls += 1
+                    next_stall = time.monotonic() + rng.uniform(3.0, 10.0)
                 time.sleep(0.1)
             values = c.values(ids)
         elapsed = time.monotonic() - t0
-        summary = f"{JOBS} jobs, {kills} kills, {restarts} restarts, {elapsed:.0f}s (seed {seed})"
+        summary = f"{JOBS} jobs, {kills} kills, {restarts} restarts, {stalls} master stalls, {elapsed:.0f}s (seed {seed})"
         print(summary)
         assert kills >= 5, f"too few faults injected to call this a soak: {summary}"
+        assert stalls >= 3, f"too few master stalls injected: {summary}"
         assert values == list(range(JOBS)), summary
         journal_outcomes(cluster.home / "corral.db", ids, states=("done",))
     assert time.monotonic() - t0 < BUDGET_SECONDS, summary

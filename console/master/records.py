@@ -86,25 +86,31 @@ class Job:
 class AgentRecord:
     """An agent as the master sees it."""
 
-    __slots__ = ("name", "session", "info", "tags", "slots", "running", "cancel", "done", "failed",
-                 "last_seen", "registered", "state", "credit")
+    __slots__ = ("name", "session", "info", "tags", "slots", "running", "stale", "dispatched", "cancel", "done",
+                 "failed", "last_seen", "heard", "registered", "state", "credit")
 
-    def __init__(self, name: str, session: str, info: dict[str, Any], now: float) -> None:
+    def __init__(self, name: str, session: str, info: dict[str, Any], now: float, heard: float = 0.0) -> None:
         self.name = name
         self.session = session
         self.info = info  # agent.protocol.AgentInfo's wire dict, as the agent sent it
         self.tags = frozenset(info.get("tags") or ())
         self.slots = int(info.get("slots") or 1)
-        self.running: set[int] = set()
-        self.cancel: set[int] = set()
+        # The attempts this session holds, as job id -> attempt: the current attempt of each job running here.
+        self.running: dict[int, int] = {}
+        # Attempts this session was given that were taken from it since (its lease ran out): it may still
+        # hand one in (a late success wins); any other result it sends is refused.
+        self.stale: set[tuple[int, int]] = set()
+        self.dispatched = 0  # tasks handed to this session, to compare with the count its reports carry
+        self.cancel: set[tuple[int, int]] = set()  # (job id, attempt) pairs to kill
         self.done = 0
         self.failed = 0
-        self.last_seen = now
+        self.last_seen = now  # wall clock, for people (`corral agents`)
+        self.heard = heard  # monotonic: when the master last heard from it; leases are judged on this
         self.registered = now
         self.state = AgentState.UP
         self.credit = 0  # how many more jobs the agent said it would take (its last take/report)
 
-    def wire(self, now: float) -> dict[str, Any]:
+    def wire(self, now: float, monotonic: float) -> dict[str, Any]:
         """What clients see of it (`corral agents --json`): plain data only."""
         return {
             "name": self.name,
@@ -121,6 +127,6 @@ class AgentRecord:
             # How it contains its jobs' processes (agent/contain.py), as the agent said: text, at most 300 characters.
             "containment": str(self.info.get("containment") or "unknown")[:300],
             "last_seen": self.last_seen,
-            "heartbeat_age": max(0.0, now - self.last_seen),
+            "heartbeat_age": max(0.0, monotonic - self.heard),
             "registered": self.registered,
         }

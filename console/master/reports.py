@@ -62,3 +62,27 @@ def check_results(results: Any) -> list[JobResult]:
             raise CorralError(f"malformed report: bad result row {_sketch(row)}")
         named.append(_new_tuple(JobResult, row))  # JobResult._make(row), without its length check
     return named
+
+
+def check_attempts(pairs: Any, what: str = "report") -> set[tuple[int, int]]:
+    """The (job id, attempt) pairs an agent says it holds (register() and report()), checked whole: a
+    list of two-int lists or tuples; anything else refuses the call, one line."""
+    if type(pairs) not in (list, tuple):
+        raise CorralError(f"malformed {what}: the attempts held must be a list of (job id, attempt) pairs")
+    lowest, highest = _INT64.start, _INT64.stop
+    held: set[tuple[int, int]] = set()
+    for pair in pairs:
+        if (type(pair) not in (tuple, list) or len(pair) != 2 or type(pair[0]) is not int or type(pair[1]) is not int
+                or not lowest <= pair[0] < highest or not lowest <= pair[1] < highest):
+            raise CorralError(f"malformed {what}: {_sketch(pair)} is not a (job id, attempt) pair")
+        held.add((pair[0], pair[1]))
+    return held
+
+
+def check_count(count: Any, what: str = "report") -> int | None:
+    """How many tasks an agent says it has received this session: None (not said) or an int >= 0."""
+    if count is None:
+        return None
+    if type(count) is not int or not 0 <= count < _INT64.stop:
+        raise CorralError(f"malformed {what}: the count of tasks received must be a whole number, not {shown(count)}")
+    return count

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
-from typing import Any
+from typing import Any, Callable
 
 from corral.agent.errors import (BadJobSpec, CorralError, JournalFailed, NameTaken, ProtocolMismatch, UnknownAgent,
                                  UnknownJob)
@@ -21,7 +21,7 @@ from corral.agent.protocol import MAX_PAYLOAD_BYTES, OUTPUT_TAIL_BYTES, PROTOCOL
 
 from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, INTERRUPTED, LOST, QUEUED, RUNNING, TIMEOUT, UNFINISHED,
                       AgentRecord, AgentState, Job, Retention, TaskTuple)
-from .reports import check_results
+from .reports import check_attempts, check_count, check_results
 from .store import Journal, Outcome, Submission, encode_env, encode_tags
 from .rows import pack
 from .validate import (MAX_JOBS, Checked, batch_rule, carried_bytes, check, is_whole, payload_rule, poll_rule, shown, size_rule,
@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 SHARE_REFRESH_SECONDS = 0.5  # how stale _fair_share's count of slots may be
 RECENT_FINAL = 200_000  # final states kept in memory for wait(); older ones are read from the journal
+HOUSEKEEPING_SECONDS = 1.0  # how often the master's own loop calls housekeeping() (server.py)
+# Housekeeping later than its period by more than this fraction of the lease means the master itself was
+# stopped or starved (SIGSTOP, a VM migration, swap): it heard nobody meanwhile, so every lease is
+# extended by the gap before anyone is judged.
+LATE_FRACTION = 0.25
 
 
 def batch_names(name: str, batch: tuple[int, int | None], count: int) -> list[str]:
@@ -53,9 +58,13 @@ class Scheduler:
     prints them one per line."""
 
     def __init__(self, journal: Journal, lease_seconds: float = 10.0, max_lost: int = 3,
-                 retention: Retention = Retention()) -> None:
+                 retention: Retention = Retention(), clock: Callable[[], float] = time.monotonic) -> None:
         self.journal = journal
         self.retention = retention
+        # Leases are measured on this clock (monotonic: a step of the wall clock changes nothing);
+        # time.time() is only for what people read (submitted, started, ended, last seen).
+        self.clock = clock
+        self.last_tick = clock()
         self.lease_seconds = lease_seconds
         self.max_lost = max_lost
         self.lock = threading.Lock()
@@ -104,7 +113,7 @@ class Scheduler:
             self.jobs[job.id] = job
             if job.state == QUEUED:
                 self._enqueue(job)
-        self.orphans_since = time.time()  # running jobs with no agent yet: reconciled or re-queued after a lease
+        self.orphans_since = self.clock()  # running jobs with no agent yet: reconciled or re-queued after a lease
 
     # ---- helpers (lock held) ------------------------------------------------------------
 
@@ -145,8 +154,9 @@ class Scheduler:
             job.attempts += 1
             job.agent = name
             job.started = now
-            agent.running.add(job.id)
+            agent.running[job.id] = job.attempts
             self._changed(job.id)
+        agent.dispatched += len(jobs)
         if self.live_output:  # a new attempt starts with no output of its own yet
             for job in jobs:
                 self.live_output.pop(job.id, None)
@@ -166,6 +176,7 @@ class Scheduler:
         if agent is None:
             raise UnknownAgent(f"unknown agent session {shown(session)}", "register again")
         agent.last_seen = time.time()
+        agent.heard = self.clock()
         if agent.state is AgentState.LOST:
             agent.state = AgentState.UP
         return agent
@@ -293,7 +304,7 @@ class Scheduler:
             outcome: dict[int, str] = {}
             rows: list[tuple[Any, ...]] = []
             ended: list[Job] = []
-            kills: list[tuple[AgentRecord, int]] = []
+            kills: list[tuple[AgentRecord, tuple[int, int]]] = []
             now = time.time()
             for job_id in job_ids:
                 job = self.jobs.get(job_id)
@@ -310,7 +321,7 @@ class Scheduler:
                 else:
                     agent = self.agents.get(job.agent or "")
                     if agent is not None:
-                        kills.append((agent, job_id))
+                        kills.append((agent, (job_id, job.attempts)))
                     outcome[job_id] = "cancelling"
             if rows:
                 self.journal.write([(Journal.FINISH, rows)])  # JournalFailed: nothing cancelled, nothing killed
@@ -319,8 +330,8 @@ class Scheduler:
                 del self.jobs[job.id]
                 self._final(job.id, CANCELLED)
                 self._changed(job.id)
-            for agent, job_id in kills:
-                agent.cancel.add(job_id)
+            for agent, pair in kills:
+                agent.cancel.add(pair)
             if rows:
                 self.finished.notify_all()
             self.work.notify_all()
@@ -348,14 +359,14 @@ class Scheduler:
         """Long poll: return {id: state} for those of `ids` that are final, waiting up to `timeout`
         for all of them to be."""
         timeout = poll_rule(timeout)
-        deadline = None if timeout is None else time.time() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self.lock:
             pending = set(self.check_ids(ids))
             while True:
                 pending = {j for j in pending if j in self.jobs}
                 if not pending:
                     break
-                remaining = None if deadline is None else deadline - time.time()
+                remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 self.finished.wait(remaining if remaining is not None else 30.0)
@@ -395,39 +406,50 @@ class Scheduler:
     def agent_list(self) -> list[dict[str, Any]]:
         now = time.time()
         with self.lock:
-            return [a.wire(now) for a in self.agents.values()]
+            monotonic = self.clock()
+            return [a.wire(now, monotonic) for a in self.agents.values()]
 
     # ---- agents -------------------------------------------------------------------------
 
     def register(self, info: Any, running: Any) -> dict[str, Any]:
-        """An agent (re)joins; it says which job ids it is still running."""
+        """An agent (re)joins; it says which (job id, attempt) pairs it still holds (running, or finished
+        and not yet reported). The new session holds those of them this master gave that agent; every
+        other attempt the master thought it ran goes back to the queue."""
         if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not info["name"]:
             raise CorralError("register() needs the agent's info with a name")
         if info.get("protocol") != PROTOCOL_VERSION:
             raise ProtocolMismatch(f"agent speaks protocol {shown(info.get('protocol'))}, master {PROTOCOL_VERSION}",
                                    "deploy the agent that matches this master")
+        claimed = check_attempts(running, "register()")
         now = time.time()
         name = info["name"]
         with self.lock:
-            if not isinstance(running, list):
-                raise CorralError("register() needs the list of job ids the agent still holds")
             old = self.agents.get(name)
-            if (old is not None and not old.state.gone and now - old.last_seen < self.lease_seconds
+            heard = self.clock()
+            if (old is not None and not old.state.gone and heard - old.heard < self.lease_seconds
                     and old.info.get("instance") != info.get("instance")):
                 raise NameTaken(f"an agent named {shown(name)} is already connected (pid {shown(old.info.get('pid'))}"
                                 f" on {str(old.info.get('host') or '?')[:100]})", "give this one another --name")
-            agent = AgentRecord(name, uuid.uuid4().hex, info, now)
-            still = {j for j in running if is_whole(j)}
-            # Every job this master believes runs on `name` (it may have restarted and know them only
-            # from the journal): kept if the agent still holds it, re-queued if the agent does not.
+            agent = AgentRecord(name, uuid.uuid4().hex, info, now, heard)
+            # Every attempt this master believes runs on `name`: its last session's, or, for a master that
+            # has restarted and knows them only from the journal, each running job's current attempt.
             ours = AgentRecord(name, "", {}, now)
-            ours.running = {j.id for j in self.jobs.values() if j.state == RUNNING and j.agent == name}
-            agent.running = ours.running & still
-            # First, as it writes: on JournalFailed the old session stands and the agent registers again later.
-            self._requeue_lost(ours, keep=still, reason=f"agent {name} came back without it")
             if old is not None:
-                self.sessions.pop(old.session, None)
+                ours.running = dict(old.running)
+            else:
+                ours.running = {j.id: j.attempts for j in self.jobs.values() if j.state == RUNNING and j.agent == name}
+            kept = {job_id for job_id, attempt in ours.running.items() if (job_id, attempt) in claimed}
+            same = old is not None and old.info.get("instance") == info.get("instance")
+            # The same agent process never received them (a reply lost with its connection): they count
+            # nothing against the job. Another process under that name means the agent died with them.
+            # First, as it writes: on JournalFailed the old session stands and the agent registers again later.
+            self._requeue_lost(ours, keep=kept, reason=f"agent {name} came back without it", counts=not same)
+            agent.running = ours.running  # what _requeue_lost left: the attempts the agent still holds
+            if old is not None:
+                self.sessions.pop(old.session, None)  # superseded: a take parked for it returns nothing
+                self.work.notify_all()
                 agent.done, agent.failed = old.done, old.failed
+                agent.stale = old.stale & claimed  # still held there: may yet hand in a late success
             self.agents[name] = agent
             self.sessions[agent.session] = agent
         log.info("agent %s up: %d slots, tags %s", name, agent.slots, ",".join(sorted(agent.tags)) or "-")
@@ -449,35 +471,40 @@ class Scheduler:
         on_hand = len(self.jobs)  # queued, running and held: O(1), and steady while a burst is handed out
         return max(agent.slots, -(-on_hand * agent.slots // max(1, self._slots_up)))
 
-    def _serve_credit(self, agent: AgentRecord) -> tuple[list[TaskTuple], list[int]]:
+    def _serve_credit(self, agent: AgentRecord) -> tuple[list[TaskTuple], list[tuple[int, int]]]:
         """New work for the agent's credit (within its fair share of a burst), and its cancels.
         JournalFailed when the dispatch cannot be journaled: its jobs are queued still, its credit and
-        cancels kept for the next call."""
+        cancels kept for the next call. Only an agent that is up, on its current session, gets work: not
+        one draining, nor one lost (a take parked for it proves nothing), nor a superseded session."""
         limit = agent.credit
         if limit > agent.slots and self.queues:  # more than a job per slot: short jobs, maybe a burst
             limit = min(limit, self._fair_share(agent) - len(agent.running))
-        jobs = self._pop(agent, limit) if limit > 0 and agent.state is not AgentState.DRAINING else []
+        serve = limit > 0 and agent.state is AgentState.UP and self.sessions.get(agent.session) is agent
+        jobs = self._pop(agent, limit) if serve else []
         tasks = self._dispatch(agent, jobs) if jobs else []
         agent.credit -= len(jobs)
         return tasks, self._cancels(agent)
 
     @staticmethod
-    def _cancels(agent: AgentRecord) -> list[int]:
-        """The ids the agent is to kill, handed over once."""
+    def _cancels(agent: AgentRecord) -> list[tuple[int, int]]:
+        """The attempts the agent is to kill, (job id, attempt) pairs, handed over once."""
         cancel = sorted(agent.cancel)
         agent.cancel.clear()
         return cancel
 
-    def take(self, session: str, want: int, wait: float = 1.0) -> tuple[list[TaskTuple], list[int]]:
-        """Long poll for work: up to `want` tasks and any ids to cancel, waiting up to `wait` seconds.
+    def take(self, session: str, want: int, wait: float = 1.0) -> tuple[list[TaskTuple], list[tuple[int, int]]]:
+        """Long poll for work: up to `want` tasks and any attempts to cancel, waiting up to `wait` seconds.
 
         `want` is the agent's credit; a report() meanwhile may raise it, and the parked take then
-        serves the new credit as soon as work arrives (no waiting out the poll)."""
-        deadline = time.time() + min(max(float(wait), 0.0), 5.0)
+        serves the new credit as soon as work arrives (no waiting out the poll). A take parked for a
+        session that a new registration has replaced returns nothing: that connection may be dead."""
+        deadline = time.monotonic() + min(max(float(wait), 0.0), 5.0)
         with self.lock:
             agent = self._agent(session)
             agent.credit = max(0, int(want))
             while True:
+                if self.sessions.get(session) is not agent:
+                    return [], []  # replaced by a new registration: this connection may be dead
                 try:
                     tasks, cancel = self._serve_credit(agent)
                 except JournalFailed:
@@ -487,19 +514,23 @@ class Scheduler:
                     return [], cancel
                 if tasks or cancel:
                     return tasks, cancel
-                remaining = deadline - time.time()
-                if remaining <= 0 or self.sessions.get(session) is not agent:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     return [], []
                 self.work.wait(remaining)
-                agent.last_seen = time.time()
 
     def report(self, session: str, results: Any, running: Any, want: int = 0,
-               live: Any = None) -> tuple[list[TaskTuple], list[int]]:
-        """Results in, new work out, in one round trip; also the heartbeat. Returns (tasks, ids to cancel).
+               live: Any = None, received: Any = None) -> tuple[list[TaskTuple], list[tuple[int, int]]]:
+        """Results in, new work out, in one round trip; also the heartbeat. Returns (tasks, attempts to cancel).
+        `running` is every (job id, attempt) the agent holds; `received`, how many tasks it has had this
+        session: once it has had all the master sent, an attempt the master thinks it runs and it does not
+        hold goes back to the queue, a new attempt that counts nothing against the job (reconciliation).
         `live` maps running job ids to their latest (stdout, stderr) tails, for the console to follow."""
         # All of a report is checked, before any of it changes anything, and before the lock: a
         # malformed one costs dispatch nothing.
         checked = check_results(results) if results else []
+        held = check_attempts(running)
+        count = check_count(received)
         with self.lock:
             agent = self._agent(session)
             if live:
@@ -512,11 +543,31 @@ class Scheduler:
                 # Only a report that freed slots renews the credit: a bare heartbeat must not grant
                 # a second credit for the slot a parked take() is already serving (priority order).
                 agent.credit = max(0, int(want))
+            if count is not None and count == agent.dispatched and self.sessions.get(session) is agent:
+                try:
+                    self._reconcile(agent, held)
+                except JournalFailed:
+                    pass  # nothing changed: the next heartbeat reconciles again
             try:
                 return self._serve_credit(agent)
             except JournalFailed:
                 # Its results are journaled, so this reply must go out: the new work waits for the journal.
                 return [], self._cancels(agent)
+
+    def _reconcile(self, agent: AgentRecord, held: set[tuple[int, int]]) -> None:
+        """The agent has had every task sent to it and holds `held`: what the master thinks it runs beyond
+        that goes back to the queue, counting nothing against the job (lock held)."""
+        if agent.stale:
+            agent.stale &= held  # superseded attempts it no longer holds will never report
+        missing = [job_id for job_id, attempt in agent.running.items() if (job_id, attempt) not in held]
+        if missing:
+            gone = AgentRecord(agent.name, "", {}, 0.0)
+            gone.running = {job_id: agent.running[job_id] for job_id in missing}
+            # Journaled first: on JournalFailed nothing changed, and the next heartbeat tries again.
+            self._requeue_lost(gone, keep=set(), reason=f"agent {agent.name} did not have it", counts=False)
+            for job_id in missing:
+                log.warning("agent %s does not hold job %d attempt %d: re-queued", agent.name, job_id,
+                            agent.running.pop(job_id))
 
     def _apply_results(self, agent: AgentRecord, results: list[JobResult]) -> None:
         """Apply an agent's checked results: judged, journaled in one transaction, then applied in memory.
@@ -554,11 +605,23 @@ class Scheduler:
             log.info(*event)
 
     def _judge_result(self, agent: AgentRecord, r: JobResult, writes: _Writes) -> None:
-        """One result: counted (the job's current attempt, or a late success), history only, or a repeat.
-        Changes nothing: `writes` gets its journal rows and what to do in memory once they are written."""
+        """One result: counted (the job's current attempt, or a late success), history only, or a repeat;
+        refused unless this session holds that attempt (the master gave it to this agent, and it is not
+        settled yet). Changes nothing: `writes` gets its journal rows and what to do in memory once they
+        are written."""
         job_id, attempt, state = r.job_id, r.attempt, r.state
         job = self.jobs.get(job_id)
-        writes.ended_here.append(job_id)
+        # taken from it since (stale): its history has the master's own record (lost), replaced here
+        stale = (job_id, attempt) in agent.stale
+        if not stale and agent.running.get(job_id) != attempt:
+            if job is None:  # most often a report sent again after its reply was lost: recorded already
+                writes.event("ignored a result of job %d attempt %d from %s: the job is final", job_id, attempt,
+                             agent.name)
+            else:
+                log.warning("refused a result of job %d attempt %d from %s: not an attempt this agent holds",
+                            job_id, attempt, agent.name)
+            return
+        writes.ended_here.append((job_id, attempt))
         counted = job is not None and job.state == RUNNING and job.attempts == attempt and job.agent == agent.name
         if not counted and job is not None and state == DONE and (
                 attempt < job.attempts or (attempt == job.attempts and job.state == QUEUED)):
@@ -568,7 +631,7 @@ class Scheduler:
             counted = True
             other = self.agents.get(job.agent or "") if job.state == RUNNING else None
             if other is not None:
-                writes.cancels.append((other, job_id))
+                writes.cancels.append((other, (job_id, job.attempts)))
             writes.event("late result of %d attempt %d from %s wins", job_id, attempt, agent.name)
         if not counted and state != RELEASED and self._reported_before(r, agent.name):
             return  # a report sent again (its reply was lost): this result is in the journal already
@@ -580,7 +643,7 @@ class Scheduler:
                                                    r.ended or writes.now, r.error or "the agent stopped it", 0, r))
         # A clean, counted run needs no row of its own: the jobs row holds its whole story.
         elif state != RELEASED and (r.stdout or r.stderr or r.error or r.note or not counted or state != DONE
-                                     or attempt > 1):
+                                     or attempt > 1 or stale):
             writes.attempts.append((job_id, attempt, agent.name, state, r.started, r.ended, r.exit_code,
                                     r.stdout, r.stderr, r.error, r.traceback, int(counted), r.note,
                                     r.stdout_total, r.stderr_total))
@@ -615,10 +678,12 @@ class Scheduler:
 
     def _apply_writes(self, agent: AgentRecord, writes: _Writes) -> None:
         """What a round of results does in memory, once its journal rows are written."""
-        for job_id in writes.ended_here:
-            agent.running.discard(job_id)
-        for other, job_id in writes.cancels:
-            other.cancel.add(job_id)
+        for job_id, attempt in writes.ended_here:
+            if agent.running.get(job_id) == attempt:
+                del agent.running[job_id]
+            agent.stale.discard((job_id, attempt))
+        for other, pair in writes.cancels:
+            other.cancel.add(pair)
         for job_id in writes.changed:
             self._changed(job_id)
         for job, attempts, failures, lost in writes.requeues:
@@ -665,21 +730,25 @@ class Scheduler:
         return any(a.attempt == r.attempt and a.agent == agent and a.state not in UNFINISHED
                    for a in self.journal.attempts(r.job_id))
 
-    def _requeue_lost(self, agent: AgentRecord, keep: set[int], reason: str, how: str = LOST) -> None:
-        """Jobs an agent held and no longer runs go back to the queue (or end `lost` past max_lost).
+    def _requeue_lost(self, agent: AgentRecord, keep: set[int], reason: str, how: str = LOST,
+                      counts: bool = True) -> None:
+        """Attempts an agent held and no longer runs go back to the queue (or end `lost` past max_lost).
         Each such attempt stays in the job's history, `how` it ended (lost, or interrupted when the
         agent was stopped on purpose), with `reason`. Journaled first: on JournalFailed nothing changed,
-        and the caller tries again later."""
+        and the caller tries again later. `counts`: the agent was lost with them (the job's lost count
+        rises); else the job is not to blame. Each attempt taken away stays in the agent's stale set: if it
+        still runs there, its result may yet be handed in (a late success wins)."""
         requeue_rows: list[tuple[Any, ...]] = []
         finish_rows: list[tuple[Any, ...]] = []
         history: list[tuple[Any, ...]] = []
         moves: list[tuple[Job, bool]] = []  # (job, whether it ends lost)
         now = time.time()
-        for job_id in sorted(agent.running - keep):
+        for job_id in sorted(set(agent.running) - keep):
+            attempt = agent.running[job_id]
             job = self.jobs.get(job_id)
-            if job is None or job.state != RUNNING or job.agent != agent.name:
+            if job is None or job.state != RUNNING or job.agent != agent.name or job.attempts != attempt:
                 continue
-            lost = job.lost + 1
+            lost = job.lost + 1 if counts else job.lost
             final = lost > self.max_lost
             # The attempt that makes the job final is the one its outcome comes from: counted.
             history.append(_unfinished_row(job_id, job.attempts, agent.name, how, job.started, now, reason,
@@ -693,7 +762,9 @@ class Scheduler:
             self.journal.write([(Journal.ATTEMPT, history), (Journal.REQUEUE, requeue_rows),
                                 (Journal.LOST, finish_rows)])
         for job, ends in moves:
-            job.lost += 1
+            agent.stale.add((job.id, job.attempts))
+            if counts:
+                job.lost += 1
             self._changed(job.id)
             if ends:
                 del self.jobs[job.id]
@@ -702,7 +773,7 @@ class Scheduler:
             else:
                 self._requeued(job)
                 log.info("requeued %d: %s", job.id, reason)
-        agent.running &= keep
+        agent.running = {job_id: attempt for job_id, attempt in agent.running.items() if job_id in keep}
         if moves:
             self.work.notify_all()
             self.finished.notify_all()
@@ -731,30 +802,50 @@ class Scheduler:
             agent.state = AgentState.STOPPED
         log.info("agent %s stopped: %s", name, reason)
 
-    def expire_leases(self) -> None:
-        """Called every second: agents silent past their lease are lost and their jobs re-queued;
-        jobs left running by a previous master whose agent never came back are re-queued too.
-        JournalFailed (housekeeping logs it): what was not journaled stays as it was, for the next call."""
-        now = time.time()
+    def housekeeping(self) -> None:
+        """The master's own tick (server.py calls it every HOUSEKEEPING_SECONDS): leases, then expiry.
+
+        If this tick comes late (the master was stopped or starved: the gap since the last one exceeds
+        its period by more than LATE_FRACTION of a lease), the master heard nobody meanwhile through no
+        fault of theirs: every lease is extended by the gap before anyone is judged. The gap is measured
+        on the monotonic clock, so a step of the wall clock changes nothing."""
         with self.lock:
+            now = self.clock()
+            late = now - self.last_tick - HOUSEKEEPING_SECONDS
+            self.last_tick = now
+            if late > self.lease_seconds * LATE_FRACTION:
+                for agent in self.agents.values():
+                    agent.heard += late
+                if self.orphans_since:
+                    self.orphans_since += late
+                log.warning("the master's housekeeping was %.1fs late (stopped or starved): every lease extended"
+                            " by that much", late)
+        self.expire_leases()
+
+    def expire_leases(self) -> None:
+        """Agents silent past their lease are lost and their jobs re-queued; jobs left running by a
+        previous master whose agent never came back are re-queued too (monotonic clock throughout).
+        JournalFailed (housekeeping logs it): what was not journaled stays as it was, for the next call."""
+        with self.lock:
+            now = self.clock()
             for agent in list(self.agents.values()):
-                if not agent.state.gone and now - agent.last_seen > self.lease_seconds:
+                if not agent.state.gone and now - agent.heard > self.lease_seconds:
                     # Re-queued first: if the journal refuses, the agent is not marked lost, so the next
                     # call sees it silent still and tries again.
-                    silent = now - agent.last_seen
+                    silent = now - agent.heard
                     self._requeue_lost(agent, keep=set(), reason=f"agent {agent.name} lost: silent for {silent:.1f}s")
                     agent.state = AgentState.LOST
                     log.info("agent %s lost: silent for %.1fs", agent.name, silent)
             if self.orphans_since and now - self.orphans_since > self.lease_seconds:
-                held: dict[str, set[int]] = {}
+                held: dict[str, dict[int, int]] = {}
                 for job in self.jobs.values():
                     if job.state == RUNNING:
                         owner = self.agents.get(job.agent or "")
-                        if owner is None or job.id not in owner.running:
-                            held.setdefault(job.agent or "?", set()).add(job.id)
-                for name, ids in held.items():
-                    ghost = AgentRecord(name, "", {}, now)
-                    ghost.running = ids
+                        if owner is None or owner.running.get(job.id) != job.attempts:
+                            held.setdefault(job.agent or "?", {})[job.id] = job.attempts
+                for name, attempts in held.items():
+                    ghost = AgentRecord(name, "", {}, 0.0)
+                    ghost.running = attempts
                     self._requeue_lost(ghost, keep=set(),
                                        reason=f"agent {name} did not come back after the master restarted")
                 self.orphans_since = 0.0  # all of them journaled: done (on JournalFailed, the next call tries again)
@@ -809,8 +900,8 @@ class _Writes:
         self.requeued: list[tuple[Any, ...]] = []
         self.events: list[tuple[Any, ...]] = []
         self.verbose = verbose
-        self.ended_here: list[int] = []  # job ids the agent no longer runs
-        self.cancels: list[tuple[AgentRecord, int]] = []  # (another agent, a job it is to kill)
+        self.ended_here: list[tuple[int, int]] = []  # the attempts the agent no longer runs
+        self.cancels: list[tuple[AgentRecord, tuple[int, int]]] = []  # (another agent, an attempt it is to kill)
         self.changed: list[int] = []
         self.requeues: list[tuple[Job, int, int, int]] = []  # (job, attempts, failures, lost) once queued again
         self.ends: list[tuple[Job, str, int]] = []  # (job, final state, failures)

@@ -25,7 +25,7 @@ from . import codestore
 from .decode import PlainDataUnpickler, Refused, plain_loads
 from .door import HANDSHAKE_SECONDS, Door
 from .records import Retention
-from .scheduler import Scheduler
+from .scheduler import HOUSEKEEPING_SECONDS, Scheduler
 from .store import Journal
 from .validate import shown
 
@@ -226,7 +226,7 @@ class Housekeeping:
 
     def __init__(self, scheduler: Scheduler, journal: Journal) -> None:
         self.chores: dict[str, Callable[[], Any]] = {
-            "lease expiry": scheduler.expire_leases, "retention": scheduler.prune_finished,
+            "lease expiry": scheduler.housekeeping, "retention": scheduler.prune_finished,
             "checkpoint": journal.checkpoint, "journal probe": journal.probe}
         self.failing: dict[str, str] = {}  # chore -> the failure last logged
 
@@ -291,7 +291,7 @@ def _serve(state: StateDir, lock: MasterLock, host: str, port: int, lease: float
     print(f"corral master listening on {bound_host}:{bound_port} (journal {journal.path})", flush=True)
     chores = Housekeeping(_scheduler, journal)
     try:
-        while not stop.wait(1.0):
+        while not stop.wait(HOUSEKEEPING_SECONDS):
             chores.run()
     finally:
         for service in _services.values():

@@ -91,7 +91,7 @@ class Views:
             fresh = not is_whole(since) or since <= 0 or since != seq  # since 0: "I have nothing yet"
             changed = self._changed(since) if fresh else []
             counts = self._counts()
-            agents = sorted((a.wire(now) for a in s.agents.values()), key=lambda a: a["name"])
+            agents = sorted((a.wire(now, s.clock()) for a in s.agents.values()), key=lambda a: a["name"])
             rate = self._rate(now)
             picked = {name: self._pick(name, view) for name, view in asked.items()} if fresh else {}
         out: dict[str, Any] = {
@@ -163,7 +163,7 @@ class Views:
         s = self.scheduler
         now = time.time()
         with s.lock:
-            agents = [a.wire(now) for a in s.agents.values()]
+            agents = [a.wire(now, s.clock()) for a in s.agents.values()]
             # Finished in the last 10 s: a bisection (as _rate does), not a walk of up to 100,000 times.
             recent = len(s.finished_times) - bisect.bisect_right(s.finished_times, now - 10)
             counts = {state.value: 0 for state in JobState}

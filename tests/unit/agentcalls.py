@@ -9,7 +9,7 @@ from corral.console.master.scheduler import Scheduler
 
 
 def register(s: Scheduler, name: str = "alpha", slots: int = 4, tags: tuple[str, ...] = (),
-             running: list[int] | None = None, instance: str = "") -> str:
+             running: list[tuple[int, int]] | None = None, instance: str = "") -> str:
     """An agent joins, as agent/runner.py registers: its session."""
     info = AgentInfo(name=name, host="host-" + name, pid=100, slots=slots, tags=tags, python="3.11",
                      started_by="test", protocol=PROTOCOL_VERSION, instance=instance or name + "-1")

@@ -72,11 +72,11 @@ def test_env_is_restored_after_a_cancel(pool: JobPool, reported: Reported, tmp_p
     before = worker_env(pool, reported, 1)
     pool.accept([call(2, "set_env_then", "nap", 60.0, env={"GOOD": "job's"})])
     for _ in range(300):  # until the worker runs it (the pool has just one)
-        if pool.held[2].worker:
+        if pool.held[(2, 1)].worker:  # held by (job id, attempt)
             break
         threading.Event().wait(0.02)
     threading.Event().wait(0.2)  # inside the function, past the changes
-    pool.cancel([2])
+    pool.cancel([(2, 1)])
     assert reported.wait(2, timeout=30)[2].state == "cancelled"
     assert worker_env(pool, reported, 3) == before
 

@@ -110,6 +110,6 @@ def test_a_running_callable_is_cancelled_and_unknown_work_beyond_the_slots_goes_
     pool.accept([call(1, "nap_and_mark", str(started), 60), call(2, "pid")])  # one slot, kinds never seen
     assert reported.wait(2)[2].state == "released"
     wait_for_file(started)
-    pool.cancel([1])
+    pool.cancel([(1, 1)])  # an attempt, (job id, attempt)
     assert reported.wait(1)[1].state == "cancelled"
     assert pool.idle()

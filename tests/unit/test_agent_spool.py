@@ -92,7 +92,7 @@ def test_the_outbox_hands_out_in_order_and_forgets_what_is_acknowledged(tmp_path
     assert batch == [result(1), result(2)] and len(outbox) == 2
     outbox.put([result(3)])  # arrives while the batch is on its way
     outbox.acknowledge(len(batch))
-    assert outbox.wait(0) == [result(3)] and outbox.job_ids() == {3}
+    assert outbox.wait(0) == [result(3)] and outbox.keys() == {(3, 1)}
 
 
 def test_the_outbox_keeps_its_spool_until_all_is_acknowledged(tmp_path: Path) -> None:

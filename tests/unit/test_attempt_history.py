@@ -20,7 +20,7 @@ def history(s: Scheduler, job_id: int) -> list[tuple[object, ...]]:
 
 
 def expire(s: Scheduler, name: str) -> None:
-    s.agents[name].last_seen -= s.lease_seconds + 1  # its lease ran out (no sleeping in this tier)
+    s.agents[name].heard -= s.lease_seconds + 1  # its lease ran out (no sleeping in this tier)
     s.expire_leases()
 
 
@@ -81,7 +81,7 @@ def test_a_late_result_replaces_the_lost_record_of_its_attempt(scheduler: Schedu
     (second,) = take(scheduler, beta := register(scheduler, "beta"))
     scheduler.report(beta, [result(second, "failed", 1, error="exit 1")], [], 0)
     assert second.attempt == 2 and scheduler.wait([job_id], 0) == {job_id: "failed"}
-    alpha = register(scheduler, "alpha")
+    alpha = register(scheduler, "alpha", running=[(job_id, 1)])  # its outbox still holds attempt 1's result
     # alpha's attempt 1 did end after all (a failure, so it does not win): its real result is kept.
     scheduler.report(alpha, [result(first, "failed", 2, error="exit 2", stdout="late\n")], [], 0)
     assert history(scheduler, job_id) == [(1, "alpha", "failed", 0), (2, "beta", "failed", 1)]
@@ -94,7 +94,7 @@ def test_attempts_given_up_after_a_restart_are_in_the_history(master: Master) ->
     take(s, register(s, "alpha", slots=2), 2)
     take(s, register(s, "beta"), 1)
     s = master.restart()
-    register(s, "alpha", running=[kept])  # alpha comes back without `dropped`; beta never does
+    register(s, "alpha", running=[(kept, 1)])  # alpha comes back without `dropped`; beta never does
     s.orphans_since -= s.lease_seconds + 1
     s.expire_leases()
     assert history(s, kept) == []

@@ -102,7 +102,7 @@ def test_dispatch_refused_keeps_the_jobs_queued_and_the_cancels(master: Master) 
     before = memory(s)
     with refusing(s):  # a take that cannot dispatch still hands out the kill, which needs no write
         tasks, cancel = s.take(session, 2, 0)
-    assert (tasks, cancel) == ([], [first.job_id])
+    assert (tasks, cancel) == ([], [(first.job_id, first.attempt)])  # a kill names the attempt
     assert memory(s)["jobs"] == before["jobs"] and memory(s)["queued"] == before["queued"]
     assert [t.job_id for t in take(s, session, 2)] == [ids[1], ids[0]]
     journal_agrees(s)
@@ -132,8 +132,10 @@ def test_two_attempts_of_one_job_in_one_refused_report(master: Master) -> None:
     s = master.scheduler
     [job] = s.submit([cmd()])
     [old] = take(s, register(s, slots=2))
-    session = register(s, slots=2)  # back without it: re-queued, then dispatched again as attempt 2
-    [new] = take(s, session)
+    s.agents["alpha"].heard -= s.lease_seconds + 1  # silent past its lease: re-queued ...
+    s.expire_leases()
+    session = register(s, slots=2, running=[(job, 1)])  # ... back, attempt 1 still its own ...
+    [new] = take(s, session)  # ... and dispatched again as attempt 2
     assert (old.attempt, new.attempt) == (1, 2)
     results = [result(old, ended=102.0), result(new, ended=103.0)]
     refused(s, s.report, session, results, [], 0)
@@ -151,7 +153,7 @@ def test_cancel_refused(master: Master) -> None:
     s.submit([cmd()])
     refused(s, s.cancel, [queued, running, queued])
     assert s.cancel([queued, running, queued]) == {queued: "cancelled", running: "cancelling"}
-    assert s.take(session, 0, 0) == ([], [running])
+    assert s.take(session, 0, 0) == ([], [(running, 1)])  # a kill names the attempt
     journal_agrees(s)
 
 
@@ -175,9 +177,12 @@ def test_register_refused_keeps_the_old_session(master: Master) -> None:
     [job] = s.submit([cmd()])
     old = register(s, slots=1)
     take(s, old)
-    refused(s, register, s, "alpha", 1, (), [])  # came back without the job: re-queueing it is a write
+    # Another process under that name (the first died with the job; its lease ran out) comes back
+    # without the job: re-queueing it is a write.
+    s.agents["alpha"].heard -= s.lease_seconds + 1
+    refused(s, register, s, "alpha", 1, (), [], "alpha-2")
     assert s.sessions[old].name == "alpha"
-    new = register(s, slots=1)
+    new = register(s, slots=1, instance="alpha-2")
     assert old not in s.sessions and new in s.sessions
     assert (s.jobs[job].state, s.jobs[job].lost) == (QUEUED, 1)
     journal_agrees(s)

@@ -194,7 +194,7 @@ def test_cancel_queued_at_once_running_through_its_agent(scheduler: Scheduler) -
     assert scheduler.cancel([queued, running]) == {queued: "cancelled", running: "cancelling"}
     assert scheduler.wait([queued], 0) == {queued: "cancelled"}
     tasks, cancel = scheduler.take(session, 0, 0)
-    assert (tasks, cancel) == ([], [running])
+    assert (tasks, cancel) == ([], [(running, 1)])  # cancels name the attempt
     scheduler.report(session, [result(task, "cancelled", None, error="cancelled")], [], 0)
     assert scheduler.wait([running], 0) == {running: "cancelled"}
     assert scheduler.cancel([queued]) == {queued: "already final"}
@@ -226,14 +226,14 @@ def test_a_silent_agent_is_lost_and_its_jobs_run_elsewhere(master: Master) -> No
     (job_id,) = s.submit([cmd()])
     first = register(s, "alpha")
     take(s, first)
-    s.agents["alpha"].last_seen -= s.lease_seconds + 1  # its lease ran out (no sleeping in this tier)
+    s.agents["alpha"].heard -= s.lease_seconds + 1  # its lease ran out (no sleeping in this tier)
     s.expire_leases()
     assert s.agents["alpha"].state is AgentState.LOST and s.jobs[job_id].state == "queued"
     assert s.agent_list()[0]["state"] == "lost"
     second = register(s, "beta")
     (again,) = take(s, second)
     assert again.attempt == 2
-    s.agents["beta"].last_seen -= s.lease_seconds + 1
+    s.agents["beta"].heard -= s.lease_seconds + 1
     s.expire_leases()  # lost more than max_lost times: it ends lost
     assert s.wait([job_id], 0) == {job_id: "lost"}
     assert "its agent was lost 2 times" in (s.journal.job(job_id).error or "")  # type: ignore[union-attr]
@@ -243,14 +243,15 @@ def test_a_late_success_of_a_requeued_attempt_wins(scheduler: Scheduler) -> None
     (job_id,) = scheduler.submit([cmd()])
     alpha = register(scheduler, "alpha")
     (first,) = take(scheduler, alpha)
-    scheduler.agents["alpha"].last_seen -= scheduler.lease_seconds + 1
+    scheduler.agents["alpha"].heard -= scheduler.lease_seconds + 1
     scheduler.expire_leases()
     beta = register(scheduler, "beta")
     take(scheduler, beta)  # attempt 2 runs on beta
-    alpha = register(scheduler, "alpha")  # alpha comes back, still running nothing it admits to
+    # alpha comes back, running nothing, its finished attempt 1 still to hand in (as an agent's outbox says)
+    alpha = register(scheduler, "alpha", running=[(job_id, 1)])
     scheduler.report(alpha, [result(first)], [], 0)  # ... and hands in attempt 1's success
     assert scheduler.wait([job_id], 0) == {job_id: "done"}
-    assert scheduler.take(beta, 0, 0)[1] == [job_id]  # attempt 2 is cancelled
+    assert scheduler.take(beta, 0, 0)[1] == [(job_id, 2)]  # attempt 2 is cancelled
 
 
 def test_drain_and_retire(scheduler: Scheduler) -> None:
@@ -280,7 +281,7 @@ def test_recovery_after_the_journal_is_opened_again(master: Master) -> None:
     assert {j: s.jobs[j].state for j in (running, kept, queued)} == {running: "running", kept: "running",
                                                                      queued: "queued"}
     # The agent comes back still running `kept` only: `running` goes back to the queue, first.
-    session = register(s, "alpha", running=[kept])
+    session = register(s, "alpha", running=[(kept, 1)])
     assert s.jobs[running].state == "queued" and s.jobs[kept].state == "running"
     assert [(t.job_id, t.attempt) for t in take(s, session, 10)] == [(running, 2), (queued, 1)]
     # Running jobs of an agent that never comes back are queued again after a lease.
