@@ -39,7 +39,11 @@ class Spool:
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(pickle.dumps(rows))
+            data = pickle.dumps(rows)
+            tmp.unlink(missing_ok=True)  # a torn one from a crash: made again below, by us, with its mode
+            fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("cannot write the spool %s: %s", self.path, exc)

@@ -178,7 +178,7 @@ def status_text(status: Record) -> str:
         f"agents {len(up)} up / {len(status['agents'])}   slots {status['busy']} busy / {status['slots']}"
         f"   {status['rate']:.1f} jobs/s",
     ]
-    lines += [f"  {a['name']:<16} {a['state']:<8} {a['busy']}/{a['slots']} busy   done {a['done']}"
+    lines += [f"  {one_line(a['name']):<16} {a['state']:<8} {a['busy']}/{a['slots']} busy   done {a['done']}"
               for a in status["agents"]]
     journal = status.get("journal") or {}
     if journal and not journal.get("ok", True):

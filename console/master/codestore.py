@@ -58,8 +58,10 @@ class CodeStore:
         with self.lock:
             self._make_room(len(data))
             try:
-                stage.write_bytes(data)
-                os.chmod(stage, 0o600)
+                # Made with its final mode (agents run what is in it), by us alone, never through a link.
+                fd = os.open(str(stage), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
                 os.replace(stage, path)
             except OSError as exc:
                 # A full or read-only disk: the caller's one line, not an OSError that a client would take
