@@ -40,6 +40,7 @@ _AGENT_DIR = re.compile(r"corral-(\d+)$")
 
 T = TypeVar("T")
 _worker_reaps = False  # this pool worker is a child subreaper: every process its job left is its descendant
+_worker_cgroup = ""  # the cgroup this pool worker moved into (w-<pid>), once it did
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def _remove_stale_agents(base: str) -> None:
 def enter_worker(c: Containment) -> None:
     """Pool initializer's part: this worker becomes a subreaper (a job's orphans come back to it) and,
     with cgroups, moves into w-<pid> (what a callable starts is born there)."""
-    global _worker_reaps
+    global _worker_reaps, _worker_cgroup
     if c.kind == GROUP:
         return
     _worker_reaps = set_subreaper()
@@ -196,6 +197,7 @@ def enter_worker(c: Containment) -> None:
         try:
             os.makedirs(here, exist_ok=True)
             _write(os.path.join(here, "cgroup.procs"), str(os.getpid()))
+            _worker_cgroup = here
         except OSError as exc:  # the agent's cgroup was removed under it: the tree still works
             log.warning("pool worker %d cannot enter %s: %s", os.getpid(), here, exc)
 
@@ -215,7 +217,7 @@ class JobBox:
         self.c = c
         self.me = os.getpid()
         self.killed: List[Killed] = []
-        self.here = worker_cgroup(c, self.me) if c.kind == CGROUP else ""
+        self.here = _worker_cgroup if c.kind == CGROUP else ""  # "" if it could not enter one: the tree, then
         # A callable runs in the worker itself: its processes are born in the worker's cgroup.
         self.cgroup = os.path.join(self.here, f"job-{job_id}-{attempt}") if self.here and shell else ""
 
@@ -281,8 +283,7 @@ class JobBox:
         if self.here:
             pids = _cgroup_pids(self.cgroup) if self.cgroup else []
             pids += _cgroup_pids(self.here)
-            if pids or os.path.isdir(self.here):
-                return [pid for pid in pids if pid != self.me and not _zombie(pid)]
+            return [pid for pid in pids if pid != self.me and not _zombie(pid)]
         if not _has_children():
             return []  # the usual end: one wait call says the tree is empty, no /proc walk
         return [pid for pid in descendants(self.me) if not _zombie(pid)]
