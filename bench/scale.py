@@ -1,4 +1,5 @@
-"""`python -m bench.scale`: one master and a crowd of loopback agents (join time, strays, master cost per agent, W1), one table."""
+"""`python -m bench.scale`: one master and a crowd of loopback agents (join time, strays, master cost per agent, W1),
+then a journal of a million finished jobs (bench/journal_scale.py): one command, its tables."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from . import Deadline, Params, machine_info, rss_mb
-from .corral_runs import INC, CorralCluster, Watchdog
+from .corral_runs import INC, CorralCluster, Watchdog, _descendants
 
 # Targets of issue 13 for the agents part: (bound, "min" = at least / "max" = at most).
 TARGETS: Dict[str, tuple[float, str]] = {
@@ -51,12 +52,15 @@ class CrowdFigures:
     agents: int
     join_s: float = 0.0  # from starting them all together to the last one up
     never_joined: int = 0
-    declared_lost: List[str] = field(default_factory=list)  # agents seen `lost` at any poll of the run
+    declared_lost: Dict[str, float] = field(default_factory=dict)  # agent seen `lost` -> when (s from start)
+    w1_began: float = 0.0  # seconds from the start of the agents to the start of W1
     idle: Optional[MasterCost] = None  # with no agent
     crowd: Optional[MasterCost] = None  # with all N up, idle
     idle_cpu_pct: float = 0.0  # master CPU, % of one core, N agents up and no work
     w1_two: float = 0.0  # jobs/s with 2 one-slot agents
     w1_crowd: float = 0.0  # jobs/s with N one-slot agents
+    w1_cpu: Dict[str, float] = field(default_factory=dict)  # CPU seconds during W1 with N agents: master, agents, ...
+    w1_seconds: float = 0.0
 
     @property
     def stranded(self) -> int:
@@ -80,8 +84,9 @@ class LostWatcher:
     def __init__(self, cluster: CorralCluster, interval: float = 0.5) -> None:
         self.cluster = cluster
         self.interval = interval
-        self.lost: Set[str] = set()
+        self.lost: Dict[str, float] = {}  # name -> seconds into the run it was first seen lost
         self.up: Set[str] = set()
+        self.began = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lost-watcher", daemon=True)
 
@@ -107,9 +112,20 @@ class LostWatcher:
                     if agent["state"] == "up":
                         self.up.add(agent["name"])
                     elif agent["state"] == "lost":
-                        self.lost.add(agent["name"])
+                        self.lost.setdefault(agent["name"], time.monotonic() - self.began)
         finally:
             client.close()
+
+
+def tree_cpu(pids: List[int]) -> float:
+    """CPU seconds of these processes and all their descendants (those alive now)."""
+    total = 0.0
+    for pid in set(pids) | _descendants(pids):
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
 
 
 def w1(client: Any, jobs: int) -> float:
@@ -176,10 +192,17 @@ def crowd(params: Params, home: Path, count: int, jobs: int, idle_seconds: float
             time.sleep(idle_seconds)
             figures.idle_cpu_pct = 100.0 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
             step(f"W1 with {count} agents")
+            figures.w1_began = time.monotonic() - began
+            agent_pids = [agent.pid for agent in cluster.agents]
+            before = {"master": cpu_seconds(pid), "agents": tree_cpu(agent_pids), "this client": time.process_time()}
+            w1_start = time.monotonic()
             with Watchdog(cluster, params.w1_budget, f"W1 with {count} agents"):
                 figures.w1_crowd = w1(client, jobs)
+            figures.w1_seconds = time.monotonic() - w1_start
+            after = {"master": cpu_seconds(pid), "agents": tree_cpu(agent_pids), "this client": time.process_time()}
+            figures.w1_cpu = {what: after[what] - before[what] for what in before}
             time.sleep(2.0)
-        figures.declared_lost = sorted(watcher.lost)
+        figures.declared_lost = dict(sorted(watcher.lost.items(), key=lambda item: item[1]))
         client.close()
     finally:
         cluster.close()
@@ -221,6 +244,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=20_000, help="W1's trivial jobs (default 20,000)")
     parser.add_argument("--idle-seconds", type=float, default=10.0, help="how long idle CPU is measured")
     parser.add_argument("--join-budget", type=float, default=180.0, help="give up waiting for agents after this")
+    parser.add_argument("--journal-jobs", type=int, default=1_000_000,
+                        help="finished jobs in the journal part (default 1,000,000; 0 skips it)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     began = time.monotonic()
@@ -236,8 +261,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         figures = crowd(params, Path(tmp) / "crowd", args.agents, args.jobs, args.idle_seconds, args.join_budget, step)
         figures.w1_two = w1_two
     print(table(figures))
+    if figures.w1_cpu:
+        spent = ", ".join(f"{what} {seconds:.1f} s" for what, seconds in figures.w1_cpu.items())
+        print(f"\nCPU during W1 with {figures.agents} agents ({figures.w1_seconds:.1f} s of wall time, warm-up"
+              f" included, 2 cores): {spent}")
+    if figures.declared_lost:
+        when = ", ".join(f"{name} at {at:.0f}s" for name, at in list(figures.declared_lost.items())[:10])
+        print(f"\ndeclared lost (seconds from starting the agents; W1 began at {figures.w1_began:.0f}s): {when}")
+    journal: Dict[str, Any] = {}
+    if args.journal_jobs:
+        from . import journal_scale
+
+        journal = journal_scale.run(args.journal_jobs, 200, 200, step)
+        print()
+        print(journal_scale.report(journal))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine_info(), **asdict(figures)}, indent=2, default=str))
+        Path(args.json).write_text(json.dumps({"machine": machine_info(), "agents": asdict(figures), "journal": journal},
+                                              indent=2, default=str))
     return 0 if figures.stranded == 0 else 1
 
 
