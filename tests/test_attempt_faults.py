@@ -9,6 +9,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from corral.agent.protocol import JobSpec
 from tests.cluster import wait_for
 from tests.faultkit import (
@@ -24,6 +26,9 @@ from tests.faultkit import (
 )
 
 LEASE = "3"
+# Each test stops a process for several leases and waits out real jobs: seconds idle, minutes on a loaded
+# 2-core machine, past pytest-timeout's default of 120 s.
+SLOW = pytest.mark.timeout(360)
 
 
 def agent_states(c) -> dict[str, tuple[str, int]]:  # type: ignore[no-untyped-def]
@@ -35,6 +40,7 @@ def lost_counts(db: Path, ids: list[int]) -> dict[int, int]:
     return dict(journal_rows(db, f"SELECT id, lost FROM jobs WHERE id IN ({marks})", *ids))
 
 
+@SLOW
 def test_an_agent_stopped_past_its_lease_gets_its_job_back_and_keeps_both_attempts_apart(tmp_path: Path) -> None:
     """The only agent is SIGSTOPped past its lease: its job is queued again, and, the agent back, dispatched
     to it again (attempt 2) while attempt 1 still runs there. The agent keeps the two apart: attempt 1
@@ -77,6 +83,7 @@ def _is_sleep(pid: int) -> bool:
         return False
 
 
+@SLOW
 def test_a_master_stopped_past_the_lease_blames_no_healthy_agent(tmp_path: Path) -> None:
     """SIGSTOP the master for more than twice the lease while two healthy agents run long jobs: when it
     wakes, no agent is lost, no job's lost count rises, and nothing runs a second time."""
@@ -106,6 +113,7 @@ def test_a_master_stopped_past_the_lease_blames_no_healthy_agent(tmp_path: Path)
         assert_nothing_running(db)
 
 
+@SLOW
 def test_repeated_short_master_stalls_lose_nothing(tmp_path: Path) -> None:
     """Eight stalls of the master, each just under the lease, barely apart, while jobs flow."""
     runs = tmp_path / "runs"
@@ -132,6 +140,7 @@ def test_repeated_short_master_stalls_lose_nothing(tmp_path: Path) -> None:
         assert_nothing_running(db)
 
 
+@SLOW
 def test_an_agents_connections_cut_while_its_take_is_parked(tmp_path: Path) -> None:
     """The agent reaches the master through a relay; all its connections are cut while its take is parked
     on the master, and new work is submitted at once. The parked take belongs to a session the agent
