@@ -9,9 +9,10 @@ multi-line text is shown; SGR colour may be kept by the console, which renders i
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
-from typing import Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
 # C0 and C1 controls, DEL, the Unicode line/paragraph separators and the bidirectional overrides and
 # isolates (text that reorders what follows it, as in "Trojan Source"). Newline and tab are handled apart.
@@ -84,3 +85,14 @@ def guard_terminal() -> None:
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, TerminalStream) and stream.isatty():
             setattr(sys, name, TerminalStream(stream))
+
+
+class LineFormatter(logging.Formatter):
+    """A log formatter whose every record is one line, control characters escaped: the master's log lines
+    name agents, hosts and jobs, as their senders chose them, and are read on terminals (`-v`, `tail -f`)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return escape(super().formatException(ei))

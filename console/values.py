@@ -16,6 +16,8 @@ from typing import Any, Iterable, Union
 
 from corral.agent.errors import CorralError
 
+from .master.decode import plain_loads  # the master's own unpickler: bounded, class-free
+
 
 TRUST = "trust"  # full pickle.loads: the agents are trusted (the Python API's default)
 PLAIN = "plain"  # plain data only: dict/list/tuple/set/str/bytes/numbers/bool/None
@@ -71,14 +73,6 @@ def pickled_class(data: bytes) -> str:
     except ValueError:  # not a pickle, or cut short: what was read named nothing
         pass
     return ""
-
-
-def plain_loads(data: bytes) -> Any:
-    """The master's own unpickler, bounded and class-free (imported here, on first use: the master's
-    modules are no part of a client's start-up)."""
-    from .master.server import plain_loads as master_plain_loads
-
-    return master_plain_loads(data)
 
 
 def opaque(data: bytes) -> str:

@@ -9,15 +9,19 @@ import pty
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from textual.app import App
 
+from corral.agent.protocol import AgentInfo
+from corral.agent.runner import connect as agent_connect
 from corral.console.tui.app import CorralApp
 from corral.console.tui.screens.detail import JobDetailScreen
 from corral.console.tui.screens.main import MainScreen
 from corral.console.tui.widgets.stats import StatsHeader
-from tests.cluster import REPO, Cluster
+from tests.cluster import REPO, Cluster, wait_for
+from tests.faultkit import running_cluster
 from tests.hostile_output import TITLE
 from tests.test_tmux import _corral, _wait_screen
 from tests.test_tui_app import SIZE, loaded, main, select, until
@@ -146,3 +150,18 @@ def test_corral_show_and_wait_escape_on_a_tty_and_pass_bytes_to_a_pipe(cluster: 
     assert piped.returncode == 0 and "\x1b]0;PWNED-BY-JOB\x07" in piped.stdout  # a pipe gets what the job printed
     as_json = cluster.corral("show", str(job), "--json")
     assert as_json.returncode == 0 and "\x1b" not in as_json.stdout and "\\u001b]0;PWNED" in as_json.stdout
+
+
+def test_the_masters_log_lines_escape_what_agents_chose(tmp_path: Path) -> None:
+    """An agent names itself: the master's -v lines (its log file, a terminal) say that name escaped, one line."""
+    name = "evil\x1b]0;PWNED\x07\nforged: a line of the master's own"
+    with running_cluster(tmp_path / "home", "-v") as cluster:
+        authkey = (cluster.home / "authkey").read_bytes().strip()
+        fake = agent_connect(cluster.address(), authkey)
+        fake.register(AgentInfo(name=name, host="h\x1b[2J", pid=1, slots=1).to_wire(), [])
+        log = cluster.logs / "master.log"
+        line = wait_for(lambda: next((x for x in log.read_text().splitlines() if x.startswith("agent evil")), None),
+                        timeout=30, what="the master's line about the agent")
+        text = log.read_text()
+        assert "\x1b" not in text and "\x07" not in text
+        assert "\\x1b]0;PWNED\\x07\\nforged" in line and not any(x.startswith("forged") for x in text.splitlines())

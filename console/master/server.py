@@ -20,6 +20,7 @@ from corral.agent.connection import SERIALIZER
 from corral.agent.errors import CorralError
 from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID
 
+from ..escape import LineFormatter
 from ..state import MasterLock, StateDir
 from . import codestore
 from .decode import PlainDataUnpickler, Refused, plain_loads
@@ -206,13 +207,14 @@ def is_loopback(host: str) -> bool:
 
 def configure_logging(verbose: bool) -> None:
     """The master's one logging set-up: its events (INFO, shown with -v) as bare lines on stdout, as the
-    README shows them (`dispatched 12 → alpha`); warnings and errors on stderr, one line each."""
+    README shows them (`dispatched 12 → alpha`); warnings and errors on stderr, one line each, escaped
+    (LineFormatter: an agent's name is what the agent said it is)."""
     events = logging.StreamHandler(sys.stdout)
     events.addFilter(lambda record: record.levelno < logging.WARNING)
     problems = logging.StreamHandler(sys.stderr)
     problems.setLevel(logging.WARNING)
     for handler in (events, problems):
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(LineFormatter("%(message)s"))
     corral = logging.getLogger("corral")  # not the root: a library's INFO lines are not our events
     corral.handlers[:] = [events, problems]
     corral.setLevel(logging.INFO if verbose else logging.WARNING)
