@@ -1,5 +1,6 @@
-"""The pickle boundary's cost: the master's PlainDataUnpickler against plain pickle.loads, per message
-and per job, on the messages agents and clients really send.
+"""The pickle boundary's cost: the master's bounded decoding (decode.plain_loads: a scan of the opcodes for
+what they would build, then PlainDataUnpickler) against plain pickle.loads, per message and per job, on
+the messages agents and clients really send.
 
     /work/venv/bin/python -m bench.pickle_boundary [--json PATH]
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
 from corral.agent.protocol import JobSpec
-from corral.console.master.server import plain_loads
+from corral.console.master.decode import plain_loads
 
 IDENT = "7f3a2c41d2b0"  # an object id, as the server hands them out
 SESSION = "9c1e0f7a6b5d4c3b2a1908f7e6d5c4b3"
@@ -116,7 +117,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     rows = measure()
-    print(f"Python {sys.version.split()[0]}; best of 15, interleaved; extra = PlainDataUnpickler minus pickle.loads")
+    print(f"Python {sys.version.split()[0]}; best of 15, interleaved; extra = plain_loads (scan + PlainDataUnpickler)"
+          " minus pickle.loads")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

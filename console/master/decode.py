@@ -190,6 +190,21 @@ def scan(data: bytes) -> None:
                         raise _refuse("a value longer than the message")
                     push(one + length)
                     created += 1
+                elif op == 0x74 and marks and not (open_at and open_at[-1] >= marks[-1]):
+                    # TUPLE of finished values (a result row of every report): packed here, no record.
+                    at = marks.pop()
+                    items = stack[at:]
+                    del stack[at:]
+                    if items:
+                        total = sum(items)
+                        value = ((max(items) >> _D) + 1) << _D | (((total >> _E) & _EMASK) + 1) << _E | (total & _BMASK)
+                        if value >> _D > MAX_DEPTH or (value >> _E) & _EMASK > MAX_VALUES or value & _BMASK > MAX_DATA_BYTES:
+                            _close([((value >> _E) & _EMASK), value & _BMASK, value >> _D, None])  # refuses, naming the limit
+                        push(value)
+                    else:
+                        push(one)
+                    created += 1
+                    i += 1
                 elif op == 0x85 or op == 0x86 or op == 0x87 or op == 0x74 or op == 0x91 or op == 0x6C or op == 0x64:
                     # TUPLE1/2/3 take the top values, TUPLE, FROZENSET, LIST, DICT those above the mark
                     at = len(stack) - (op - 0x84) if 0x85 <= op <= 0x87 else marks.pop()
