@@ -42,10 +42,18 @@ def test_master_stopped_past_the_deadlines_agents_and_a_waiting_client_recover(c
     assert master is not None
     # Mid-call: takes are parked, reports and heartbeats in flight, the client's wait() long-polling.
     master.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
     try:
-        time.sleep(STALL_SECONDS)
+        # A one-shot command meanwhile: one line, non-zero, by its deadline (not the master's return).
+        status = cluster.corral("status", timeout=STALL_SECONDS + 30)
+        status_took = time.monotonic() - stopped
+        time.sleep(max(0.0, STALL_SECONDS - (time.monotonic() - stopped)))
     finally:
         master.send_signal(signal.SIGCONT)
+    assert status.returncode != 0 and status.stdout == "", status
+    said = status.stderr.strip()
+    assert said.count("\n") == 0 and ("did not answer" in said or "in time" in said), said
+    assert status_took < STALL_SECONDS, f"corral status took {status_took:.1f}s against a stopped master"
     thread.join(timeout=300)
     assert not thread.is_alive(), "the waiting client never came back"
     assert not failure, f"the waiting client failed: {failure[0]!r}"
