@@ -19,7 +19,7 @@ import pytest
 from corral import Client, Pool
 from corral.agent.codecache import BadBundle, bundle_digest
 from corral.agent.errors import BadJobSpec
-from corral.agent.protocol import MAX_BUNDLE_UNPACKED
+from corral.agent.protocol import MAX_BUNDLE_UNPACKED, PROTOCOL_VERSION
 from corral.console.errors import CannotShip, JobFailed
 from tests.cluster import Cluster
 from tests.shipkit import forget, import_from, pool_cluster, tasks, write_module  # noqa: F401 (fixtures)
@@ -229,7 +229,7 @@ def test_the_master_checks_what_it_stores(pool_cluster: Cluster) -> None:  # noq
         with pytest.raises(BadBundle, match="not a readable zip"):
             store.put(hashlib.sha256(b"").hexdigest(), b"not a zip")
         assert store.missing([bundle_digest(list(good.items()))]) == [bundle_digest(list(good.items()))]
-        assert c.hello()["protocol"] == 2  # and the master still serves
+        assert c.hello()["protocol"] == PROTOCOL_VERSION  # and the master still serves
     assert not list((pool_cluster.home / "shipped").glob("*escape*"))
 
 
