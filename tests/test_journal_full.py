@@ -206,3 +206,28 @@ def test_pool_waits_out_a_full_disk_and_queues_each_task_once(tmp_path: Path, sm
     finally:
         cluster.stop()
     journal_outcomes(db, range(1, 201), states=("done",))
+
+
+def test_a_call_the_masters_host_refuses_is_one_line_not_a_lost_master(tmp_path: Path, cluster: Cluster) -> None:
+    """An OSError inside a served call (here the code store's directory is gone, a file in its place) is
+    the caller's one CorralError line: never mistaken for a broken connection, and the master serves on."""
+    from corral.agent.errors import CorralError
+    from corral.console import ship
+    from corral.console.callables import describe
+    from corral.console.errors import MasterUnreachable
+    from tests.shipkit import import_from, write_module
+
+    write_module(tmp_path, "refused_mod", "def f():\n    return 1\n")
+    bundle = ship.bundle_for(describe(import_from(tmp_path, "refused_mod").f))
+    assert bundle is not None
+    shipped = cluster.home / "shipped"
+    shipped.rmdir()
+    shipped.write_text("not a directory")
+    with cluster.client() as c:
+        with pytest.raises(CorralError) as caught:
+            c.ship(bundle)
+        assert not isinstance(caught.value, MasterUnreachable), caught.value
+        assert str(caught.value.message).startswith("the master could not do it: Not a directory"), caught.value
+        assert "\n" not in str(caught.value)
+        assert c.status()["journal"]["ok"]  # the same connection serves on
+    assert cluster.master is not None and cluster.master.poll() is None

@@ -75,6 +75,13 @@ class PlainDataConnection:
             raise
 
     def send(self, obj: Any) -> None:
+        if type(obj) is tuple and len(obj) == 2 and obj[0] == "#ERROR" and isinstance(obj[1], OSError):
+            # A served call the machine refused (a full disk, a directory gone) answers in one CorralError
+            # line: an OSError would reach the caller as if its own connection to us had broken.
+            exc = obj[1]
+            text = exc.strerror or str(exc) or type(exc).__name__
+            obj = ("#ERROR", CorralError(f"the master could not do it: {text}" + (f": {exc.filename}" if exc.filename else ""),
+                                         "the master serves on; fix the cause on its host and try again"))
         self._conn.send(obj)
 
     def __getattr__(self, name: str) -> Any:
@@ -279,7 +286,6 @@ def _serve(state: StateDir, lock: MasterLock, host: str, port: int, lease: float
         _services[typeid].resume()
     record = {"host": bound_host, "port": bound_port, "pid": os.getpid(), "started": time.time()}
     lock.announce(record)
-    state.write_master(record)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -293,6 +299,9 @@ def _serve(state: StateDir, lock: MasterLock, host: str, port: int, lease: float
     print(f"corral master listening on {bound_host}:{bound_port} (journal {journal.path})", flush=True)
     chores = Housekeeping(_scheduler, journal)
     try:
+        # Announced last: once master.json names this master, it listens, handles signals, and has said
+        # all it says at start-up (a test or a console that waits for the file sees the rest done).
+        state.write_master(record)
         while not stop.wait(HOUSEKEEPING_SECONDS):
             chores.run()
     finally:
