@@ -67,6 +67,15 @@ class StateDir:
     def log_dir(self) -> Path:
         return self.home / "logs"
 
+    def trusted_home(self) -> Path:
+        """The directory, checked as ensure() checks it when it exists (a reader that creates nothing:
+        one that does not exist yet holds nothing anyone planted)."""
+        try:
+            check_trusted(self.home, "state directory", directory=True)
+        except FileNotFoundError:
+            pass
+        return self.home
+
     def ensure(self) -> None:
         """Create the directory (0700), or check that it is ours alone (check_trusted) and usable; a
         directory of ours that others may read is tightened to 0700."""

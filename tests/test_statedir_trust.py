@@ -68,7 +68,7 @@ def test_a_state_directory_planted_by_nobody_is_refused_by_master_agent_and_cli(
     assert stat.S_IMODE((home / "authkey").stat().st_mode) == 0o644
     assert not (home / "corral.db").exists()
     assert (home / "master.json").stat().st_uid == 65534
-    for args in (["status"], ["jobs"], ["show", "1", "--json"], ["--no-local-agent"]):  # the last: the console
+    for args in (["status"], ["jobs"], ["show", "1", "--json"], ["hosts"], ["--no-local-agent"]):  # last: the console
         refused(corral(home, *args), f"refusing the state directory {home}", "nobody")
     refused(corral(home, "agent"), "corral agent: refusing the state directory", "nobody")
     refused(corral(home, "--slots", "1", module="corral.agent"), "refusing the state directory", "nobody")

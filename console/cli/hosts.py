@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 def _inventory(args: argparse.Namespace) -> Inventory:
     from ..deploy.inventory import Inventory
 
-    return Inventory(StateDir(args.home_path).home)
+    return Inventory(StateDir(args.home_path).trusted_home())
 
 
 def _deployments(args: argparse.Namespace) -> dict[str, Any]:
     from ..deploy.records import Deployments
 
-    return {alias: record.to_json() for alias, record in Deployments(StateDir(args.home_path).home).all().items()}
+    return {alias: record.to_json() for alias, record in Deployments(StateDir(args.home_path).trusted_home()).all().items()}
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
