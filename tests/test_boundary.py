@@ -27,7 +27,20 @@ from tests.cluster import Cluster, wait_for
 from tests.faultkit import running_cluster
 from tests.test_security import authkey_of, raw_session
 
-PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
+def pids_hierarchy() -> Path | None:
+    """Where a pids cgroup can be made: cgroup v2's root when it offers the pids controller (enabled for
+    its children here), else v1's pids hierarchy; None without either (or without root)."""
+    if os.geteuid() != 0:
+        return None
+    v2 = Path("/sys/fs/cgroup")
+    controllers = v2 / "cgroup.controllers"
+    if controllers.exists() and "pids" in controllers.read_text().split():
+        subtree = v2 / "cgroup.subtree_control"
+        if "pids" not in subtree.read_text().split():
+            subtree.write_text("+pids")
+        return v2
+    v1 = v2 / "pids"
+    return v1 if (v1 / "cgroup.procs").exists() else None
 
 
 def rss_kb(pid: int) -> int:
@@ -48,11 +61,12 @@ def fds(pid: int) -> int:
 @contextmanager
 def pids_cgroup(pid: int, limit: int) -> Iterator[Path]:
     """Put process `pid` (all its threads) in a new pids cgroup allowing `limit` tasks."""
-    if os.geteuid() != 0 or not (PIDS_CGROUPS / "cgroup.procs").exists():
+    hierarchy = pids_hierarchy()
+    if hierarchy is None:
         if os.environ.get("CORRAL_NO_SKIPS"):
-            raise AssertionError("a pids cgroup is needed (root, cgroup v1 pids controller)")
-        pytest.skip("needs root and the pids cgroup controller at /sys/fs/cgroup/pids")
-    group = PIDS_CGROUPS / f"corral-test-{os.getpid()}-{pid}"
+            raise AssertionError("a pids cgroup is needed (root, cgroup v2 with pids, or v1's pids hierarchy)")
+        pytest.skip("needs root and the pids cgroup controller (cgroup v2 or v1)")
+    group = hierarchy / f"corral-test-{os.getpid()}-{pid}"
     group.mkdir()
     try:
         (group / "pids.max").write_text(str(limit))
@@ -60,7 +74,7 @@ def pids_cgroup(pid: int, limit: int) -> Iterator[Path]:
         yield group
     finally:
         try:
-            (PIDS_CGROUPS / "cgroup.procs").write_text(str(pid))
+            (hierarchy / "cgroup.procs").write_text(str(pid))
         except OSError:
             pass  # it has exited
         wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), timeout=30, what="the cgroup to empty")
