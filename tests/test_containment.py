@@ -15,7 +15,7 @@ import pytest
 from corral.agent import contain
 from corral.agent.protocol import JobSpec
 from tests.cluster import Cluster, wait_for
-from tests.faultkit import alive
+from tests.faultkit import alive, processes_of
 
 ESCAPES = ("setsid", "set-m", "timeout", "daemon", "timeout-child")
 
@@ -162,6 +162,39 @@ def test_a_pool_worker_that_dies_takes_its_jobs_processes_with_it(cluster: Clust
         after = c.submit_call("tests.jobs:inc", (1,))
         c.wait([after], timeout=30)
         assert c.values([after]) == [2]
+
+
+def job_processes(home: Path, job_id: int) -> list[int]:
+    """Live processes that carry this job's id in their environment (what its shell started)."""
+    needle = f"CORRAL_JOB_ID={job_id}".encode()
+    found = []
+    for pid in processes_of(home):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in environ and alive(pid):
+            found.append(pid)
+    return found
+
+
+@pytest.mark.parametrize("ending", ["normal", "timeout"])
+def test_a_job_forking_as_fast_as_it_can_is_killed_whole(cluster: Cluster, tmp_path: Path, kind: str,
+                                                         ending: str) -> None:
+    """A process that keeps forking while it is being killed (a fork loop in a session of its own)."""
+    cluster.start_agent("box", 1, "", "--containment", kind)
+    ready = tmp_path / "ready"
+    loop = f"setsid sh -c 'while :; do sleep 300 & echo $! >> {ready}; done' >/dev/null 2>&1 &"
+    then = f"while [ $(wc -l < {ready} 2>/dev/null || echo 0) -lt 50 ]; do sleep 0.05; done"
+    command = f"{loop}\n{then}" + ("" if ending == "normal" else "\nsleep 300")
+    with cluster.client() as c:
+        [job] = c.submit([JobSpec(command=command, timeout=None if ending == "normal" else 10)])
+        assert c.wait([job], timeout=120) == {job: "done" if ending == "normal" else "timeout"}
+        assert job_processes(cluster.home, job) == []
+        started = [int(line) for line in ready.read_text().split()]
+        assert len(started) >= 50 and not [pid for pid in started if alive(pid)]
+        if ending == "normal":
+            assert c.job(job)["attempt_list"][0]["note"].split(" ")[1:6] == "processes left running at its".split()
 
 
 def test_agent_refuses_a_containment_it_cannot_have(cluster: Cluster) -> None:
