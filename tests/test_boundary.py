@@ -216,6 +216,7 @@ def test_a_shared_string_is_counted_each_time_and_the_journal_writes_no_more(clu
     session.close()
 
 
+@pytest.mark.timeout(300)  # floods, 100,000 jobs and waits sized for a loaded machine
 def test_largest_submission_costs_no_more_memory_after_a_restart(tmp_path: Path) -> None:
     """100,000 jobs sharing their 600-byte command and env in one message (60 MiB counted): the master
     holds one copy before a restart and, reading them back from the journal, one copy after."""
@@ -300,6 +301,7 @@ class Flood:
         self.thread.join(timeout=60)
 
 
+@pytest.mark.timeout(300)  # floods, 100,000 jobs and waits sized for a loaded machine
 def test_connection_floods_under_fd_and_pids_limits_leave_status_answering(tmp_path: Path) -> None:
     own_fd_room(4096)
     with running_cluster(tmp_path / "home") as cluster:
@@ -342,6 +344,7 @@ def test_connection_floods_under_fd_and_pids_limits_leave_status_answering(tmp_p
             assert cluster.master.poll() is None and agent.poll() is None
 
 
+@pytest.mark.timeout(300)  # floods, 100,000 jobs and waits sized for a loaded machine
 def test_out_of_fds_the_door_frees_its_oldest_strangers(tmp_path: Path) -> None:
     """Out of fds (limit 64, most of them held by key holders' sessions, 300 strangers at the door):
     accept() fails with EMFILE, and the master closes its oldest handshakes instead of spinning;

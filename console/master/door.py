@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_SECONDS = 10.0  # a stranger's whole handshake, from accept to its last message
 MAX_PENDING = 512  # handshakes under way at once (and at most half the fd limit); past it the oldest goes
-LISTEN_BACKLOG = 1024  # connections the kernel queues before accept (hundreds of agents joining at once)
 MAX_HANDSHAKE_MESSAGE = 256  # what multiprocessing.connection itself reads of a handshake message
 _BACKOFF = (0.05, 1.0)  # accept's back-off on EMFILE/ENFILE: first and longest pause
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -109,7 +108,7 @@ class Door:
     # ---- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.listener.listen(LISTEN_BACKLOG)
+        # The backlog (hundreds of agents connecting at once) is the listener's own: agent/connection.Listener.
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ)
         listening = True
