@@ -61,7 +61,9 @@ def test_20000_jobs_while_agents_are_killed_at_random(tmp_path: Path) -> None:
                 if now >= next_kill and len(alive) >= 2:
                     victim = cluster.agents[rng.choice(alive)]
                     victim.kill()
-                    victim.wait(timeout=10)
+                    # SIGKILL of an agent with its pool and job cgroups can take >10 s to complete on a
+                    # loaded 2-core machine (seen once): wait for it, it is no fault of corral's.
+                    victim.wait(timeout=60)
                     kills += 1
                     restart_at[victim.args[victim.args.index("--name") + 1]] = now + rng.uniform(0.0, 2.0)
                     next_kill = now + rng.uniform(0.3, 1.5)
