@@ -197,6 +197,27 @@ def test_a_job_forking_as_fast_as_it_can_is_killed_whole(cluster: Cluster, tmp_p
             assert c.job(job)["attempt_list"][0]["note"].split(" ")[1:6] == "processes left running at its".split()
 
 
+def test_the_next_agent_clears_what_an_agent_killed_with_kill_9_left(cluster: Cluster, tmp_path: Path) -> None:
+    """kill -9 of a cgroup agent leaves its jobs running (nothing of it is left to act): the next agent
+    started on the host kills them and removes the dead agent's cgroups, as the README says."""
+    require_cgroup()
+    first = cluster.start_agent("first", 1, "", "--containment", "cgroup")
+    pids = tmp_path / "p"
+    with cluster.client() as c:
+        c.submit([JobSpec(command=escaping_job(pids, "sleep 300"))])
+        wait_for(lambda: all((pids / name).exists() and (pids / name).read_text() for name in ESCAPES),
+                 timeout=60, what="the escapes to start")
+    left = escaped(pids)
+    root = Path(contain._own_cgroup(), f"corral-{first.pid}")  # the agent was started in this process's cgroup
+    assert root.is_dir()
+    first.kill()
+    first.wait(timeout=10)
+    assert all(alive(pid) for pid in left.values())  # nobody has killed them yet
+    cluster.start_agent("second", 1, "", "--containment", "cgroup")
+    assert [name for name, pid in left.items() if alive(pid)] == [], f"outlived the next agent's start: {left}"
+    assert not root.exists()
+
+
 def test_agent_refuses_a_containment_it_cannot_have(cluster: Cluster) -> None:
     out = cluster.corral("agent", "--containment", "nonsense")
     assert out.returncode == 2 and "--containment" in out.stderr
