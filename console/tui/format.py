@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 import time
-from rich.text import Text
+from rich.style import Style
+from rich.text import Span, Text
 
 from .. import escape
 
 _BREAKS = re.compile(r"[\n\t]+")
+# What a job's SGR may not do in the console: hide its text (conceal) or make it flash.
+_TAMED = Style(conceal=False, blink=False, blink2=False)
 
 
 def one_line(text: str) -> str:
@@ -23,6 +26,8 @@ def output(data: str | bytes, style: str = "") -> Text:
     byte of it reaches the terminal as it came: rich turns the SGR it is left with into styles."""
     safe = "".join(piece for _, piece in escape.split_sgr(data))
     out = Text.from_ansi(safe, style=style, end="")
+    out.spans = [Span(s.start, s.end, (Style.parse(s.style) if isinstance(s.style, str) else s.style) + _TAMED)
+                 for s in out.spans]
     return out
 
 

@@ -51,3 +51,13 @@ def test_terminal_stream_escapes_what_is_written_and_passes_the_rest() -> None:
 def test_an_error_line_stays_one_line_whatever_the_error_holds() -> None:
     line = error_line("corral wait", CorralError("job 3 failed: boom\n\x1b[2Jsecond line", "see\nthis"))
     assert line == "corral wait: job 3 failed: boom\\n\\x1b[2Jsecond line — see\\nthis"
+
+
+def test_the_console_renders_a_jobs_colour_but_not_concealed_or_blinking_text() -> None:
+    from corral.console.tui.format import output
+
+    text = output(b"\x1b[31;1mred\x1b[0m \x1b[8msecret\x1b[0m \x1b[5mflash\x1b[0m \x1b]0;t\x07")
+    assert text.plain == "red secret flash \\x1b]0;t\\x07"
+    styles = {text.plain[s.start:s.end]: s.style for s in text.spans}
+    assert styles["red"].color is not None and styles["red"].color.name == "color(1)" and styles["red"].bold
+    assert not styles["secret"].conceal and not styles["flash"].blink
