@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from corral.agent.protocol import FINAL_STATES, RELEASED, JobState
 
@@ -87,7 +87,17 @@ class AgentRecord:
     """An agent as the master sees it."""
 
     __slots__ = ("name", "session", "info", "tags", "slots", "running", "stale", "dispatched", "cancel", "done",
-                 "failed", "last_seen", "heard", "registered", "state", "credit")
+                 "failed", "last_seen", "_heard", "on_heard", "registered", "state", "credit")
+
+    @property
+    def heard(self) -> float:
+        return self._heard
+
+    @heard.setter
+    def heard(self, value: float) -> None:
+        self._heard = value
+        if self.on_heard is not None:
+            self.on_heard(self)
 
     def __init__(self, name: str, session: str, info: dict[str, Any], now: float, heard: float = 0.0) -> None:
         self.name = name
@@ -105,7 +115,9 @@ class AgentRecord:
         self.done = 0
         self.failed = 0
         self.last_seen = now  # wall clock, for people (`corral agents`)
-        self.heard = heard  # monotonic: when the master last heard from it; leases are judged on this
+        # Called with this record each time `heard` is set (the scheduler's lease index), once admitted.
+        self.on_heard: Callable[[AgentRecord], None] | None = None
+        self._heard = heard  # monotonic: when the master last heard from it; leases are judged on this
         self.registered = now
         self.state = AgentState.UP
         self.credit = 0  # how many more jobs the agent said it would take (its last take/report)

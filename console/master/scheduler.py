@@ -7,6 +7,7 @@ two never disagree and the same call, sent again, does the same thing."""
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 import threading
@@ -73,6 +74,11 @@ class Scheduler:
         self.jobs: dict[int, Job] = {}
         self.queues: dict[frozenset[str], list[tuple[int, int]]] = {}  # tag set -> heap of (-priority, id)
         self.agents: dict[str, AgentRecord] = {}
+        # Leases by when each agent was last heard: (heard, seq, record), one entry per hearing, the oldest
+        # on top. expire_leases() looks only at the top (O(expired + stale entries), not O(all agents) a
+        # second); an entry whose record was heard again since is stale and dropped as it surfaces.
+        self._leases: list[tuple[float, int, AgentRecord]] = []
+        self._lease_seq = itertools.count()
         self._slots_up, self._slots_counted = 0, float("-inf")  # the slots of agents up, as _fair_share last counted
         self.sessions: dict[str, AgentRecord] = {}
         self.recent_final: OrderedDict[int, str] = OrderedDict()
@@ -170,6 +176,10 @@ class Scheduler:
         self.recent_final[job_id] = state
         if len(self.recent_final) > RECENT_FINAL:
             self.recent_final.popitem(last=False)
+
+    def _watch_lease(self, agent: AgentRecord) -> None:
+        """AgentRecord.on_heard for the agents this master judges (lock held): index this hearing."""
+        heapq.heappush(self._leases, (agent.heard, next(self._lease_seq), agent))
 
     def _agent(self, session: str) -> AgentRecord:
         agent = self.sessions.get(session)
@@ -451,6 +461,8 @@ class Scheduler:
                 agent.done, agent.failed = old.done, old.failed
                 agent.stale = old.stale & claimed  # still held there: may yet hand in a late success
             self.agents[name] = agent
+            agent.on_heard = self._watch_lease
+            self._watch_lease(agent)
             self.sessions[agent.session] = agent
         log.info("agent %s up: %d slots, tags %s", name, agent.slots, ",".join(sorted(agent.tags)) or "-")
         return {"session": agent.session, "lease": self.lease_seconds}
@@ -828,14 +840,19 @@ class Scheduler:
         JournalFailed (housekeeping logs it): what was not journaled stays as it was, for the next call."""
         with self.lock:
             now = self.clock()
-            for agent in list(self.agents.values()):
-                if not agent.state.gone and now - agent.heard > self.lease_seconds:
-                    # Re-queued first: if the journal refuses, the agent is not marked lost, so the next
-                    # call sees it silent still and tries again.
-                    silent = now - agent.heard
-                    self._requeue_lost(agent, keep=set(), reason=f"agent {agent.name} lost: silent for {silent:.1f}s")
-                    agent.state = AgentState.LOST
-                    log.info("agent %s lost: silent for %.1fs", agent.name, silent)
+            leases = self._leases
+            while leases and now - leases[0][0] > self.lease_seconds:
+                heard, _, agent = leases[0]
+                if agent.heard != heard or agent.state.gone or self.agents.get(agent.name) is not agent:
+                    heapq.heappop(leases)  # heard since (a later entry stands for it), lost already, or replaced
+                    continue
+                # Re-queued first: if the journal refuses, the agent is not marked lost and its entry
+                # stays on top, so the next call sees it silent still and tries again.
+                silent = now - heard
+                self._requeue_lost(agent, keep=set(), reason=f"agent {agent.name} lost: silent for {silent:.1f}s")
+                heapq.heappop(leases)
+                agent.state = AgentState.LOST
+                log.info("agent %s lost: silent for %.1fs", agent.name, silent)
             if self.orphans_since and now - self.orphans_since > self.lease_seconds:
                 held: dict[str, dict[int, int]] = {}
                 for job in self.jobs.values():
