@@ -23,7 +23,8 @@ from .protocol import CHUNK_CALL, OUTPUT_TAIL_BYTES, JobResult, JobState, Task
 #   ("worker", pid)                  a worker is up (the pool replaces dead ones by itself)
 # Every job is named by its attempt, a (job id, attempt) pair: two attempts of one job may run here at once.
 #   ("chunk", pid, attempts, t)      this worker starts a chunk of these attempts
-#   ("pgid", attempt, pgid, t)       a shell job's process group, for cancel
+#   ("pgid", attempt, pgid, t)       a shell job's process group, for cancel; its process started at t
+#   ("start", attempt, t)            a callable job starts running at t (a shell job's start is its "pgid")
 #   ("output", attempt, stdout, stderr)  a running shell job's latest output tails (bytes)
 _events: Any = None
 _events_lock: Any = None  # workers share the pipe; a message may exceed the size written atomically
@@ -365,6 +366,7 @@ def _run_callable(task: Task, started: float) -> JobResult:
         )
     out, err = _capture(), _capture()
     state, value, error, tb = JobState.DONE.value, None, "", ""
+    _tell_agent(("start", (task.job_id, task.attempt), time.time()))  # from here on it runs (until now it was only assigned)
     saved_env = _snapshot_env()  # the whole of it: a callable may change os.environ itself
     saved_cwd = os.getcwd() if task.cwd else None
     box = contain.JobBox(_containment, task.job_id, task.attempt, shell=False)

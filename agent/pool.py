@@ -48,14 +48,15 @@ def released(task: Task, why: str, started: float = 0.0) -> JobResult:
 class _Held:
     """What the agent knows of one job it holds (taken, not yet settled)."""
 
-    __slots__ = ("task", "chunk", "worker", "pgid", "started", "output")
+    __slots__ = ("task", "chunk", "worker", "pgid", "started", "began", "output")
 
     def __init__(self, task: Task) -> None:
         self.task = task
         self.chunk = 0  # the pool task (chunk number) carrying it, once fed to the pool
         self.worker = 0  # the pool worker's pid once its chunk started
         self.pgid = 0  # the shell's process group, for shell jobs
-        self.started = 0.0
+        self.started = 0.0  # when its chunk (or, once known, the job itself) started in its worker
+        self.began = 0.0  # when its process (shell) or call (callable) started: 0 while only assigned
         self.output: Optional[Tuple[bytes, bytes]] = None  # the latest (stdout, stderr) tails while it runs
 
 
@@ -65,6 +66,7 @@ class Holding(NamedTuple):
     running: List[Key]  # the attempts held here (taken, not yet settled)
     wanted: int  # the credit: how many more jobs to send
     live: Dict[int, Tuple[bytes, bytes]]  # job id -> (stdout, stderr) tails that changed since the last report
+    began: List[Tuple[int, int, float]]  # (job id, attempt, when it started) of every held attempt that has started
 
 
 class JobPool:
@@ -98,6 +100,7 @@ class JobPool:
         self.live_changed: Set[Key] = set()
         self.workers: Set[int] = set()  # pids the workers announced, less those seen gone (events thread only)
         self.closed = threading.Event()
+        self.began_news = threading.Event()  # a held job started since the last holding(): worth a report now
         # forkserver: the agent has threads, and fork() from a threaded process can deadlock;
         # forkserver workers start from a clean single-threaded server, and cheaply.
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -133,7 +136,11 @@ class JobPool:
                     live[key[0]] = held.output
             self.live_changed.clear()
             wanted = 0 if draining else self.pacing.wanted(len(self.held))
-            return Holding(list(self.held), wanted, live)
+            # Every start, in every report (not only the new ones): the master takes each once, and a
+            # report it could not journal, or a master restarted meanwhile, loses none.
+            began = [(job_id, attempt, held.began) for (job_id, attempt), held in self.held.items() if held.began]
+            self.began_news.clear()
+            return Holding(list(self.held), wanted, live, began)
 
     # ---- work in ------------------------------------------------------------------------
 
@@ -223,7 +230,7 @@ class JobPool:
                 for task in unstarted:
                     del self.held[key_of(task)]
                 self.report([JobResult(task.job_id, task.attempt, _CANCELLED, error="cancelled before it started",
-                                       started=now, ended=now) for task in unstarted])
+                                       started=0.0, ended=now) for task in unstarted])  # it never ran
             targets = [self.held[key] for key in wanted if key in self.held]
             self.cancel_requested.update(key_of(held.task) for held in targets)
             self._mark_cancelled([key_of(held.task) for held in targets])
@@ -302,12 +309,20 @@ class JobPool:
                     held.output = (out, err)
                     self.live_changed.add(key)
             elif kind == "pgid":
-                _, key, pgid, _ = event
+                _, key, pgid, began = event
                 held = self.held.get(key)
                 if held is not None:
-                    held.pgid = pgid
+                    held.pgid, held.began = pgid, began
+                    self.began_news.set()
                     if key in self.cancel_requested:
                         execute.kill_group(pgid)
+            elif kind == "start":
+                _, key, began = event
+                held = self.held.get(key)
+                if held is not None:
+                    # Its own start, not its chunk's: a callable's timeout counts from here (the sweep).
+                    held.began = held.started = began
+                    self.began_news.set()
         if self.verbose:
             for job_id, attempt in starting:
                 print(f"Run job: {job_id}" + (f" (attempt {attempt})" if attempt > 1 else ""), flush=True)

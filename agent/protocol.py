@@ -8,6 +8,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 # Bump when a wire record changes shape or meaning; master and agent compare it at register().
 # 2: shipped code (JobSpec.code, Task.code, CODE_TYPEID), chunked calls (CHUNK_CALL), a failed callable's value.
+# 3: report(..., began): which held jobs have started (a job dispatched is `assigned` until then).
 # 3: JobResult.note (what the agent noted of the attempt: processes killed at its end).
 # 3 (issue 9): a job's output crosses as bytes (JobResult.stdout/stderr, live tails) with how many bytes each
 #   stream produced in all (JobResult.stdout_total/stderr_total).
@@ -40,13 +41,14 @@ CHUNK_CALL = "corral:chunk"
 
 class JobState(str, enum.Enum):
     QUEUED = "queued"
-    RUNNING = "running"
+    RUNNING = "running"  # its process (or call) has started
     DONE = "done"
     FAILED = "failed"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     HELD = "held"
     LOST = "lost"
+    ASSIGNED = "assigned"  # an agent holds it and has not started it yet (last: the order `corral status` lists)
 
     @property
     def final(self) -> bool:

@@ -325,7 +325,13 @@ class Agent:
             self._send_report(scheduler, [])
             if self.draining.is_set() and self._drained():
                 return
-            self.disconnected.wait(HEARTBEAT_SECONDS)
+            # A job that starts is told at once (the console shows it running from then), not a beat later.
+            pool = self.pool
+            until = time.monotonic() + HEARTBEAT_SECONDS
+            while time.monotonic() < until and not self.disconnected.is_set():
+                if pool is not None and pool.began_news.is_set():
+                    break
+                self.disconnected.wait(TICK_SECONDS)
 
     def _send_report(self, scheduler: Any, batch: List[JobResult]) -> None:
         """One report: these results (none for a heartbeat), what we hold, our credit; then what it brought.
@@ -337,13 +343,15 @@ class Agent:
         with self.received_lock:
             received = self.received  # first: every task counted so far is held or in the outbox now
         if pool is None:  # a heartbeat while the pool starts: nothing held, nothing wanted yet
-            holding = Holding([], 0, {})
+            holding = Holding([], 0, {}, [])
         else:
             holding = pool.holding(draining=self.draining.is_set())
         running = sorted(set(holding.running) | self.outbox.keys())
         rows = [tuple(result) for result in batch]
+        # `began`: which held attempts have started (the others are only assigned), when there are any.
+        extra = (holding.began,) if holding.began else ()
         tasks, cancel = call(scheduler, "report", report_seconds(batch), self.session, rows, running,
-                             holding.wanted, holding.live or None, received)
+                             holding.wanted, holding.live or None, received, *extra)
         if tasks or cancel:
             if self._wait_for_pool() is not None:  # none come before the pool exists (we wanted none); all the same
                 self._received(tasks, cancel)

@@ -341,7 +341,7 @@ class Client:
 
     def cancel_batch(self, name: str) -> dict[int, str]:
         """Cancel the queued and running jobs of one batch (a Pool's "pool-3": its jobs are "pool-3 [i/n]")."""
-        active = self.jobs([JobState.QUEUED.value, JobState.RUNNING.value, JobState.HELD.value], limit=10**7)
+        active = self.jobs([JobState.QUEUED.value, JobState.ASSIGNED.value, JobState.RUNNING.value, JobState.HELD.value], limit=10**7)
         ids = [job["id"] for job in active if in_batch(job["name"], name)]
         return self.cancel(ids) if ids else {}
 

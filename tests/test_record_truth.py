@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from corral.agent.protocol import OUTPUT_TAIL_BYTES, JobSpec
@@ -124,3 +125,26 @@ def test_wait_on_a_terminal_escapes_the_jobs_bytes_and_raw_does_not(cluster: Clu
     with cluster.client() as c:
         (job,) = [j["id"] for j in c.jobs(limit=1)]
     assert b"\x1b]0;owned\x07y\xff" in on_a_tty("show", str(job), "--raw")  # --raw: the bytes, as asked
+
+
+def test_prefetched_jobs_are_assigned_and_only_running_ones_fill_slots(cluster: Cluster) -> None:
+    """Short jobs on one slot: the agent takes several at a time (pacing), runs one. The master counts
+    the one running and the others assigned, apart; busy is the running one; started is set once running."""
+    cluster.start_agent("solo", slots=1)
+    seen_apart = False
+    with cluster.client() as c:
+        ids = c.submit([JobSpec(command="sleep 0.03") for _ in range(400)])
+        deadline = time.monotonic() + 180
+        while not seen_apart and time.monotonic() < deadline:
+            status = c.status()
+            counts = status["counts"]
+            if counts["assigned"] >= 2 and counts["running"] <= 1 and status["busy"] == counts["running"]:
+                seen_apart = True
+                assigned = [j for j in c.jobs(["assigned"], limit=5)]
+                assert assigned and all(j["started"] is None and j["agent"] == "solo" for j in assigned), assigned
+            time.sleep(0.05)
+        assert seen_apart, "never saw the prefetched jobs counted apart from the running one"
+        assert len(c.wait(ids, timeout=300)) == len(ids)
+        shown = c.jobs(["done"], limit=20)
+        assert all(j["started"] and j["ended"] >= j["started"] for j in shown), shown
+    journal_outcomes(cluster.home / "corral.db", ids)

@@ -176,7 +176,8 @@ def status_text(status: Record) -> str:
     lines = [
         "  ".join(f"{state} {counts.get(state, 0)}" for state in [s.value for s in JobState]),
         f"agents {len(up)} up / {len(status['agents'])}   slots {status['busy']} busy / {status['slots']}"
-        f"   {status['rate']:.1f} jobs/s",
+        + (f" (+{status['assigned']} assigned, not started)" if status.get("assigned") else "")
+        + f"   {status['rate']:.1f} jobs/s",
     ]
     lines += [f"  {one_line(a['name']):<16} {a['state']:<8} {a['busy']}/{a['slots']} busy   done {a['done']}"
               for a in status["agents"]]

@@ -11,6 +11,8 @@ from corral.agent.protocol import FINAL_STATES, RELEASED, JobState
 # Job states as the plain strings the journal and the wire carry (JobState's values): a job's
 # state is compared and written many times per job, and an Enum member would pickle with its class.
 QUEUED, RUNNING, HELD = JobState.QUEUED.value, JobState.RUNNING.value, JobState.HELD.value
+ASSIGNED = JobState.ASSIGNED.value
+ON_AGENT = frozenset({ASSIGNED, RUNNING})  # an agent holds the job: taken (assigned), or started (running)
 DONE, FAILED, TIMEOUT = JobState.DONE.value, JobState.FAILED.value, JobState.TIMEOUT.value
 CANCELLED, LOST = JobState.CANCELLED.value, JobState.LOST.value
 FINAL = frozenset(s.value for s in FINAL_STATES)
@@ -86,8 +88,8 @@ class Job:
 class AgentRecord:
     """An agent as the master sees it."""
 
-    __slots__ = ("name", "session", "info", "tags", "slots", "running", "stale", "dispatched", "cancel", "done",
-                 "failed", "last_seen", "_heard", "on_heard", "registered", "state", "credit")
+    __slots__ = ("name", "session", "info", "tags", "slots", "running", "began", "stale", "dispatched", "cancel",
+                 "done", "failed", "last_seen", "_heard", "on_heard", "registered", "state", "credit")
 
     @property
     def heard(self) -> float:
@@ -105,8 +107,10 @@ class AgentRecord:
         self.info = info  # agent.protocol.AgentInfo's wire dict, as the agent sent it
         self.tags = frozenset(info.get("tags") or ())
         self.slots = int(info.get("slots") or 1)
-        # The attempts this session holds, as job id -> attempt: the current attempt of each job running here.
+        # The attempts this session holds, as job id -> attempt: the current attempt of each job running here
+        # (assigned or running).
         self.running: dict[int, int] = {}
+        self.began: set[int] = set()  # the job ids of those it has started (running); pruned when read
         # Attempts this session was given that were taken from it since (its lease ran out): it may still
         # hand one in (a late success wins); any other result it sends is refused.
         self.stale: set[tuple[int, int]] = set()
@@ -122,6 +126,12 @@ class AgentRecord:
         self.state = AgentState.UP
         self.credit = 0  # how many more jobs the agent said it would take (its last take/report)
 
+    def busy(self) -> int:
+        """How many of its jobs run (started), not counting those only assigned to it."""
+        if len(self.began) > len(self.running) or not self.began <= self.running.keys():
+            self.began &= self.running.keys()  # jobs that left it (finished, re-queued) by any path
+        return len(self.began)
+
     def wire(self, now: float, monotonic: float) -> dict[str, Any]:
         """What clients see of it (`corral agents --json`): plain data only."""
         return {
@@ -130,7 +140,8 @@ class AgentRecord:
             "pid": self.info.get("pid", 0),
             "state": self.state.value,
             "slots": self.slots,
-            "busy": len(self.running),
+            "busy": self.busy(),  # slots running a job; `assigned`: jobs it holds and has not started
+            "assigned": len(self.running) - self.busy(),
             "done": self.done,
             "failed": self.failed,
             "tags": sorted(self.tags),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from corral.agent.errors import CorralError
 from corral.agent.protocol import OUTPUT_TAIL_BYTES, JobResult
@@ -14,6 +14,7 @@ _OPT_INT, _OPT_BYTES, _NUMBER = (int, type(None)), (bytes, type(None)), (int, fl
 _INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
 _new_tuple = tuple.__new__
 RESULT_FIELDS = len(JobResult._fields)
+MAX_STARTS = 100_000  # starts one report may name: more jobs than any agent holds
 
 
 def _storable(text: str) -> bool:
@@ -86,3 +87,25 @@ def check_count(count: Any, what: str = "report") -> int | None:
     if type(count) is not int or not 0 <= count < _INT64.stop:
         raise CorralError(f"malformed {what}: the count of tasks received must be a whole number, not {shown(count)}")
     return count
+class Start(NamedTuple):
+    """A held job the agent has started: its attempt, and when (the agent's clock, as its results' times)."""
+
+    job_id: int
+    attempt: int
+    when: float
+
+
+def check_starts(began: Any) -> list[Start]:
+    """The starts a report names ((job id, attempt, when), see agent.pool.Holding), checked whole: a
+    malformed list refuses the report, as a malformed result does."""
+    if type(began) is not list or len(began) > MAX_STARTS:
+        raise CorralError("malformed report: began must be a list of (job id, attempt, when)")
+    lowest, highest = _INT64.start, _INT64.stop
+    starts: list[Start] = []
+    for row in began:
+        if (type(row) not in (tuple, list) or len(row) != 3 or type(row[0]) is not int or type(row[1]) is not int
+                or type(row[2]) not in _NUMBER or not lowest <= row[0] < highest or not lowest <= row[1] < highest
+                or not 0 < row[2] < 1e12):
+            raise CorralError(f"malformed report: bad start {_sketch(row)}")
+        starts.append(Start(row[0], row[1], float(row[2])))
+    return starts

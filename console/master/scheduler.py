@@ -20,9 +20,9 @@ from corral.agent.errors import (BadJobSpec, CorralError, JournalFailed, NameTak
                                  UnknownJob)
 from corral.agent.protocol import MAX_PAYLOAD_BYTES, OUTPUT_TAIL_BYTES, PROTOCOL_VERSION, RELEASED, JobResult
 
-from .records import (CANCELLED, DONE, FAILED, FINAL, HELD, INTERRUPTED, LOST, QUEUED, RUNNING, TIMEOUT, UNFINISHED,
-                      AgentRecord, AgentState, Job, Retention, TaskTuple)
-from .reports import check_attempts, check_count, check_results
+from .records import (ASSIGNED, CANCELLED, DONE, FAILED, FINAL, HELD, INTERRUPTED, LOST, ON_AGENT, QUEUED, RUNNING,
+                      TIMEOUT, UNFINISHED, AgentRecord, AgentState, Job, Retention, TaskTuple)
+from .reports import Start, check_attempts, check_count, check_results, check_starts
 from .store import Journal, Outcome, Submission, encode_env, encode_tags
 from .rows import pack
 from .validate import (MAX_JOBS, Checked, batch_rule, carried_bytes, check, is_whole, payload_rule, poll_rule, shown, size_rule,
@@ -147,20 +147,21 @@ class Scheduler:
 
     def _dispatch(self, agent: AgentRecord, jobs: list[Job]) -> list[TaskTuple]:
         """Hand popped jobs to an agent: journaled first; on JournalFailed they go back to their queue."""
-        now = time.time()
         name = agent.name
         try:
-            self.journal.write([(Journal.DISPATCH, [(job.attempts + 1, name, now, job.id) for job in jobs])])
+            self.journal.write([(Journal.DISPATCH, [(job.attempts + 1, name, job.id) for job in jobs])])
         except JournalFailed:
             for job in jobs:  # still queued: back in the heap, where _pop found them
                 self._enqueue(job)
             raise
         for job in jobs:
-            job.state = RUNNING
+            # Assigned, not running: it starts (and its `started` is set) when the agent says its process did.
+            job.state = ASSIGNED
             job.attempts += 1
             job.agent = name
-            job.started = now
+            job.started = None
             agent.running[job.id] = job.attempts
+            agent.began.discard(job.id)
             self._changed(job.id)
         agent.dispatched += len(jobs)
         if self.live_output:  # a new attempt starts with no output of its own yet
@@ -447,7 +448,7 @@ class Scheduler:
             if old is not None:
                 ours.running = dict(old.running)
             else:
-                ours.running = {j.id: j.attempts for j in self.jobs.values() if j.state == RUNNING and j.agent == name}
+                ours.running = {j.id: j.attempts for j in self.jobs.values() if j.state in ON_AGENT and j.agent == name}
             kept = {job_id for job_id, attempt in ours.running.items() if (job_id, attempt) in claimed}
             same = old is not None and old.info.get("instance") == info.get("instance")
             # The same agent process never received them (a reply lost with its connection): they count
@@ -455,6 +456,7 @@ class Scheduler:
             # First, as it writes: on JournalFailed the old session stands and the agent registers again later.
             self._requeue_lost(ours, keep=kept, reason=f"agent {name} came back without it", counts=not same)
             agent.running = ours.running  # what _requeue_lost left: the attempts the agent still holds
+            agent.began = {j for j in agent.running if (job := self.jobs.get(j)) is not None and job.state == RUNNING}
             if old is not None:
                 self.sessions.pop(old.session, None)  # superseded: a take parked for it returns nothing
                 self.work.notify_all()
@@ -532,19 +534,24 @@ class Scheduler:
                 self.work.wait(remaining)
 
     def report(self, session: str, results: Any, running: Any, want: int = 0,
-               live: Any = None, received: Any = None) -> tuple[list[TaskTuple], list[tuple[int, int]]]:
+               live: Any = None, received: Any = None, began: Any = None
+               ) -> tuple[list[TaskTuple], list[tuple[int, int]]]:
         """Results in, new work out, in one round trip; also the heartbeat. Returns (tasks, attempts to cancel).
         `running` is every (job id, attempt) the agent holds; `received`, how many tasks it has had this
         session: once it has had all the master sent, an attempt the master thinks it runs and it does not
         hold goes back to the queue, a new attempt that counts nothing against the job (reconciliation).
-        `live` maps running job ids to their latest (stdout, stderr) tails, for the console to follow."""
+        `live` maps running job ids to their latest (stdout, stderr) tails, for the console to follow;
+        `began` lists (job id, attempt, when) for each held attempt that has started: assigned until then."""
         # All of a report is checked, before any of it changes anything, and before the lock: a
         # malformed one costs dispatch nothing.
         checked = check_results(results) if results else []
         held = check_attempts(running)
         count = check_count(received)
+        starts = check_starts(began) if began else []
         with self.lock:
             agent = self._agent(session)
+            if starts:
+                self._take_starts(agent, starts)
             if live:
                 self._take_live_output(agent, live)
             if checked:
@@ -607,7 +614,7 @@ class Scheduler:
         for result in results:
             self._judge_result(agent, result, writes)
         self.journal.write([(Journal.ATTEMPT, writes.attempts), (Journal.FINISH, writes.finished),
-                            (Journal.REQUEUE, writes.requeued)])
+                            (Journal.STARTED, writes.started), (Journal.REQUEUE, writes.requeued)])
         self._apply_writes(agent, writes)
         if writes.finished:
             self.finished.notify_all()
@@ -634,14 +641,14 @@ class Scheduler:
                             job_id, attempt, agent.name)
             return
         writes.ended_here.append((job_id, attempt))
-        counted = job is not None and job.state == RUNNING and job.attempts == attempt and job.agent == agent.name
+        counted = job is not None and job.state in ON_AGENT and job.attempts == attempt and job.agent == agent.name
         if not counted and job is not None and state == DONE and (
                 attempt < job.attempts or (attempt == job.attempts and job.state == QUEUED)):
             # A late success of an attempt re-queued meanwhile (its agent was lost, then came
             # back), whether dispatched again or still queued: the first attempt to finish
             # wins, and the one still running is cancelled.
             counted = True
-            other = self.agents.get(job.agent or "") if job.state == RUNNING else None
+            other = self.agents.get(job.agent or "") if job.state in ON_AGENT else None
             if other is not None:
                 writes.cancels.append((other, (job_id, job.attempts)))
             writes.event("late result of %d attempt %d from %s wins", job_id, attempt, agent.name)
@@ -681,6 +688,8 @@ class Scheduler:
             state = FAILED
         writes.ends.append((job, state, failures))
         writes.finished.append((state, failures, agent.name, r.ended, r.exit_code, r.value, r.error, job_id))
+        if job.started is None and r.started:  # it ended before its start was told: its run time still shows
+            writes.started.append((r.started, job_id))
         if writes.verbose:
             what = f"exit {r.exit_code}" if r.exit_code is not None else state
             if state == DONE:
@@ -711,8 +720,26 @@ class Scheduler:
 
     def _requeued(self, job: Job) -> None:
         """Back to the queue (its journal row written), ahead of newer work of its priority."""
-        job.state, job.agent = QUEUED, None
+        job.state, job.agent, job.started = QUEUED, None, None  # as the journal's REQUEUE
         self._enqueue(job)
+
+    def _take_starts(self, agent: AgentRecord, starts: list[Start]) -> None:
+        """Jobs this agent has started: running from when it says (journaled first). Each report names
+        every start, so one not journaled now (JournalFailed) is taken from the next report."""
+        jobs = self.jobs
+        fresh = [s for s in starts if (job := jobs.get(s.job_id)) is not None and job.state == ASSIGNED
+                 and job.attempts == s.attempt and job.agent == agent.name]
+        if not fresh:
+            return
+        try:
+            self.journal.write([(Journal.START, [(s.when, s.job_id) for s in fresh])])
+        except JournalFailed:
+            return
+        for s in fresh:
+            job = jobs[s.job_id]
+            job.state, job.started = RUNNING, s.when
+            agent.began.add(s.job_id)
+            self._changed(s.job_id)
 
     def _take_live_output(self, agent: AgentRecord, live: Any) -> None:
         """Keep (in memory only) the output tails (bytes) of jobs running on this agent; drop the malformed."""
@@ -721,13 +748,13 @@ class Scheduler:
         limit = OUTPUT_TAIL_BYTES
         for job_id, tails in live.items():
             job = self.jobs.get(job_id) if type(job_id) is int else None
-            if (job is None or job.state != RUNNING or job.agent != agent.name or type(tails) not in (tuple, list)
+            if (job is None or job.state not in ON_AGENT or job.agent != agent.name or type(tails) not in (tuple, list)
                     or len(tails) != 2 or not all(type(t) is bytes and len(t) <= limit for t in tails)):
                 continue
             self.live_output[job_id] = (tails[0], tails[1])
             self._changed(job_id)  # the console reloads a job detail it shows when its job changed
         if len(self.live_output) > 10_000:  # jobs that left RUNNING by a path that did not clear theirs
-            for stale in [j for j in self.live_output if (self.jobs.get(j) is None or self.jobs[j].state != RUNNING)]:
+            for stale in [j for j in self.live_output if (self.jobs.get(j) is None or self.jobs[j].state not in ON_AGENT)]:
                 del self.live_output[stale]
 
     def _reported_before(self, r: JobResult, agent: str) -> bool:
@@ -758,7 +785,7 @@ class Scheduler:
         for job_id in sorted(set(agent.running) - keep):
             attempt = agent.running[job_id]
             job = self.jobs.get(job_id)
-            if job is None or job.state != RUNNING or job.agent != agent.name or job.attempts != attempt:
+            if job is None or job.state not in ON_AGENT or job.agent != agent.name or job.attempts != attempt:
                 continue
             lost = job.lost + 1 if counts else job.lost
             final = lost > self.max_lost
@@ -856,7 +883,7 @@ class Scheduler:
             if self.orphans_since and now - self.orphans_since > self.lease_seconds:
                 held: dict[str, dict[int, int]] = {}
                 for job in self.jobs.values():
-                    if job.state == RUNNING:
+                    if job.state in ON_AGENT:
                         owner = self.agents.get(job.agent or "")
                         if owner is None or owner.running.get(job.id) != job.attempts:
                             held.setdefault(job.agent or "?", {})[job.id] = job.attempts
@@ -908,12 +935,13 @@ class _Writes:
     written (Scheduler._apply_writes), and the log's events (kept only when logged)."""
 
     __slots__ = ("attempts", "finished", "requeued", "events", "verbose", "now", "ended_here", "cancels", "changed",
-                 "requeues", "ends", "done", "failed")
+                 "requeues", "ends", "done", "failed", "started")
 
     def __init__(self, verbose: bool) -> None:
         self.now = time.time()
         self.attempts: list[tuple[Any, ...]] = []
         self.finished: list[tuple[Any, ...]] = []
+        self.started: list[tuple[float, int]] = []  # (when, job id) of final jobs whose start was not told
         self.requeued: list[tuple[Any, ...]] = []
         self.events: list[tuple[Any, ...]] = []
         self.verbose = verbose

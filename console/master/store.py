@@ -355,10 +355,15 @@ class Journal:
     )
     PROBE = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
     INSERT_SUBMISSION = "INSERT INTO submissions (token, first_id, total, submitted) VALUES (?,?,?,?)"
-    DISPATCH = "UPDATE jobs SET state='running', attempts=?, agent=?, started=? WHERE id=?"
-    REQUEUE = "UPDATE jobs SET state='queued', attempts=?, failures=?, lost=?, agent=NULL WHERE id=?"
-    # attempts, agent and lost were set at dispatch or requeue; a finish writes only the outcome.
+    # A job dispatched is assigned; it runs, and has a `started`, once its agent says its process started.
+    DISPATCH = "UPDATE jobs SET state='assigned', attempts=?, agent=?, started=NULL WHERE id=?"
+    START = "UPDATE jobs SET state='running', started=? WHERE id=?"
+    REQUEUE = "UPDATE jobs SET state='queued', attempts=?, failures=?, lost=?, agent=NULL, started=NULL WHERE id=?"
+    # attempts, agent and lost were set at dispatch or requeue (which clears `started`: a job cancelled
+    # while queued has no run time); a finish writes only the outcome.
     FINISH = "UPDATE jobs SET state=?, failures=?, agent=?, ended=?, exit_code=?, value=?, error=? WHERE id=?"
+    # A job that ended before its agent said it started (it ran in less than a report): when it did.
+    STARTED = "UPDATE jobs SET started=? WHERE id=?"
     LOST = "UPDATE jobs SET state='lost', lost=?, ended=?, error=? WHERE id=?"
     ATTEMPT = (
         "INSERT OR REPLACE INTO attempts (job_id, attempt, agent, state, started, ended, exit_code,"
@@ -372,7 +377,7 @@ class Journal:
         """Every job not yet final, in id order, for the scheduler to rebuild its queues."""
         try:
             for row in self.db.execute(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'running', 'held') ORDER BY id"
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'assigned', 'running', 'held') ORDER BY id"
             ):
                 yield JobRow._make(row)
         except sqlite3.Error as exc:

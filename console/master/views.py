@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 from corral.agent.errors import CorralError, UnknownJob
 from corral.agent.protocol import JobState
 
-from .records import DONE, FINAL, QUEUED, RUNNING, Job
+from .records import ASSIGNED, DONE, FINAL, ON_AGENT, QUEUED, RUNNING, Job
 from .rows import DispatchedRow, FinishedRow, pack
 from .validate import MAX_LIST, is_whole, limit_rule, shown
 
@@ -97,7 +97,8 @@ class Views:
         out: dict[str, Any] = {
             "seq": seq, "now": now, "counts": counts, "agents": agents, "rate": rate,
             "slots": sum(a["slots"] for a in agents if a["state"] != "lost"),
-            "busy": sum(a["busy"] for a in agents), "changed": changed, "journal": s.journal.health.wire(),
+            "busy": sum(a["busy"] for a in agents), "assigned": sum(a["assigned"] for a in agents),
+            "changed": changed, "journal": s.journal.health.wire(),
         }
         # The expensive halves run here, outside the lock, so dispatch never waits on a console.
         for name, pick in picked.items():
@@ -175,7 +176,8 @@ class Views:
             "counts": counts,
             "agents": agents,
             "slots": sum(a["slots"] for a in agents if a["state"] != "lost"),
-            "busy": sum(a["busy"] for a in agents),
+            "busy": sum(a["busy"] for a in agents),  # slots running a job (not those only assigned one)
+            "assigned": sum(a["assigned"] for a in agents),  # jobs agents hold and have not started
             "rate": recent / 10.0,
             "seq": seq,
             "uptime": now - s.started,
@@ -203,18 +205,22 @@ class Views:
         """Counts by state without a table scan: active ones from memory, final ones from the
         scheduler's tally (kept as jobs become final, and as retention prunes them)."""
         s = self.scheduler
-        running = self._running()
+        held = self._running()
+        jobs = s.jobs
+        started = sum(1 for j in held if (job := jobs.get(j)) is not None and job.state == RUNNING)
         counts = {state.value: 0 for state in JobState}
         counts.update((state, n) for state, n in s.final_counts.items() if n)
-        counts[RUNNING] = len(running)
-        counts[QUEUED] = len(s.jobs) - len(running)
+        counts[RUNNING] = started  # running: started; assigned: held by an agent, not started yet
+        counts[ASSIGNED] = len(held) - started
+        counts[QUEUED] = len(jobs) - len(held)
         return counts
 
     def _running(self) -> list[int]:
-        """Ids of running jobs: the agents hold them, except orphans a restarted master has not settled yet."""
+        """Ids of the jobs agents hold (assigned or running): those of the agents, except orphans a
+        restarted master has not settled yet."""
         s = self.scheduler
         if s.orphans_since:
-            return sorted(j.id for j in list(s.jobs.values()) if j.state == RUNNING)
+            return sorted(j.id for j in list(s.jobs.values()) if j.state in ON_AGENT)
         return sorted(j for a in s.agents.values() for j in a.running)
 
     def _rate(self, now: float) -> list[int]:

@@ -33,3 +33,8 @@ def result(task: Task, state: str = "done", exit_code: int | None = 0, **fields:
             fields[label] = fields[label].encode()
         fields.setdefault(f"{label}_total", len(fields.get(label, b"")))
     return tuple(JobResult(task.job_id, task.attempt, state, exit_code, **fields))
+
+
+def start(s: Scheduler, session: str, tasks: list[Task], when: float = 100.0) -> None:
+    """The agent says these tasks started (a heartbeat's `began`): assigned until then, running from now."""
+    s.report(session, [], [], 0, began=[(t.job_id, t.attempt, when) for t in tasks])

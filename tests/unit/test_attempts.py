@@ -19,7 +19,7 @@ from corral.console.master.records import AgentState
 from corral.console.master.scheduler import HOUSEKEEPING_SECONDS, Scheduler
 from corral.console.master.store import Journal
 
-from .agentcalls import register, result, take
+from .agentcalls import register, result, start, take
 
 
 class Clock:
@@ -66,6 +66,7 @@ def test_an_outcome_from_another_agent_is_refused_and_logged(s: Scheduler, caplo
     (job_id,) = s.submit([cmd()])
     alpha, beta = register(s, "alpha"), register(s, "beta")
     (task,) = take(s, alpha)
+    start(s, alpha, [task])  # running (assigned until its agent says it started)
     with caplog.at_level(logging.WARNING, logger="corral"):
         s.report(beta, [result(task)], [], 0)
     assert s.jobs[job_id].state == "running" and s.wait([job_id], 0) == {}
@@ -79,6 +80,7 @@ def test_an_outcome_for_an_attempt_never_dispatched_is_refused(s: Scheduler) -> 
     (job_id,) = s.submit([cmd()])
     alpha = register(s, "alpha")
     (task,) = take(s, alpha)
+    start(s, alpha, [task])
     s.report(alpha, [result(task._replace(attempt=7))], [], 0)
     (queued,) = s.submit([cmd()])
     s.report(alpha, [result(Task(queued, 1, "true", None, None, {}, None, None))], [], 0)  # queued, never sent
@@ -124,6 +126,7 @@ def test_an_attempt_the_agent_does_not_hold_is_queued_again_counting_nothing(s: 
     ids = s.submit([cmd(), cmd()])
     alpha = register(s, "alpha")
     tasks = take(s, alpha)
+    start(s, alpha, tasks)  # both started: running
     assert s.agents["alpha"].dispatched == 2
     # It has had one of the two (the other reply is still on its way): nothing is judged yet.
     s.report(alpha, [], [(tasks[0].job_id, 1)], 0, None, 1)
@@ -174,7 +177,7 @@ def test_a_parked_take_of_a_superseded_session_returns_nothing(s: Scheduler) -> 
 def test_a_master_paused_past_the_lease_blames_no_agent(s: Scheduler, clock: Clock) -> None:
     (job_id,) = s.submit([cmd()])
     alpha = register(s, "alpha")
-    take(s, alpha)
+    start(s, alpha, take(s, alpha))  # taken and started: running
     tick(s, clock)
     tick(s, clock, 15)  # SIGSTOPped for 15 s: the first tick after it comes 15 s late
     assert s.agents["alpha"].state is AgentState.UP and s.jobs[job_id].state == "running"
@@ -193,7 +196,7 @@ def test_a_master_paused_past_the_lease_blames_no_agent(s: Scheduler, clock: Clo
 def test_a_step_of_the_wall_clock_changes_nothing(s: Scheduler, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     (job_id,) = s.submit([cmd()])
     alpha = register(s, "alpha")
-    take(s, alpha)
+    start(s, alpha, take(s, alpha))  # taken and started: running
     real = time.time
     for step in (3600.0, -7200.0):
         monkeypatch.setattr(scheduler_module.time, "time", lambda step=step: real() + step)

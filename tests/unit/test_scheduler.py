@@ -15,7 +15,7 @@ from corral.console.master.scheduler import Scheduler
 from corral.console.master.store import Journal, Outcome
 from corral.console.master.validate import MAX_JOBS
 
-from .agentcalls import register, result, take
+from .agentcalls import register, result, start, take
 from .conftest import Master
 
 
@@ -83,7 +83,10 @@ def test_take_serves_priority_then_age_and_only_matching_tags(scheduler: Schedul
     assert [t.job_id for t in tasks] == [high, high2, low]  # never the gpu job
     assert all(t.attempt == 1 and t.command == "true" for t in tasks)
     gpu = register(scheduler, "gpu", tags=("gpu", "linux"))
-    assert [t.job_id for t in take(scheduler, gpu)] == [tagged]
+    (taken,) = take(scheduler, gpu)
+    assert taken.job_id == tagged
+    assert scheduler.jobs[tagged].agent == "gpu" and scheduler.jobs[tagged].state == "assigned"  # not started yet
+    start(scheduler, gpu, [taken])
     assert scheduler.jobs[tagged].agent == "gpu" and scheduler.jobs[tagged].state == "running"
 
 
@@ -149,6 +152,7 @@ def test_a_report_is_checked_whole_before_anything_changes(scheduler: Scheduler)
     (job_id,) = scheduler.submit([cmd()])
     session = register(scheduler)
     (task,) = take(scheduler, session)
+    start(scheduler, session, [task])
     for bad in (["not a row"], [result(task), result(task)[:5]], [(*result(task)[:2], "exploded", *result(task)[3:])],
                 [result(task, error="\udcff")], [(*result(task)[:5], "text, not bytes", *result(task)[6:])],
                 [(task.job_id, 2**70, *result(task)[2:])], "not a list"):
@@ -275,6 +279,7 @@ def test_recovery_after_the_journal_is_opened_again(master: Master) -> None:
     session = register(s, "alpha")
     tasks = {t.job_id: t for t in take(s, session, 3)}
     assert sorted(tasks) == [done, running, kept]
+    start(s, session, list(tasks.values()))
     s.report(session, [result(tasks[done])], [], 0)
     s = master.restart()  # kill -9 and start again: only the journal is left
     assert s.wait([done], 0) == {done: "done"}

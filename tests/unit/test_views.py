@@ -14,7 +14,7 @@ from corral.console.master import views as views_module
 from corral.console.master.rows import DispatchedRow, FinishedRow
 from corral.console.master.scheduler import Scheduler
 
-from .agentcalls import register, result, take
+from .agentcalls import register, result, start, take
 from .conftest import Master
 
 
@@ -58,6 +58,7 @@ def test_dispatched_shows_running_first_then_the_queue_in_dispatch_order(schedul
                             cmd("d", priority=5), {"func": "m:f"}])
     session = register(scheduler, "alpha", slots=1, tags=("gpu", "z"))
     (task,) = take(scheduler, session, 1)
+    start(scheduler, session, [task])  # the agent started it (until then it is assigned)
     total, rows = dispatched(scheduler)
     assert total == 5 and rows[0].id == task.job_id == ids[1] and rows[0].state == "running"
     assert [r.id for r in rows] == [ids[1], ids[3], ids[0], ids[2], ids[4]]
@@ -214,6 +215,7 @@ def test_job_record_and_listing(scheduler: Scheduler) -> None:
     (job_id,) = scheduler.submit([cmd("echo hi", name="greet", tags=["t"], env={"A": "1"})])
     session = register(scheduler, tags=("t",))
     (task,) = take(scheduler, session)
+    start(scheduler, session, [task])
     scheduler.report(session, [], [], 0, {job_id: (b"half way\n", b"")})
     live = scheduler.job(job_id)
     assert (live["state"], live["agent"], live["live_stdout"]) == ("running", "alpha", b"half way\n")

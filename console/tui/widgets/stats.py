@@ -62,6 +62,9 @@ class StatsHeader(Widget):
                 line.append("  ")
             line.append(f"{state} ", style="dim")
             line.append(count(n), style=style if n else "dim")
+            if state == "running" and counts.get("assigned"):
+                # Taken by agents, not started yet (prefetched): apart from the running, never among them.
+                line.append(f" +{count(counts['assigned'])} assigned", style="dim")
         return line
 
     def status_text(self) -> Text:
@@ -84,7 +87,9 @@ class StatsHeader(Widget):
         if lost:
             info.append(f" {lost} lost", style="bold red")
         info.append("  slots ", style="dim")
-        info.append(f"{snapshot.get('busy', 0)}/{snapshot.get('slots', 0)} busy")
+        info.append(f"{snapshot.get('busy', 0)}/{snapshot.get('slots', 0)} busy")  # running jobs only
+        if snapshot.get("assigned"):
+            info.append(f" +{count(snapshot['assigned'])} prefetched", style="dim")
         info.append("  done/s ", style="dim")
         info.append(f"{rate[-1] if rate else 0:,} ")
         room = min(SPARK_MAX, self.size.width - info.cell_len)
