@@ -32,9 +32,10 @@ TICK_SECONDS = 0.05  # how often the supervisor looks at its flags
 SESSION_JOIN_SECONDS = 3.0  # a session's loops end within one long poll; never wait on them longer
 # Deadlines (agent/connection.py): a call not answered by then is abandoned, its connection dropped,
 # and the agent registers again, as after a master restart. The margin is what a call may take beyond
-# its own long poll on a loaded master (a crowd registering, a journal write); the slowest honest
-# answer seen on 2 loaded cores with 200 agents is well under it.
-CALL_MARGIN_SECONDS = 10.0
+# its own long poll on a loaded master (a crowd registering, a journal write). Too short costs more than
+# too long: on 2 cores at load 100, 100 agents joining saw honest takes answered after 15 s, and each
+# abandoned call re-registered its agent, which then missed its lease while it did (declared lost).
+CALL_MARGIN_SECONDS = 20.0
 REPORT_BYTES_PER_SECOND = 1024 * 1024  # a report's deadline grows by a second for each MiB it carries
 STEADY_SECONDS = 30.0  # a session that lasted this long ended by chance: register again at once
 JOURNAL_RETRY_SECONDS = 1.0  # a master whose journal refuses writes is asked again this often
