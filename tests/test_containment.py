@@ -113,7 +113,8 @@ def assert_noted(attempts: list[dict], left: dict[str, int]) -> None:
     assert attempt["state"] == "done" and attempt["counted"]
     note = attempt["note"]
     assert note.startswith("5 processes left running at its end were killed: "), note
-    assert f"timeout (pid {left['timeout']})" in note and f"sleep (pid {left['timeout-child']})" in note
+    # timeout has forked its child by then; the others may be caught before their exec of sleep
+    assert f"timeout (pid {left['timeout']})" in note
     assert all(f"(pid {pid})" in note for pid in left.values()), note
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -240,6 +241,27 @@ async def test_detail_follows_a_running_job_to_its_output(cluster: Cluster) -> N
         assert "out-line" in text and "err-line" in text and "exit 4" in text and "attempt 1 on alpha" in text
         await pilot.press("escape")
         assert isinstance(app.screen, MainScreen)
+
+
+async def test_detail_notes_the_processes_a_job_left_running(cluster: Cluster, tmp_path: Path) -> None:
+    """A job that ended leaving a daemon behind: the agent killed it, and the detail says so."""
+    cluster.start_agent("alpha", slots=1)
+    pidfile = tmp_path / "daemon.pid"
+    with cluster.client() as c:
+        job = c.submit([{"command": f"setsid sleep 300 >/dev/null 2>&1 & echo $! > {pidfile}", "name": "leaves"}])[0]
+        assert c.wait([job], timeout=60) == {job: "done"}
+    daemon = int(pidfile.read_text())
+    app = CorralApp(home=cluster.home)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app)
+        await select(pilot, main(app).finished_pane, job)
+        await pilot.press("enter")
+        detail = app.screen
+        assert isinstance(detail, JobDetailScreen)
+        await until(pilot, lambda: detail.record and detail.record["state"] == "done", "the record")
+        text = str(detail.query_one("#detail-text").render())
+    # named as it was when killed: `setsid` until it has exec'd `sleep`, the same pid either way
+    assert re.search(rf"note: 1 process left running at its end was killed: (setsid|sleep) \(pid {daemon}\)\n", text)
 
 
 # ---- cancel, requeue, marks -------------------------------------------------------------
