@@ -143,7 +143,7 @@ def test_the_agent_tells_which_held_jobs_have_started(pool: JobPool, tmp_path: P
             time.sleep(0.02)
 
     before = time.time()
-    pool.accept([Task(1, 1, f"touch {mark}; sleep 30", None, None, {}, None, None)])  # a shell job: its process
+    pool.accept([Task(1, 1, f"touch {mark}; sleep 3", None, None, {}, None, None)])  # a shell job: its process
     job, attempt, when = began_once(1)
     assert (job, attempt) == (1, 1) and before <= when <= time.time() and pool.holding(False).running == [(1, 1)]
     pool.cancel([1])
@@ -151,8 +151,17 @@ def test_the_agent_tells_which_held_jobs_have_started(pool: JobPool, tmp_path: P
     while not pool.idle():  # its slot free again (a job sent to a full agent of an unknown kind goes back)
         assert time.monotonic() < deadline, "job 1 to end"
         time.sleep(0.02)
-    pool.accept([Task(2, 3, None, "tests.unit.agent_jobs:nap_and_mark", pickle.dumps(((str(mark), 30.0), {})),
+    pool.accept([Task(2, 3, None, "tests.unit.agent_jobs:nap_and_mark", pickle.dumps(((str(mark), 3.0), {})),
                       {}, None, None)])  # a callable: its call
     job, attempt, when = began_once(2)
     assert (job, attempt) == (2, 3) and before <= when <= time.time()
     assert [b[0] for b in pool.holding(False).began] == [2]
+
+
+def test_the_console_detail_of_an_assigned_job_says_where_it_waits(scheduler: Scheduler) -> None:
+    from corral.console.tui.screens.detail import render_record
+
+    (job_id,) = scheduler.submit([cmd("sleep 1")])
+    take(scheduler, register(scheduler, "solo", slots=1))
+    text = render_record(scheduler.job(job_id), time.time()).plain
+    assert "attempt 1 assigned to solo: not started yet" in text and "took -" in text and "running for" not in text

@@ -72,7 +72,11 @@ def render_record(record: dict[str, Any], now: float) -> Text:
         attempts.append({"attempt": record["attempts"], "agent": record["agent"], "state": "running",
                          "started": record["started"], "ended": None, "exit_code": None, "stdout": b"",
                          "stderr": b"", "error": "", "traceback": "", "counted": 1})
-    if not attempts:
+    if state == "assigned":  # taken by an agent that has not started it: no attempt has run yet
+        out.append("\n")
+        out.append_text(output(f"attempt {record['attempts']} assigned to {record['agent']}: not started yet"
+                               " (waiting there for a free slot)\n", "dim"))
+    elif not attempts:
         out.append("\nnot started yet: waiting for a free slot on an agent with its tags\n", style="dim")
     for a in attempts:
         out.append("\n")
