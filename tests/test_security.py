@@ -387,6 +387,8 @@ def test_rogue_agent_garbage_is_refused_whole_and_loses_nothing(tmp_path: Path) 
             tasks, _ = rogue.take(session, 2, 5.0)
             assert sorted(t[0] for t in tasks) == [job, other]
             t = time.time()
+            # It says it started both (until then they are assigned, not running).
+            rogue.report(session, [], [], 0, None, None, [(task[0], task[1], t) for task in tasks])
             good = (job, 1, "done", 0, None, b"hi\n", b"", "", "", t, t + 0.1, "", 3, 0)
             garbage = {
                 "not a list": "rows",
