@@ -4,16 +4,24 @@ The real console (Textual's pilot) over a real master and real agents."""
 
 from __future__ import annotations
 
+import contextlib
+import pickle
+import subprocess
+import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import pytest
 from textual import events
 from textual.pilot import Pilot
 from textual.widgets import Input
 
 from corral.console.tui.app import CorralApp
+from corral.console.tui.screens.confirm import ConfirmScreen
+from corral.console.tui.screens.detail import JobDetailScreen
 from corral.console.tui.screens.main import MainScreen
-from tests.cluster import Cluster
+from corral.console.tui.widgets.table import WindowTable
+from tests.cluster import REPO, Cluster
 
 SIZE = (120, 36)
 TIMEOUT = 60.0  # generous: the machine is shared and slow
@@ -28,6 +36,10 @@ async def until(pilot: Pilot, predicate: Callable[[], Any], what: str, timeout: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await pilot.pause(0.05)
+
+
+def notes(app: CorralApp) -> list[str]:
+    return [n.message for n in app._notifications]
 
 
 def burst(app: CorralApp, *keys: tuple[str, str | None]) -> None:
@@ -65,3 +77,94 @@ async def test_keys_typed_right_after_slash_all_reach_the_filter(cluster: Cluste
         await until(pilot, lambda: bar.value == "ncq/x", "a slash in the filter")
         await pilot.press("escape")
         await until(pilot, lambda: dispatched.total == 6, "all six again")
+
+
+# ---- the cursor follows its job through the flow ----------------------------------------------------
+
+# A feeder process (its CPU is not the console's): `tests.jobs:inc` callables at `rate` a second, in batches.
+FEEDER = r"""
+import pickle, sys, time
+from corral.agent.protocol import JobSpec
+from corral.console.client import Client
+rate, batch = float(sys.argv[1]), int(sys.argv[2])
+with Client() as client:
+    i, start = 0, time.monotonic()
+    while True:
+        client.submit([JobSpec(func="tests.jobs:inc", payload=pickle.dumps(((i + k,), {}))) for k in range(batch)])
+        i += batch
+        time.sleep(max(0.0, start + i / rate - time.monotonic()))
+"""
+
+
+@contextlib.contextmanager
+def flowing(cluster: Cluster, rate: int = 3000) -> Iterator[subprocess.Popen]:
+    feeder = subprocess.Popen([sys.executable, "-c", FEEDER, str(rate), str(rate // 20)], env=cluster.env, cwd=REPO)
+    try:
+        yield feeder
+    finally:
+        feeder.kill()
+        feeder.wait(timeout=10)
+
+
+def seen_under_cursor(table: WindowTable) -> str:
+    """The text of the screen line the cursor is drawn on, as the operator sees it."""
+    return table.render_line(table.cursor - table.top + 1).text
+
+
+@pytest.mark.timeout(400)  # four waits of up to 60-120 s each on a loaded machine; a pass takes ~15 s
+async def test_under_a_flow_the_cursor_follows_its_job_and_keys_act_on_it(cluster: Cluster) -> None:
+    for name in ("a", "b"):
+        cluster.start_agent(name, slots=2)
+    with cluster.client() as c:
+        c.map("tests.jobs:inc", range(200))  # a Finished pane to start from
+        queued = c.submit([{"func": "tests.jobs:inc", "payload": pickle.dumps(((i,), {}))} for i in range(30_000)])
+    app = CorralApp(home=cluster.home)
+    with flowing(cluster):
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.main
+            finished, dispatched = screen.finished_pane, screen.dispatched_pane
+            await until(pilot, lambda: finished.loaded and finished.total >= 200, "the Finished pane")
+
+            # Finished, newest first: a job the operator picks is pushed down by every job that ends after it.
+            finished.focus()
+            await pilot.press("down", "down", "down")
+            picked = await until(pilot, lambda: finished.selected(), "the picked row")
+            job = picked[0]
+            at, line, total, held = finished.cursor, finished.cursor - finished.top, finished.total, finished.asked[1]
+            assert finished.pinned == job and str(job) in seen_under_cursor(finished)
+            # Far more jobs end than the pane holds rows for: without following, the cursor would be on
+            # a job that ended a moment ago, and the job picked would be long out of the held window.
+            await until(pilot, lambda: finished.total > total + 5 * held + 500, "the flow", timeout=120)
+            await until(pilot, lambda: (row := finished.selected()) is not None and row[0] == job, "the job again")
+            assert finished.cursor > at + 5 * held  # it went far down, and the cursor with it
+            assert finished.cursor - finished.top == line  # on the same line of the screen
+            assert str(job) in seen_under_cursor(finished).split()[:1]
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, JobDetailScreen), "the detail screen")
+            assert app.screen.job_id == job
+            await pilot.press("escape")
+            await until(pilot, lambda: app.screen is screen, "back on the main screen")
+            await until(pilot, lambda: (row := finished.selected()) is not None and row[0] == job, "the job still")
+            await pilot.press("r")
+            await until(pilot, lambda: any(n.startswith(f"requeued {job} → ") for n in notes(app)), "requeued it")
+
+            # Dispatched: the last queued job moves up as those ahead of it run; the cursor goes with it.
+            dispatched.focus()
+            await pilot.press("end")
+            picked = await until(pilot, lambda: dispatched.selected(), "the last queued job")
+            job = picked[0]
+            assert job >= queued[-1]  # it is one of ours or one the feeder queued after them
+            at, held = dispatched.cursor, dispatched.asked[1]  # the rows a window holds
+            await until(pilot, lambda: (row := dispatched.selected()) is not None and row[0] == job
+                        and dispatched.cursor < at - 5 * held, "the job moving up, far", timeout=120)
+            assert str(job) in seen_under_cursor(dispatched).split()[:1]
+            await pilot.press("c")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question")
+            assert f"Cancel job {job} " in app.screen.question
+            await pilot.press("y")
+            with cluster.client() as c:
+                # Thousands of jobs were still ahead of it: it was queued, and is cancelled, not run.
+                await until(pilot, lambda: c.job(job)["state"] == "cancelled", "the job cancelled")
+    with cluster.client() as c:
+        rate = c.status()["rate"]
+    print(f"flow at the end: {rate:.0f} jobs/s")

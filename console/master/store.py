@@ -496,20 +496,30 @@ class Journal:
                 f"SELECT {FINISHED_COLUMNS} FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids))}
         return [found[j] for j in ids if j in found]
 
+    def finished_position(self, job_id: int, needle: str, invert: bool) -> int | None:
+        """Where a final job stands in the Finished view (most recently ended first) under this filter:
+        how many rows come before it; None when it is not in the view. Counts along jobs_ended, outside
+        the scheduler's lock (the console anchors its window to the job its cursor is on)."""
+        where, params = _finished_where(needle, invert)
+        with self.read_lock:
+            row = self.reader.execute(f"SELECT ended FROM jobs WHERE id = ? AND {where}", (job_id, *params)).fetchone()
+            if row is None:
+                return None
+            ended = row[0]
+            return int(self.reader.execute(
+                f"SELECT COUNT(*) FROM jobs INDEXED BY jobs_ended WHERE {where} AND ended >= ?"
+                " AND (ended > ? OR id > ?)", (*params, ended, ended, job_id)).fetchone()[0])
+
     def finished_page(self, needle: str, invert: bool, limit: int, offset: int,
                       known_total: int | None = None) -> tuple[int | None, list[FinishedRow]]:
         """Final jobs, most recently ended first, that match (or with `invert`, do not match) the
         lower-case `needle` (all of them when it is ''): (how many match, or None when not filtered;
         the `limit` rows from `offset`). `known_total`: how many final jobs there are (the scheduler's
         tally), for an unfiltered page."""
-        where = f"{ENDED_SQL} AND {FINAL_SQL}"
-        params: list[Any] = []
+        where, params = _finished_where(needle, invert)
         total = None
         with self.read_lock:
             if needle:
-                escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                where += f" AND {'NOT ' if invert else ''}{FINISHED_HAYSTACK} LIKE ? ESCAPE '\\'"
-                params.append(f"%{escaped}%")
                 total = int(self.reader.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()[0])
             count = total if total is not None else known_total
             # An OFFSET walks the index up to it: in the older half, walk from the oldest end instead
@@ -532,6 +542,16 @@ class Journal:
 def _blob(output: bytes | str) -> bytes:
     """A stream's tail as bytes: a journal from before issue 9 holds it as (UTF-8) text."""
     return output.encode("utf-8", "replace") if isinstance(output, str) else output
+
+
+def _finished_where(needle: str, invert: bool) -> tuple[str, list[Any]]:
+    """The Finished view's WHERE clause and its parameters: final jobs, matching the lower-case `needle`
+    (or with `invert`, not matching it; all of them when it is '')."""
+    where = f"{ENDED_SQL} AND {FINAL_SQL}"
+    if not needle:
+        return where, []
+    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return where + f" AND {'NOT ' if invert else ''}{FINISHED_HAYSTACK} LIKE ? ESCAPE '\\'", [f"%{escaped}%"]
 
 
 def encode_env(env: dict[str, str]) -> str:

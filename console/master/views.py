@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 WINDOW = 1000  # rows of one view in one snapshot
 WALK = 5000  # deeper than this into the queue, a view is computed from a copy, outside the lock
+ANCHOR_WALK = 20_000  # newest finished searched in memory for an anchor; deeper ones are found by the journal
 CHANGED = 5000  # more changed ids than this since a console's last look: "many" (None)
 RATE_SECONDS = 60
 VIEW_NAMES = ("dispatched", "finished")
@@ -39,6 +40,11 @@ class Window(NamedTuple):
     limit: int
     needle: str  # lower case; '' matches everything
     invert: bool  # show the rows that do not match
+    # The job the console's cursor is on, and the row of the window it should be at: while it is in the
+    # view, the window moves with it (offset = its place - at), so the cursor follows the job, not a row
+    # number, however far the flow carried it since the last look.
+    anchor: int | None = None
+    at: int = 0
 
 
 def dispatched_row(job: Job) -> DispatchedRow:
@@ -61,7 +67,11 @@ def window(name: str, view: Any) -> Window:
             or not isinstance(match, str)):
         raise CorralError(f"bad {name} view: offset {shown(offset)}, limit {shown(limit)}, match {shown(match)}",
                           "offset >= 0, limit >= 1, match a string")
-    return Window(offset, min(limit, WINDOW), match.lower(), bool(view.get("invert")))
+    anchor, at = view.get("anchor"), view.get("at", 0)
+    if anchor is not None and (not is_whole(anchor) or not is_whole(at) or not 0 <= at < limit):
+        raise CorralError(f"bad {name} view: anchor {shown(anchor)}, at {shown(at)}",
+                          "anchor a job id, at a row of the window (0 <= at < limit)")
+    return Window(offset, min(limit, WINDOW), match.lower(), bool(view.get("invert")), anchor, min(at, WINDOW - 1))
 
 
 class Views:
@@ -237,19 +247,35 @@ class Views:
             return self._dispatched(view)
         s = self.scheduler
         ring = None
-        if not view.needle and view.offset + view.limit <= len(s.recent_final):
+        anchored = False
+        if view.anchor is not None and not view.needle and view.anchor in s.recent_final:
+            # Its place among the newest finished (the ring is in the order they finished).
+            for place, job_id in enumerate(islice(reversed(s.recent_final), ANCHOR_WALK)):
+                if job_id == view.anchor:
+                    view = view._replace(offset=max(0, place - view.at))
+                    anchored = True
+                    break
+        look_up = view.anchor is not None and not anchored  # _finished asks the journal, outside the lock
+        if not look_up and not view.needle and view.offset + view.limit <= len(s.recent_final):
             # The newest finished are the tail of recent_final, in the order they finished.
             ring = [job_id for job_id, _ in islice(reversed(s.recent_final.items()), view.offset + view.limit)]
             ring = ring[view.offset:]
         total = sum(s.final_counts.values())
-        return lambda: self._finished(view, ring, total)
+        return lambda: self._finished(view, ring, total, look_up)
 
     def _dispatched(self, view: Window) -> Callable[[], tuple[int, int, list[Any]]]:
         s = self.scheduler
-        offset, limit = view.offset, view.limit
         running = self._running()
         jobs = s.jobs
-        if not view.needle and offset + limit <= WALK:
+        deep = False  # the anchor is deeper into the queue than a walk of the heaps goes: found in rest()
+        if view.anchor is not None and not view.needle and view.anchor in jobs:
+            place = self._dispatched_place(view.anchor, running)
+            if place is None:
+                deep = True
+            else:
+                view = view._replace(offset=max(0, place - view.at))
+        offset, limit = view.offset, view.limit
+        if not view.needle and not deep and offset + limit <= WALK:
             # Running first, then the queue in dispatch order (highest priority, then oldest): walk the
             # heaps lazily, so the cost is the window's, not the queue's.
             ids = running[offset : offset + limit]
@@ -268,9 +294,28 @@ class Views:
             hits = [job for job in everyone if (needle in haystack(job)) != invert] if needle else everyone
             hits.sort(key=lambda job: (job.id not in running_set, -job.priority if job.id not in running_set else 0,
                                        job.id))
-            return offset, len(hits), [dispatched_row(job) for job in hits[offset : offset + limit]]
+            start = offset
+            if view.anchor is not None:
+                place = next((i for i, job in enumerate(hits) if job.id == view.anchor), None)
+                if place is not None:
+                    start = max(0, place - view.at)
+            return start, len(hits), [dispatched_row(job) for job in hits[start : start + limit]]
 
         return rest
+
+    def _dispatched_place(self, job_id: int, running: list[int]) -> int | None:
+        """Where an active job stands in the unfiltered Dispatched view (running by id, then the queue in
+        dispatch order), if a walk of WALK queued jobs finds it; None: deeper (or held)."""
+        if self.scheduler.jobs[job_id].state == RUNNING:
+            place = bisect.bisect_left(running, job_id)
+            if place < len(running) and running[place] == job_id:
+                return place
+            return None
+        queued = self._queued(0, WALK)
+        try:
+            return len(running) + queued.index(job_id)
+        except ValueError:
+            return None
 
     def _queued(self, skip: int, count: int) -> list[int]:
         """`count` queued ids after the first `skip`, in dispatch order, without popping the heaps."""
@@ -301,10 +346,16 @@ class Views:
 
     # ---- outside the lock ----------------------------------------------------------------------
 
-    def _finished(self, view: Window, ring: list[int] | None, total: int) -> tuple[int, int, list[FinishedRow]]:
+    def _finished(self, view: Window, ring: list[int] | None, total: int,
+                  look_up: bool = False) -> tuple[int, int, list[FinishedRow]]:
         """The finished window from the journal's reader connection (never under the scheduler lock)."""
         journal = self.scheduler.journal
         if ring is not None:
             return view.offset, total, journal.finished_by_ids(ring)
+        if look_up:  # anchored to a job the ring did not place (filtered, or older): where is it now?
+            assert view.anchor is not None
+            place = journal.finished_position(view.anchor, view.needle, view.invert)
+            if place is not None:  # else it is not in the view: the window stays where it was asked
+                view = view._replace(offset=max(0, place - view.at))
         matched, rows = journal.finished_page(view.needle, view.invert, view.limit, view.offset, known_total=total)
         return view.offset, total if matched is None else matched, rows

@@ -217,6 +217,8 @@ class CorralApp(App[str]):
             self.call_after_refresh(self.freeze_heap)  # the first screenful is drawn: the app has settled
         self.latest = message.snapshot
         self.connected = True
+        if not self.screen_stack:  # the app is closing: the poller's last look arrived after its screens went
+            return
         self.main.show_snapshot(message.snapshot, message.views)
         for screen in self.screen_stack:
             if isinstance(screen, JobDetailScreen):

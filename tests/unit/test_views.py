@@ -38,11 +38,11 @@ def finished(s: Scheduler, **asked: Any) -> tuple[int, list[FinishedRow]]:
     return part["total"], [FinishedRow._make(row) for row in part["rows"]]
 
 
-def run_all(s: Scheduler, outcome: dict[int, tuple[str, int | None]] | None = None) -> None:
-    """An agent runs everything queued; `outcome` says how some jobs end (state, exit code)."""
+def run_all(s: Scheduler, outcome: dict[int, tuple[str, int | None]] | None = None, ended: float = 1000.0) -> None:
+    """An agent runs everything queued; `outcome` says how some jobs end (state, exit code); they end a
+    second apart from `ended` on."""
     session = register(s, "runner", slots=1000)
     tasks = take(s, session, 100_000)
-    ended = 1000.0
     rows = []
     for task in tasks:
         state, code = (outcome or {}).get(task.job_id, ("done", 0))
@@ -233,3 +233,62 @@ def test_job_record_and_listing(scheduler: Scheduler) -> None:
         scheduler.list_jobs("done", 10)
     status = scheduler.status()
     assert status["counts"]["done"] == 1 and status["slots"] == 4 and status["agents"][0]["name"] == "alpha"
+
+
+# ---- anchored windows: the console's cursor follows its job ----------------------------------------
+
+def test_a_dispatched_window_anchored_to_a_job_moves_with_it(scheduler: Scheduler) -> None:
+    """However far the job moved since the console's last look, it comes back at row `at` of the window."""
+    ids = scheduler.submit([cmd(f"job {i}") for i in range(300)])
+    part = window(scheduler, "dispatched", offset=150, limit=40, anchor=ids[200], at=10)
+    assert part["offset"] == 190 and part["rows"][10][0] == ids[200]
+    session = register(scheduler, "alpha", slots=150)
+    tasks = take(scheduler, session, 150)  # the first 150 run: they come first, by id
+    running = [t.job_id for t in tasks]
+    part = window(scheduler, "dispatched", offset=190, limit=40, anchor=ids[200], at=10)
+    assert part["offset"] == 190 and part["rows"][10][0] == ids[200]  # running ones first: still place 200
+    s = scheduler
+    s.report(session, [result(task, "done", 0) for task in tasks[:120]], running[120:], 0)
+    part = window(s, "dispatched", offset=190, limit=40, anchor=ids[200], at=10)
+    assert part["offset"] == 70 and part["rows"][10][0] == ids[200]  # 120 ahead of it finished
+    part = window(s, "dispatched", offset=0, limit=40, anchor=running[125], at=3)  # a running one
+    assert part["rows"][3][0] == running[125]
+    part = window(s, "dispatched", offset=0, limit=40, anchor=ids[210], at=5, match="job")  # filtered: the copy
+    assert part["rows"][5][0] == ids[210]
+    part = window(s, "dispatched", offset=40, limit=40, anchor=ids[0], at=5)  # no longer in the view
+    assert part["offset"] == 40 and ids[0] not in [r[0] for r in part["rows"]]
+
+
+def test_a_deep_anchor_is_found_outside_the_lock(scheduler: Scheduler) -> None:
+    count = views_module.WALK + 300
+    ids = scheduler.submit([cmd(f"job {i}", priority=i % 3) for i in range(count)])
+    order = sorted(ids, key=lambda j: (-((j - 1) % 3), j))
+    deep = order[views_module.WALK + 100]
+    part = window(scheduler, "dispatched", offset=0, limit=50, anchor=deep, at=20)
+    assert part["offset"] == views_module.WALK + 80 and part["rows"][20][0] == deep
+
+
+def test_a_finished_window_anchored_to_a_job_moves_with_it(master: Master) -> None:
+    s = master.scheduler
+    first = s.submit([cmd(f"echo a-{i}") for i in range(50)])
+    run_all(s)
+    part = window(s, "finished", offset=0, limit=20, anchor=first[30], at=5)  # newest first: place 19
+    assert part["offset"] == 14 and part["rows"][5][0] == first[30]
+    s.submit([cmd(f"echo b-{i}") for i in range(500)])  # 500 newer finished push it down by 500
+    run_all(s, ended=2000.0)
+    part = window(s, "finished", offset=14, limit=20, anchor=first[30], at=5)
+    assert part["offset"] == 514 and part["rows"][5][0] == first[30]
+    part = window(s, "finished", offset=0, limit=20, anchor=first[30], at=2, match="a-")  # filtered: the journal
+    assert part["offset"] == 17 and part["rows"][2][0] == first[30]
+    s = master.restart()  # not in memory: the journal places it
+    part = window(s, "finished", offset=0, limit=20, anchor=first[30], at=5)
+    assert part["offset"] == 514 and part["rows"][5][0] == first[30]
+    part = window(s, "finished", offset=7, limit=20, anchor=10**6, at=5)  # no such job: as asked
+    assert part["offset"] == 7
+
+
+def test_bad_anchors_are_refused_in_one_line(scheduler: Scheduler) -> None:
+    for asked, needle in [({"anchor": "x"}, "anchor 'x', at 0"), ({"anchor": 1, "at": 100}, "anchor 1, at 100"),
+                          ({"anchor": 1, "at": -1}, "anchor 1, at -1")]:
+        with pytest.raises(CorralError, match=needle):
+            scheduler.snapshot(0, {"finished": {"offset": 0, "limit": 100, **asked}})

@@ -110,7 +110,7 @@ class MainScreen(Screen[None]):
             part, asked = snapshot.get(name), views.get(name)
             # Rows asked under another filter are stale: the next look (already on its way) brings the right ones.
             if part is not None and asked is not None and (asked["match"], asked["invert"]) == (table.match, table.invert):
-                table.show(part["offset"], part["total"], table.named(part["rows"]), now)
+                table.show(part["offset"], part["total"], table.named(part["rows"]), now, anchor=asked.get("anchor"))
             else:
                 table.tick(now)
         self.workers_pane.show_all([worker_row(a) for a in snapshot["agents"]], now)

@@ -51,9 +51,15 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
 
     It scrolls itself (`top` is the first row on screen) and draws its own scrollbar over the whole view,
     so a new total from the master is a repaint, never a layout of the screen. Scrolling beyond the held
-    window posts WindowMoved and the next snapshot brings the rows for it. The cursor is an absolute row
-    index (it stays put as rows flow); marks are row keys (job ids), so they follow their job. Rows are
-    the subclass's named type (master/rows.py's, or WorkerRow), named once as they arrive.
+    window posts WindowMoved and the next snapshot brings the rows for it. Rows are the subclass's named
+    type (master/rows.py's, or WorkerRow), named once as they arrive; marks are row keys (job ids).
+
+    The cursor is on a row's key, not a row number: once the operator moves it, it is `pinned` to the job
+    under it, and as jobs flow it follows that job (the screen scrolls with it, so the job stays on the
+    same line; the master places the window around it, `anchor`), so enter, c and r act on the job the
+    operator sees under the cursor. Untouched, after `home` and after a new filter it is at the head (row
+    0, whichever job is newest or next). A pinned job that leaves the view leaves the cursor on the row
+    that took its place.
     """
 
     COLUMNS: ClassVar[tuple[Column, ...]] = ()
@@ -96,6 +102,8 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
         self.match = ""
         self.invert = False
         self.asked: tuple[int, int] = (0, 0)  # the (offset, limit) we last asked the master for
+        self.pinned: Any = None  # the key of the row the operator put the cursor on; None: at the head
+        self._pin_when_loaded = False  # the cursor was moved onto a row not fetched yet: pin it when it comes
         self._widths: list[int] = []
         self._laid_out = -1  # the width the columns were laid out for
         self._shown: dict[int, tuple[tuple[str, ...], tuple[str | None, ...]]] = {}
@@ -124,8 +132,9 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
 
     # ---- data in ------------------------------------------------------------------------
 
-    def show(self, offset: int, total: int, rows: list[RowT], now: float) -> None:
-        """Take a new window from the master; only the lines whose text changed are redrawn."""
+    def show(self, offset: int, total: int, rows: list[RowT], now: float, anchor: Any = None) -> None:
+        """Take a new window from the master (asked with `anchor`, see window()); the cursor follows its
+        pinned job; only the lines whose text changed are redrawn."""
         grew = total != self.total
         self.start, self.total, self.rows, self.now = offset, total, rows, now
         if not self.loaded or (grew and self.AUTO_HEIGHT):
@@ -133,6 +142,7 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
             self.refresh(layout=self.AUTO_HEIGHT)
         if self.cursor >= total:
             self.cursor = max(0, total - 1)
+        self._follow(anchor)
         self._set_top(self.top)  # a shorter view may end above the screen's bottom
         self._redraw_changed(scrollbar=grew)
         self._update_title()
@@ -147,7 +157,38 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
         """For unpaged tables: every row, filtered here."""
         if self.match:
             rows = [r for r in rows if (self.match in " ".join(self.cells(r, now)).lower()) != self.invert]
-        self.show(0, len(rows), rows, now)
+        self.show(0, len(rows), rows, now, anchor=self.pinned)  # every row is here: a pinned one not here has gone
+
+    def _follow(self, anchor: Any) -> None:
+        """Move the cursor (and the screen with it) to where its pinned job now is, in the rows just taken."""
+        if self.pinned is None:
+            if self._pin_when_loaded:
+                self._pin()
+            return
+        key_of = self.key_of
+        for i, row in enumerate(self.rows):
+            if key_of(row) == self.pinned:
+                place = self.start + i
+                if place != self.cursor:
+                    line = self.cursor - self.top
+                    self._set_top(place - line)
+                    self.cursor = place
+                return
+        if anchor == self.pinned:
+            # Asked around it and not there: it left the view (it finished, it no longer matches the
+            # filter). The cursor stays on the line, on the job now there. (A window asked before the
+            # pin may simply not reach it: the next look, anchored, will.)
+            self._pin()
+
+    def _pin(self) -> None:
+        """Pin the cursor to the key of the row under it (or, not fetched yet, to the row once it comes)."""
+        row = self.row_at(self.cursor) if self.total else None
+        pinned = self.key_of(row) if row is not None else None
+        self._pin_when_loaded = row is None and self.total > 0
+        if pinned != self.pinned:
+            self.pinned = pinned
+            if self.PAGED:
+                self.post_message(WindowMoved())  # the next look is anchored to it (at once: the flow goes on)
 
     def _redraw_changed(self, scrollbar: bool = False) -> None:
         first, visible = self._visible()
@@ -194,7 +235,11 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
         offset = max(0, first - pad)
         limit = visible + 2 * pad
         self.asked = (offset, limit)
-        return {"offset": offset, "limit": limit, "match": self.match, "invert": self.invert}
+        view = {"offset": offset, "limit": limit, "match": self.match, "invert": self.invert}
+        at = self.cursor - offset
+        if self.pinned is not None and 0 <= at < limit:
+            view.update(anchor=self.pinned, at=at)  # the master places the window around the pinned job
+        return view
 
     def _check_window(self) -> None:
         """Post WindowMoved when the screen has come near the edge of the window we asked for."""
@@ -213,6 +258,7 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
             return
         self.match, self.invert = match, invert
         self.cursor = 0
+        self.pinned, self._pin_when_loaded = None, False  # a new view: back at its head
         self._set_top(0)
         self._update_title()
         self.post_message(WindowMoved())
@@ -224,7 +270,12 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
         return self.rows[at] if 0 <= at < len(self.rows) else None
 
     def selected(self) -> RowT | None:
-        return self.row_at(self.cursor) if self.total else None
+        """The row under the cursor; None while that is not the pinned job (it is on its way, in the
+        next look's window): an action never lands on a job the operator did not pick."""
+        row = self.row_at(self.cursor) if self.total else None
+        if row is not None and self.pinned is not None and self.key_of(row) != self.pinned:
+            return None
+        return row
 
     def targets(self) -> list[Any]:
         """The marked rows' keys, else the selected row's key, else nothing."""
@@ -256,12 +307,18 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
 
     def action_cursor(self, delta: int) -> None:
         self.cursor += delta
+        self._pin()
 
     def action_page(self, direction: int) -> None:
         self.cursor += direction * self._visible()[1]
+        self._pin()
 
     def action_edge(self, end: int) -> None:
         self.cursor = self.total - 1 if end else 0
+        if end:
+            self._pin()
+        else:  # home: the head again, following whichever job is first
+            self.pinned, self._pin_when_loaded = None, False
 
     def action_mark(self) -> None:
         row = self.selected()
@@ -271,6 +328,7 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
         self.refresh(Region(0, self.cursor - self.top + 1, self.size.width, 1))
         self._update_title()
         self.cursor += 1
+        self._pin()
 
     def action_clear(self) -> None:
         if self.marks:
@@ -288,6 +346,7 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
             self.cursor = max(self.top, min(self.cursor, self.top + visible - 1))
         else:
             self.cursor = first + offset.y - 1
+        self._pin()
 
     def on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
         event.stop()
@@ -362,7 +421,9 @@ class WindowTable(Widget, Generic[RowT], can_focus=True):
         if row is None:
             body = Strip([Segment(" " * GUTTER + "…", styles["placeholder"])])
             return Strip.join([body.adjust_cell_length(width - SCROLLBAR, base), bar])
-        return Strip.join([self._render_row(row, index == self.cursor, width - SCROLLBAR, base), bar])
+        # The cursor's bar only on its own job: for the moment its pinned job is on its way, no row wears it.
+        on_cursor = index == self.cursor and (self.pinned is None or self.key_of(row) == self.pinned)
+        return Strip.join([self._render_row(row, on_cursor, width - SCROLLBAR, base), bar])
 
     def _scrollbar(self, line: int, visible: int) -> Strip:
         total = self.total
