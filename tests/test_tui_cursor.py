@@ -16,6 +16,7 @@ from textual import events
 from textual.pilot import Pilot
 from textual.widgets import Input
 
+from corral.console.client import Client
 from corral.console.tui.app import CorralApp
 from corral.console.tui.screens.confirm import ConfirmScreen
 from corral.console.tui.screens.detail import JobDetailScreen
@@ -106,6 +107,17 @@ def flowing(cluster: Cluster, rate: int = 3000) -> Iterator[subprocess.Popen]:
         feeder.wait(timeout=10)
 
 
+def backlog(client: Client, count: int) -> list[int]:
+    """`count` callables of 2 ms each queued in few round trips (one template, many payloads): four slots
+    run at most 2,000 a second of them, so the backlog lasts while the test looks at its tail."""
+    ids: list[int] = []
+    nap = pickle.dumps(((0.002,), {}))
+    for start in range(0, count, 10_000):
+        new, _ = client.submit_batch({"func": "tests.jobs:nap"}, [nap] * min(10_000, count - start))
+        ids += new
+    return ids
+
+
 def seen_under_cursor(table: WindowTable) -> str:
     """The text of the screen line the cursor is drawn on, as the operator sees it."""
     return table.render_line(table.cursor - table.top + 1).text
@@ -117,7 +129,6 @@ async def test_under_a_flow_the_cursor_follows_its_job_and_keys_act_on_it(cluste
         cluster.start_agent(name, slots=2)
     with cluster.client() as c:
         c.map("tests.jobs:inc", range(200))  # a Finished pane to start from
-        queued = c.submit([{"func": "tests.jobs:inc", "payload": pickle.dumps(((i,), {}))} for i in range(30_000)])
     app = CorralApp(home=cluster.home)
     with flowing(cluster):
         async with app.run_test(size=SIZE) as pilot:
@@ -134,7 +145,9 @@ async def test_under_a_flow_the_cursor_follows_its_job_and_keys_act_on_it(cluste
             assert finished.pinned == job and str(job) in seen_under_cursor(finished)
             # Far more jobs end than the pane holds rows for: without following, the cursor would be on
             # a job that ended a moment ago, and the job picked would be long out of the held window.
+            began = time.monotonic()
             await until(pilot, lambda: finished.total > total + 5 * held + 500, "the flow", timeout=120)
+            print(f"Finished flow: {(finished.total - total) / (time.monotonic() - began):.0f} jobs/s")
             await until(pilot, lambda: (row := finished.selected()) is not None and row[0] == job, "the job again")
             assert finished.cursor > at + 5 * held  # it went far down, and the cursor with it
             assert finished.cursor - finished.top == line  # on the same line of the screen
@@ -148,15 +161,20 @@ async def test_under_a_flow_the_cursor_follows_its_job_and_keys_act_on_it(cluste
             await pilot.press("r")
             await until(pilot, lambda: any(n.startswith(f"requeued {job} → ") for n in notes(app)), "requeued it")
 
-            # Dispatched: the last queued job moves up as those ahead of it run; the cursor goes with it.
+            # Dispatched: the last of a backlog moves up as those ahead of it run; the cursor goes with it.
+            # (Queued now: the agents would have run a backlog queued earlier by this time.)
+            with cluster.client() as c:
+                queued = backlog(c, 40_000)
+            await until(pilot, lambda: dispatched.total >= 30_000, "the backlog in the pane")
             dispatched.focus()
             await pilot.press("end")
             picked = await until(pilot, lambda: dispatched.selected(), "the last queued job")
             job = picked[0]
             assert job >= queued[-1]  # it is one of ours or one the feeder queued after them
-            at, held = dispatched.cursor, dispatched.asked[1]  # the rows a window holds
+            at, held, began = dispatched.cursor, dispatched.asked[1], time.monotonic()  # held: a window's rows
             await until(pilot, lambda: (row := dispatched.selected()) is not None and row[0] == job
                         and dispatched.cursor < at - 5 * held, "the job moving up, far", timeout=120)
+            print(f"Dispatched: the job moved up {(at - dispatched.cursor) / (time.monotonic() - began):.0f} rows/s")
             assert str(job) in seen_under_cursor(dispatched).split()[:1]
             await pilot.press("c")
             await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question")
@@ -165,6 +183,3 @@ async def test_under_a_flow_the_cursor_follows_its_job_and_keys_act_on_it(cluste
             with cluster.client() as c:
                 # Thousands of jobs were still ahead of it: it was queued, and is cancelled, not run.
                 await until(pilot, lambda: c.job(job)["state"] == "cancelled", "the job cancelled")
-    with cluster.client() as c:
-        rate = c.status()["rate"]
-    print(f"flow at the end: {rate:.0f} jobs/s")

@@ -248,7 +248,7 @@ def test_a_dispatched_window_anchored_to_a_job_moves_with_it(scheduler: Schedule
     part = window(scheduler, "dispatched", offset=190, limit=40, anchor=ids[200], at=10)
     assert part["offset"] == 190 and part["rows"][10][0] == ids[200]  # running ones first: still place 200
     s = scheduler
-    s.report(session, [result(task, "done", 0) for task in tasks[:120]], running[120:], 0)
+    s.report(session, [result(task, "done", 0) for task in tasks[:120]], [(t.job_id, t.attempt) for t in tasks[120:]], 0)
     part = window(s, "dispatched", offset=190, limit=40, anchor=ids[200], at=10)
     assert part["offset"] == 70 and part["rows"][10][0] == ids[200]  # 120 ahead of it finished
     part = window(s, "dispatched", offset=0, limit=40, anchor=running[125], at=3)  # a running one
