@@ -242,6 +242,8 @@ def test_form_shows_each_fields_problem() -> None:
     assert errors["priority"] == "must be a whole number from -2,147,483,648 to 2,147,483,647, not '2147483648'"
     assert errors["command"] == "give a command, e.g. echo hello"
     assert form(command="echo \x00")[1] == {"command": "holds a NUL character"}
+    assert form(command="echo \udcff")[1] == {"command": "is not valid UTF-8 text (it holds a lone surrogate)"}
+    assert form(timeout="2592001")[1] == {"timeout": "must be at most 2,592,000 seconds (30 days), not '2592001'"}
 
 
 def test_form_builds_checked_specs() -> None:
