@@ -76,6 +76,9 @@ def test_full_disk_under_the_master_heals_by_itself(tmp_path: Path, small_fs: Pa
             first = c.submit([JobSpec(command=job) for _ in range(4)])
             wait_for(lambda: runs.exists() and len(runs.read_text().splitlines()) == 4, timeout=60,
                      what="the four jobs to start")
+            # ... and the master to have journaled their starts (a taken job is assigned until then).
+            wait_for(lambda: all(c.job(j)["state"] == "running" for j in first), timeout=60,
+                     what="the master to know the four jobs running")
             wal = Path(f"{db}-wal")
             # SQLite reuses its WAL file's own pages: each result alone must be larger, or it might go in.
             assert wal.stat().st_size < 2 * BIG, "the WAL has room for a result: it might not be refused"
