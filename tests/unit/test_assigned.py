@@ -146,7 +146,7 @@ def test_the_agent_tells_which_held_jobs_have_started(pool: JobPool, tmp_path: P
     pool.accept([Task(1, 1, f"touch {mark}; sleep 3", None, None, {}, None, None)])  # a shell job: its process
     job, attempt, when = began_once(1)
     assert (job, attempt) == (1, 1) and before <= when <= time.time() and pool.holding(False).running == [(1, 1)]
-    pool.cancel([1])
+    pool.cancel([(1, 1)])  # by attempt
     deadline = time.monotonic() + 30
     while not pool.idle():  # its slot free again (a job sent to a full agent of an unknown kind goes back)
         assert time.monotonic() < deadline, "job 1 to end"
