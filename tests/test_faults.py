@@ -107,7 +107,7 @@ def test_restarted_master_requeues_jobs_of_an_agent_that_never_returns(tmp_path:
     with running_cluster(tmp_path / "home", "--lease", "3") as cluster:
         gone = cluster.start_agent("gone", slots=2)
         with cluster.client() as c:
-            jobs = c.submit([JobSpec(command="sleep 1; echo finally") for _ in range(2)])
+            jobs = c.submit([JobSpec(command="sleep 5; echo finally") for _ in range(2)])
             wait_for(lambda: all(c.job(j)["state"] == "running" for j in jobs), timeout=30, what="jobs to start")
         stays = cluster.start_agent("stays", slots=2)
         # A host crash and a master crash together: the agent and everything it ran, then the master.

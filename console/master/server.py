@@ -26,7 +26,8 @@ from . import codestore
 from .decode import PlainDataUnpickler, Refused, plain_loads
 from .door import HANDSHAKE_SECONDS, Door
 from .records import Retention
-from .scheduler import HOUSEKEEPING_SECONDS, Scheduler
+from .core import HOUSEKEEPING_SECONDS
+from .scheduler import Scheduler
 from .store import Journal
 from .validate import shown
 

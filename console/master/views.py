@@ -23,7 +23,7 @@ from .rows import DispatchedRow, FinishedRow, pack
 from .validate import MAX_LIST, is_whole, limit_rule, shown
 
 if TYPE_CHECKING:
-    from .scheduler import Scheduler
+    from .core import Core
 
 WINDOW = 1000  # rows of one view in one snapshot
 WALK = 5000  # deeper than this into the queue, a view is computed from a copy, outside the lock
@@ -79,7 +79,7 @@ class Views:
     The methods in the "under the scheduler's lock" section run with it held; the callables they return
     run after it is released."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Core) -> None:
         self.scheduler = scheduler
 
     def snapshot(self, since: Any = 0, views: Any = None) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from corral.agent.errors import CorralError
 from corral.agent.protocol import JobSpec, Task
 from corral.console.master import scheduler as scheduler_module
 from corral.console.master.records import AgentState
-from corral.console.master.scheduler import HOUSEKEEPING_SECONDS, Scheduler
+from corral.console.master.core import HOUSEKEEPING_SECONDS
+from corral.console.master.scheduler import Scheduler
 from corral.console.master.store import Journal
 
 from .agentcalls import register, result, start, take
