@@ -7,25 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 from corral.console.client import Client
 
+from tests.waiting import wait_until
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
-    """Poll until predicate() is truthy; its value, or AssertionError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Cluster:
@@ -51,7 +39,7 @@ class Cluster:
         log = open(self.logs / "master.log", "ab")
         self.master = subprocess.Popen([sys.executable, "-m", "corral", "master", *args], env=self.env,
                                        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: master_json.exists() or self.master.poll() is not None, what="master.json")
+        wait_until(lambda: master_json.exists() or self.master.poll() is not None, what="master.json")
         assert self.master.poll() is None, (self.logs / "master.log").read_text()
         return self.master
 
@@ -69,7 +57,7 @@ class Cluster:
         self.agents[name] = proc
         if wait:
             with self.client() as c:
-                wait_for(lambda: any(a["name"] == name and a["state"] == "up" and a["pid"] == proc.pid
+                wait_until(lambda: any(a["name"] == name and a["state"] == "up" and a["pid"] == proc.pid
                                      for a in c.agents()), what=f"agent {name} to register")
         return proc
 

@@ -56,10 +56,10 @@ def test_agent_runs_jobs_under_python_3_8(cluster: Cluster) -> None:
     proc = subprocess.Popen([python38, "-m", "corral.agent", "-v", "--name", "py38", "--slots", "2"], env=cluster.env,
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     cluster.agents["py38"] = proc
-    from tests.cluster import wait_for
+    from tests.cluster import wait_until
 
     with cluster.client() as c:
-        wait_for(lambda: any(a["name"] == "py38" and a["python"].startswith("3.8") for a in c.agents()),
+        wait_until(lambda: any(a["name"] == "py38" and a["python"].startswith("3.8") for a in c.agents()),
                  what="the 3.8 agent to register")
         shell = c.submit_command("echo from $(python3 --version 2>/dev/null || echo sh)")
         call = c.submit_call("tests.jobs:inc", (7,))
@@ -71,7 +71,7 @@ def test_agent_runs_jobs_under_python_3_8(cluster: Cluster) -> None:
 @pytest.mark.skipif(_python38() is None, reason="no Python 3.8 interpreter on this machine (pyenv 3.8 not installed)")
 def test_shipped_code_and_pool_chunks_run_under_python_3_8(cluster: Cluster, tmp_path: Path) -> None:
     from corral import Pool
-    from tests.cluster import wait_for
+    from tests.cluster import wait_until
     from tests.shipkit import forget, import_from, write_module
 
     log = open(cluster.logs / "agent-py38.log", "ab")
@@ -79,7 +79,7 @@ def test_shipped_code_and_pool_chunks_run_under_python_3_8(cluster: Cluster, tmp
                             env=cluster.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     cluster.agents["py38"] = proc
     with cluster.client() as c:
-        wait_for(lambda: any(a["name"] == "py38" for a in c.agents()), what="the 3.8 agent to register")
+        wait_until(lambda: any(a["name"] == "py38" for a in c.agents()), what="the 3.8 agent to register")
     write_module(tmp_path, "py38_helper", "def twice(x):\n    return 2 * x\n")
     write_module(tmp_path, "py38_task", "import sys\nimport py38_helper\n\ndef f(x):\n"
                  "    return py38_helper.twice(x), sys.version_info[:2]\n\ndef boom():\n    raise KeyError('k')\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from corral.agent.protocol import JobSpec
-from tests.cluster import wait_for
+from tests.cluster import wait_until
 from tests.faultkit import (
     CutProxy,
     assert_nothing_running,
@@ -51,19 +51,19 @@ def test_an_agent_stopped_past_its_lease_gets_its_job_back_and_keeps_both_attemp
         agent = cluster.start_agent("solo", slots=2)
         with cluster.client() as c:
             [job] = c.submit([JobSpec(command=record_run(runs) + "sleep 12; echo attempt $CORRAL_ATTEMPT")])
-            wait_for(lambda: runs_of(runs), timeout=60, what="attempt 1 to start")
+            wait_until(lambda: runs_of(runs), timeout=60, what="attempt 1 to start")
             agent.send_signal(signal.SIGSTOP)
             try:
-                wait_for(lambda: agent_states(c)["solo"][0] == "lost", timeout=60, what="the stopped agent to be lost")
+                wait_until(lambda: agent_states(c)["solo"][0] == "lost", timeout=60, what="the stopped agent to be lost")
                 record = c.job(job)
                 assert record["state"] == "queued" and record["lost"] == 1, record
             finally:
                 agent.send_signal(signal.SIGCONT)
-            wait_for(lambda: (job, 2) in runs_of(runs), timeout=60, what="attempt 2 to start on the same agent")
+            wait_until(lambda: (job, 2) in runs_of(runs), timeout=60, what="attempt 2 to start on the same agent")
             assert c.job(job)["agent"] == "solo"
             assert c.wait([job], timeout=60) == {job: "done"}
-            wait_for(lambda: c.agents()[0]["busy"] == 0, timeout=30, what="the agent to hold nothing")
-            wait_for(lambda: not [p for p in descendants(agent.pid) if _is_sleep(p)], timeout=30,
+            wait_until(lambda: c.agents()[0]["busy"] == 0, timeout=30, what="the agent to hold nothing")
+            wait_until(lambda: not [p for p in descendants(agent.pid) if _is_sleep(p)], timeout=30,
                      what="attempt 2's process to be gone")
             record = c.job(job)
             assert agent_states(c)["solo"] == ("up", agent.pid)
@@ -93,7 +93,7 @@ def test_a_master_stopped_past_the_lease_blames_no_healthy_agent(tmp_path: Path)
         pids = {name: cluster.start_agent(name, slots=2).pid for name in ("a", "b")}
         with cluster.client() as c:
             jobs = c.submit([JobSpec(command=record_run(runs) + "sleep 10") for _ in range(4)])
-            wait_for(lambda: len(runs_of(runs)) == 4, timeout=60, what="all four jobs to start")
+            wait_until(lambda: len(runs_of(runs)) == 4, timeout=60, what="all four jobs to start")
             assert cluster.master is not None
             cluster.master.send_signal(signal.SIGSTOP)
             try:
@@ -122,7 +122,7 @@ def test_repeated_short_master_stalls_lose_nothing(tmp_path: Path) -> None:
         pids = {name: cluster.start_agent(name, slots=2).pid for name in ("a", "b")}
         with cluster.client() as c:
             jobs = c.submit([JobSpec(command=record_run(runs) + f"sleep {1 + i % 3}") for i in range(24)])
-            wait_for(lambda: runs_of(runs), timeout=60, what="jobs to start")
+            wait_until(lambda: runs_of(runs), timeout=60, what="jobs to start")
             assert cluster.master is not None
             for _ in range(8):
                 cluster.master.send_signal(signal.SIGSTOP)
@@ -161,7 +161,7 @@ def test_an_agents_connections_cut_while_its_take_is_parked(tmp_path: Path) -> N
                     time.sleep(0.5)  # idle: its take is parked on the master
                     assert proxy.cut_agent_side() > 0
                     jobs += c.submit([JobSpec(command=record_run(runs) + "sleep 0.2") for _ in range(3)])
-                    wait_for(lambda: c.wait(jobs, timeout=1) == {j: "done" for j in jobs}, timeout=60,
+                    wait_until(lambda: c.wait(jobs, timeout=1) == {j: "done" for j in jobs}, timeout=60,
                              what="the jobs submitted so far to finish")
                 records = [c.job(j) for j in jobs]
                 assert agent_states(c)["relayed"] == ("up", agent.pid)

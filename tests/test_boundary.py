@@ -23,7 +23,7 @@ from corral.agent.protocol import JobSpec
 from corral.console.master.decode import MAX_DATA_BYTES, MAX_DEPTH, MAX_VALUES
 from corral.console.master.door import HANDSHAKE_SECONDS
 from corral.console.errors import MasterUnreachable
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 from tests.faultkit import running_cluster
 from tests.test_security import authkey_of, raw_session
 
@@ -77,7 +77,7 @@ def pids_cgroup(pid: int, limit: int) -> Iterator[Path]:
             (hierarchy / "cgroup.procs").write_text(str(pid))
         except OSError:
             pass  # it has exited
-        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), timeout=30, what="the cgroup to empty")
+        wait_until(lambda: not (group / "cgroup.procs").read_text().strip(), timeout=30, what="the cgroup to empty")
         group.rmdir()
 
 
@@ -315,7 +315,7 @@ def test_connection_floods_under_fd_and_pids_limits_leave_status_answering(tmp_p
             base_threads, base_fds = threads(master), fds(master)
             waits: list[float] = []
             with Flood(cluster.address(), 500) as flood:
-                wait_for(lambda: flood.opened >= 500, timeout=60, what="500 hostile connections")
+                wait_until(lambda: flood.opened >= 500, timeout=60, what="500 hostile connections")
                 with cluster.client() as c:
                     jobs = c.submit([JobSpec(command="sleep 0.2") for _ in range(20)])
                 deadline = time.monotonic() + HANDSHAKE_SECONDS + 5  # past the first strangers' deadline
@@ -337,7 +337,7 @@ def test_connection_floods_under_fd_and_pids_limits_leave_status_answering(tmp_p
             assert max(waits) < 1.0, sorted(waits)[-5:]
             assert peak_threads <= base_threads + 4, (base_threads, peak_threads)  # strangers get no thread
             # Recovered by itself: the strangers' fds go, the jobs ran, the agent is still up.
-            wait_for(lambda: fds(master) <= base_fds + 4, timeout=HANDSHAKE_SECONDS + 20, what="the fds to be freed")
+            wait_until(lambda: fds(master) <= base_fds + 4, timeout=HANDSHAKE_SECONDS + 20, what="the fds to be freed")
             with cluster.client() as c:
                 assert set(c.wait(jobs, timeout=120).values()) == {"done"}
                 assert [a["state"] for a in c.agents()] == ["up"]
@@ -360,7 +360,7 @@ def test_out_of_fds_the_door_frees_its_oldest_strangers(tmp_path: Path) -> None:
         waits: list[float] = []
         failed = 0
         with Flood(cluster.address(), 300) as flood:
-            wait_for(lambda: flood.opened >= 300, timeout=60, what="300 hostile connections")
+            wait_until(lambda: flood.opened >= 300, timeout=60, what="300 hostile connections")
             ticks = int(Path(f"/proc/{master}/stat").read_text().rsplit(")", 1)[1].split()[11])
             started = time.monotonic()
             for _ in range(20):
@@ -401,7 +401,7 @@ def test_a_thread_that_cannot_start_costs_only_its_connection(tmp_path: Path) ->
             assert "cannot start a thread" in (cluster.logs / "master.log").read_text()
             for session in sessions:
                 session.close()
-            assert wait_for(lambda: _status_ok(cluster), timeout=30, what="status once the threads are back")
+            assert wait_until(lambda: _status_ok(cluster), timeout=30, what="status once the threads are back")
         assert cluster.master.poll() is None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import REPO, Cluster, wait_for
+from tests.cluster import REPO, Cluster, wait_until
 
 
 def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -120,7 +120,7 @@ def test_verbose_master_prints_seed_style_lines(tmp_path: Path) -> None:
         cluster.start_agent("alpha", slots=1)
         cluster.corral("submit", "--wait", "--", "true")
         log = cluster.logs / "master.log"
-        wait_for(lambda: "finished" in log.read_text(), what="the finished line")
+        wait_until(lambda: "finished" in log.read_text(), what="the finished line")
         text = log.read_text()
         assert "dispatched 1 → alpha" in text
         assert "finished 1 on alpha: exit 0 in" in text

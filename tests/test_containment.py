@@ -14,7 +14,7 @@ import pytest
 
 from corral.agent import contain
 from corral.agent.protocol import JobSpec
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 from tests.faultkit import alive, processes_of
 
 ESCAPES = ("setsid", "set-m", "timeout", "daemon", "timeout-child")
@@ -85,7 +85,7 @@ def test_every_escaped_process_ends_with_its_job(cluster: Cluster, tmp_path: Pat
         assert [name for name, pid in left.items() if alive(pid)] == [], f"outlived a job that ended: {left}"
         assert_noted(c.job(done_job)["attempt_list"], left)
 
-        wait_for(lambda: all((cancelled / name).exists() and (cancelled / name).read_text() for name in ESCAPES),
+        wait_until(lambda: all((cancelled / name).exists() and (cancelled / name).read_text() for name in ESCAPES),
                  timeout=60, what="the cancelled job's escapes to start")
         left = escaped(cancelled)
         assert all(alive(pid) for pid in left.values())  # they really ran, until the cancel
@@ -123,7 +123,7 @@ def test_a_forced_stop_kills_escaped_processes(cluster: Cluster, tmp_path: Path,
     proc = cluster.start_agent("box", 2, "", "--containment", kind)
     with cluster.client() as c:
         [job] = c.submit([JobSpec(command=escaping_job(tmp_path / "p", "sleep 300"))])
-        wait_for(lambda: all((tmp_path / "p" / name).exists() and (tmp_path / "p" / name).read_text()
+        wait_until(lambda: all((tmp_path / "p" / name).exists() and (tmp_path / "p" / name).read_text()
                              for name in ESCAPES), timeout=60, what="the escapes to start")
         left = escaped(tmp_path / "p")
         proc.terminate()
@@ -206,7 +206,7 @@ def test_the_next_agent_clears_what_an_agent_killed_with_kill_9_left(cluster: Cl
     pids = tmp_path / "p"
     with cluster.client() as c:
         c.submit([JobSpec(command=escaping_job(pids, "sleep 300"))])
-        wait_for(lambda: all((pids / name).exists() and (pids / name).read_text() for name in ESCAPES),
+        wait_until(lambda: all((pids / name).exists() and (pids / name).read_text() for name in ESCAPES),
                  timeout=60, what="the escapes to start")
     left = escaped(pids)
     root = Path(contain._own_cgroup(), f"corral-{first.pid}")  # the agent was started in this process's cgroup

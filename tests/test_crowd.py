@@ -9,7 +9,7 @@ import time
 import pytest
 
 from corral.agent.protocol import JobSpec
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 from tests.faultkit import journal_outcomes
 
 pytestmark = [pytest.mark.scale, pytest.mark.timeout(600)]
@@ -63,7 +63,7 @@ def test_a_hundred_agents_at_once(cluster: Cluster) -> None:
     watch = StateWatch(cluster)
     try:
         with cluster.client() as c:
-            wait_for(lambda: sum(a["state"] == "up" for a in c.agents()) == AGENTS, timeout=JOIN_SECONDS,
+            wait_until(lambda: sum(a["state"] == "up" for a in c.agents()) == AGENTS, timeout=JOIN_SECONDS,
                      interval=0.5, what=f"all {AGENTS} agents to register")
             joined = time.monotonic() - began
             watched_until = time.monotonic() + WATCH_SECONDS

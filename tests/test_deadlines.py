@@ -9,7 +9,7 @@ import time
 from corral.agent.protocol import JobSpec
 from corral.agent.runner import CALL_MARGIN_SECONDS, TAKE_WAIT_SECONDS
 from corral.console import client as client_module
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 from tests.faultkit import journal_outcomes
 
 AGENTS = ("d1", "d2", "d3")
@@ -37,7 +37,7 @@ def test_master_stopped_past_the_deadlines_agents_and_a_waiting_client_recover(c
     thread = threading.Thread(target=waiter, daemon=True)
     thread.start()
     with cluster.client() as c:
-        wait_for(lambda: c.status()["counts"].get("done", 0) >= 6, timeout=60, what="the first jobs to finish")
+        wait_until(lambda: c.status()["counts"].get("done", 0) >= 6, timeout=60, what="the first jobs to finish")
     master = cluster.master
     assert master is not None
     # Mid-call: takes are parked, reports and heartbeats in flight, the client's wait() long-polling.
@@ -66,7 +66,7 @@ def test_master_stopped_past_the_deadlines_agents_and_a_waiting_client_recover(c
         assert log.count("registered with master") >= 2, log[-3000:]
         assert cluster.agents[name].poll() is None, f"agent {name} exited"
     with cluster.client() as c:
-        wait_for(lambda: sorted(a["name"] for a in c.agents() if a["state"] == "up") == sorted(AGENTS),
+        wait_until(lambda: sorted(a["name"] for a in c.agents() if a["state"] == "up") == sorted(AGENTS),
                  timeout=60, what="every agent up again")
         more = c.submit([JobSpec(command="sleep 0.3") for _ in range(12)])
         assert set(c.wait(more, timeout=120).values()) == {"done"}

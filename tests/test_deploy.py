@@ -16,7 +16,7 @@ import pytest
 
 from corral.console.deploy.bundle import build
 from scripts.sshlab import SshHost, SshLab, processes_in
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 
 pytestmark = pytest.mark.sshd
 
@@ -147,7 +147,7 @@ def test_agents_come_back_after_their_ssh_connection_is_cut(ssh_cluster: Cluster
         return all(links[a]["state"] == "up" and links[a]["reconnects"] >= 1 and agents[a]["state"] == "up"
                    and agents[a]["registered"] > registered[a] for a in hosts)
 
-    wait_for(back, timeout=60, interval=0.2, what="both links re-established and both agents registered again")
+    wait_until(back, timeout=60, interval=0.2, what="both links re-established and both agents registered again")
     with ssh_cluster.client() as c:
         links = {link["alias"]: link for link in c.ssh_links()}
         agents = {a["name"]: a for a in c.agents()}
@@ -168,7 +168,7 @@ def test_stop_drain_lets_the_running_job_finish_and_starts_no_more(ssh_cluster: 
         first, second = c.submit([
             {"command": f"touch {started}; while [ ! -f {release} ]; do sleep 0.05; done; echo finished", "tags": ["red"]},
             {"command": "echo second", "tags": ["red"]}])
-        wait_for(lambda: started.exists(), timeout=30, what="the first job to start")
+        wait_until(lambda: started.exists(), timeout=30, what="the first job to start")
     # The first job runs until the drain has begun: it finishes during the drain, not before it.
     stop = subprocess.Popen([sys.executable, "-m", "corral", "stop", "h1", "--drain"], env=ssh_cluster.env,
                             cwd=str(Path(__file__).resolve().parent.parent), stdout=subprocess.PIPE,
@@ -204,7 +204,7 @@ def test_stop_kills_running_jobs_and_requeues_them(ssh_cluster: Cluster, lab: Ss
     command = f"if [ -f {marker} ]; then echo second run; else touch {marker}; echo $$ > {job_pid}; exec sleep 120; fi"
     with ssh_cluster.client() as c:
         (job,) = c.submit([{"command": command, "tags": ["red"]}])
-        wait_for(lambda: job_pid.exists() and job_pid.read_text().strip(), timeout=30, what="the job to start")
+        wait_until(lambda: job_pid.exists() and job_pid.read_text().strip(), timeout=30, what="the job to start")
     sleeper = int(job_pid.read_text())
     began = time.monotonic()
     stopped = ssh_cluster.corral("stop", "h1", timeout=60)
@@ -244,7 +244,7 @@ def test_a_restarted_master_reopens_the_tunnels_and_the_agents_come_back(ssh_clu
     assert ssh_cluster.master.wait(timeout=30) == 0
     assert alive(pid), "agents outlive their master"
     ssh_cluster.start_master()
-    wait_for(lambda: (agent(ssh_cluster, "h1") or {}).get("pid") == pid, timeout=60, interval=0.2,
+    wait_until(lambda: (agent(ssh_cluster, "h1") or {}).get("pid") == pid, timeout=60, interval=0.2,
              what="the deployed agent to reach the new master through a re-opened tunnel")
     assert {j["agent"] for j in run_tagged(ssh_cluster, "red", "true")} == {"h1"}
 
@@ -291,7 +291,7 @@ def test_host_key_question_is_asked_and_answered_through_the_client(ssh_cluster:
                                       text=True, check=True).stdout.split()[1] for alias, h in lab.hosts.items()}
     with ssh_cluster.client() as c:
         op = c.deploy(["k1", "k2"], interactive=True)
-        questions = wait_for(lambda: len(c.deploy_progress(op)["questions"]) == 2 and c.deploy_progress(op)["questions"],
+        questions = wait_until(lambda: len(c.deploy_progress(op)["questions"]) == 2 and c.deploy_progress(op)["questions"],
                              timeout=30, what="two host-key questions")
         assert {q["alias"]: q["fingerprint"] for q in questions} == expected
         assert c.deploy_progress(op)["hosts"]["k1"]["state"] == "waiting"
@@ -359,7 +359,7 @@ def test_an_agent_from_another_bundle_is_upgraded_by_drain_and_restart(ssh_clust
         proc = subprocess.Popen(argv, cwd=remote, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     (remote / "agent.pid").write_text(f"{proc.pid}\n")
-    wait_for(lambda: (agent(ssh_cluster, "h1") or {}).get("pid") == proc.pid and agent(ssh_cluster, "h1")["state"] == "up",
+    wait_until(lambda: (agent(ssh_cluster, "h1") or {}).get("pid") == proc.pid and agent(ssh_cluster, "h1")["state"] == "up",
              timeout=30, what="the old agent to register")
     done = deploy(ssh_cluster, "h1")
     assert f"upgrading agent pid {proc.pid} (a new bundle): draining it first" in done.stdout

@@ -12,7 +12,7 @@ from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]
 import pytest
 
 from corral import Executor
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 from tests.shipkit import pool_cluster, tasks  # noqa: F401 (fixtures)
 
 
@@ -71,7 +71,7 @@ def test_map_timeout(executor: Executor) -> None:
 
 def test_map_submits_everything_before_it_returns(pool_cluster: Cluster, executor: Executor) -> None:  # noqa: F811
     executor.map(pow, range(5), range(5))  # never iterated
-    wait_for(lambda: len(batch_jobs(pool_cluster, executor.name)) == 5, what="five jobs submitted")
+    wait_until(lambda: len(batch_jobs(pool_cluster, executor.name)) == 5, what="five jobs submitted")
 
 
 def test_exception_has_its_type_and_the_remote_traceback(executor: Executor, tasks: types.ModuleType) -> None:  # noqa: F811
@@ -123,10 +123,10 @@ def test_cancel_of_a_queued_future_cancels_its_job_on_the_cluster(pool_cluster: 
     with Executor(home=pool_cluster.home) as ex:
         # Fill the cluster's four slots, then one more queues on the master.
         running = [ex.submit(tasks.pid_after, 3.0) for _ in range(4)]
-        wait_for(lambda: sum(j["state"] == "running" for j in batch_jobs(pool_cluster, ex.name).values()) == 4,
+        wait_until(lambda: sum(j["state"] == "running" for j in batch_jobs(pool_cluster, ex.name).values()) == 4,
                  what="four jobs running")
         queued = ex.submit(tasks.sqr, 5)
-        wait_for(lambda: batch_jobs(pool_cluster, ex.name).get(5, {}).get("state") == "queued", what="the fifth queued")
+        wait_until(lambda: batch_jobs(pool_cluster, ex.name).get(5, {}).get("state") == "queued", what="the fifth queued")
         assert queued.cancel() and queued.cancelled() and queued.done()
         with pytest.raises(futures.CancelledError):
             queued.result()
@@ -160,7 +160,7 @@ def test_shutdown_cancel_futures(pool_cluster: Cluster) -> None:  # noqa: F811
     ex = Executor(max_workers=4, home=pool_cluster.home)
     fs = [ex.submit(time.sleep, 1.0) for _ in range(50)]
     # A future counts as started once its job runs on an agent (not when it is queued on the master).
-    wait_for(lambda: sum(j["state"] == "running" for j in batch_jobs(pool_cluster, ex.name).values()) == 4,
+    wait_until(lambda: sum(j["state"] == "running" for j in batch_jobs(pool_cluster, ex.name).values()) == 4,
              what="four jobs running")
     ex.shutdown(cancel_futures=True)
     cancelled = [f for f in fs if f.cancelled()]
@@ -186,5 +186,5 @@ def test_done_callbacks_run_once_settled(executor: Executor, tasks: types.Module
     seen: list = []
     future = executor.submit(tasks.sqr, 6)
     future.add_done_callback(lambda f: seen.append(f.result()))
-    wait_for(lambda: seen, what="the done callback")
+    wait_until(lambda: seen, what="the done callback")
     assert seen == [36]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from corral.agent.protocol import JobSpec
-from tests.cluster import REPO, Cluster, wait_for
+from tests.cluster import REPO, Cluster, wait_until
 from tests.faultkit import (
     Namespace,
     alive,
@@ -51,14 +51,14 @@ def _killed_agent(cluster: Cluster, runs: Path) -> None:
         # Two jobs running on the victim, then newer work of the same priority queued behind them.
         held = c.submit([JobSpec(command=f"echo $CORRAL_JOB_ID >> {runs}; sleep 2; echo out $CORRAL_JOB_ID")
                          for _ in range(2)])
-        wait_for(lambda: len(lines(runs)) == 2, timeout=30, what="both jobs to start on the victim")
+        wait_until(lambda: len(lines(runs)) == 2, timeout=30, what="both jobs to start on the victim")
         assert {c.job(j)["agent"] for j in held} == {"victim"}
         newer = c.submit([JobSpec(command="echo newer") for _ in range(4)])
         assert all(c.job(j)["state"] == "queued" for j in newer)  # the victim's two slots are full
 
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
-        wait_for(lambda: agent_states(c)["victim"][0] == "lost", timeout=30, what="the master to declare the victim lost")
+        wait_until(lambda: agent_states(c)["victim"][0] == "lost", timeout=30, what="the master to declare the victim lost")
         assert all(c.job(j)["state"] == "queued" for j in held + newer)
 
         cluster.start_agent("rescuer", slots=1)
@@ -82,18 +82,18 @@ def test_master_killed_mid_flow_and_restarted(tmp_path: Path) -> None:
             calls = c.submit([JobSpec(func="tests.faultjobs:soak", payload=pickle.dumps(((i, 0.02), {})))
                               for i in range(300)])
             shells = c.submit([JobSpec(command=f"sleep 0.{i % 4}; echo shell {i}") for i in range(60)])
-            wait_for(lambda: c.status()["counts"]["done"] >= 60, timeout=60, what="some jobs to finish")
+            wait_until(lambda: c.status()["counts"]["done"] >= 60, timeout=60, what="some jobs to finish")
         cluster.master.send_signal(signal.SIGKILL)  # mid-flow: jobs queued, running and finished
         cluster.master.wait(timeout=10)
         for name in agents:
-            wait_for(lambda: "unreachable" in cluster.agent_log(name), timeout=30,
+            wait_until(lambda: "unreachable" in cluster.agent_log(name), timeout=30,
                      what=f"agent {name} to notice the master is gone")
         cluster.start_master("--lease", "3")  # on a new port: the agents find it in master.json
         with cluster.client() as c:
             states = c.wait(calls + shells, timeout=120)
             assert len(states) == len(calls + shells), "not every job finished after the restart"
             # The agents came back by themselves: the same processes, registered again.
-            wait_for(lambda: agent_states(c) == {n: ("up", pid) for n, pid in agents.items()}, timeout=30,
+            wait_until(lambda: agent_states(c) == {n: ("up", pid) for n, pid in agents.items()}, timeout=30,
                      what="both agents up again")
             assert c.values(calls) == list(range(300))
             history = {j: c.job(j)["attempt_list"] for j in shells}
@@ -108,7 +108,7 @@ def test_restarted_master_requeues_jobs_of_an_agent_that_never_returns(tmp_path:
         gone = cluster.start_agent("gone", slots=2)
         with cluster.client() as c:
             jobs = c.submit([JobSpec(command="sleep 5; echo finally") for _ in range(2)])
-            wait_for(lambda: all(c.job(j)["state"] == "running" for j in jobs), timeout=30, what="jobs to start")
+            wait_until(lambda: all(c.job(j)["state"] == "running" for j in jobs), timeout=30, what="jobs to start")
         stays = cluster.start_agent("stays", slots=2)
         # A host crash and a master crash together: the agent and everything it ran, then the master.
         kill_pids([gone.pid, *descendants(gone.pid)])
@@ -137,13 +137,13 @@ def test_results_finished_while_the_master_is_away_survive_an_agent_restart(tmp_
         agent = cluster.start_agent("a", slots=1)
         with cluster.client() as c:
             [job] = c.submit([JobSpec(command=f"echo x >> {runs}; sleep 2; echo result")])
-            wait_for(lambda: lines(runs), timeout=30, what="the job to start")
+            wait_until(lambda: lines(runs), timeout=30, what="the job to start")
         cluster.master.send_signal(signal.SIGKILL)
         cluster.master.wait(timeout=10)
-        wait_for(lambda: f"Finished job: {job} (done)" in cluster.agent_log("a"), timeout=30,
+        wait_until(lambda: f"Finished job: {job} (done)" in cluster.agent_log("a"), timeout=30,
                  what="the job to finish while the master is away")
         spool = cluster.home / "spool" / "a.pickle"
-        wait_for(spool.exists, timeout=10, what="the agent to keep the unreported result in its spool")
+        wait_until(spool.exists, timeout=10, what="the agent to keep the unreported result in its spool")
         agent.send_signal(signal.SIGKILL)
         agent.wait(timeout=10)
         cluster.start_master("--lease", "3")
@@ -154,7 +154,7 @@ def test_results_finished_while_the_master_is_away_survive_an_agent_restart(tmp_
         assert record["attempts"] == 1 and record["lost"] == 0, record
         assert record["attempt_list"][-1]["stdout"] == b"result\n"
         assert lines(runs) == ["x"], "the job ran again although its result was spooled"
-        wait_for(lambda: not spool.exists(), timeout=10, what="the spool to be emptied once handed in")
+        wait_until(lambda: not spool.exists(), timeout=10, what="the spool to be emptied once handed in")
         journal_outcomes(cluster.home / "corral.db", [job], states=("done",))
 
 
@@ -168,17 +168,17 @@ def test_late_result_of_a_requeued_job_wins_while_it_waits_in_the_queue(tmp_path
         with cluster.client() as c:
             [job] = c.submit([JobSpec(command=f"echo $CORRAL_ATTEMPT >> {runs}; sleep 1;"
                                               f" echo attempt $CORRAL_ATTEMPT; echo end >> {ends}", tags=("only",))])
-            wait_for(lambda: lines(runs), timeout=30, what="the job to start")
+            wait_until(lambda: lines(runs), timeout=30, what="the job to start")
             agent.send_signal(signal.SIGSTOP)
             try:
-                wait_for(lambda: agent_states(c)["slow"][0] == "lost", timeout=30, what="the stalled agent to be lost")
+                wait_until(lambda: agent_states(c)["slow"][0] == "lost", timeout=30, what="the stalled agent to be lost")
                 record = c.job(job)
                 assert record["state"] == "queued" and record["lost"] == 1, record
-                wait_for(lambda: lines(ends), timeout=30, what="the first run to finish, unreported")
+                wait_until(lambda: lines(ends), timeout=30, what="the first run to finish, unreported")
             finally:
                 agent.send_signal(signal.SIGCONT)
             assert c.wait([job], timeout=30) == {job: "done"}
-            wait_for(lambda: agent_states(c)["slow"] == ("up", agent.pid), timeout=30, what="the agent back up")
+            wait_until(lambda: agent_states(c)["slow"] == ("up", agent.pid), timeout=30, what="the agent back up")
             record = c.job(job)
         counted = [(a["attempt"], a["agent"], a["stdout"]) for a in record["attempt_list"] if a["counted"]]
         assert counted == [(1, "slow", b"attempt 1\n")], record["attempt_list"]
@@ -267,7 +267,7 @@ def test_half_written_journal_opens_cleanly_and_stays_consistent(tmp_path: Path)
 
         writer = threading.Thread(target=submit_until_stopped, daemon=True)
         writer.start()
-        wait_for(lambda: len(_wal_commits(db)[1]) >= 20, timeout=30, what="transactions in the WAL")
+        wait_until(lambda: len(_wal_commits(db)[1]) >= 20, timeout=30, what="transactions in the WAL")
         cluster.master.send_signal(signal.SIGKILL)
         cluster.master.wait(timeout=10)
         stop.set()
@@ -325,18 +325,18 @@ def test_partitioned_host_loses_its_lease_and_rejoins(tmp_path: Path) -> None:
                  f"{host}:{port}", "--name", "far", "--slots", "2", "--tags", "far"],
                 env=cluster.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
             with cluster.client() as c:
-                wait_for(lambda: agent_states(c).get("far") == ("up", far.pid), timeout=30,
+                wait_until(lambda: agent_states(c).get("far") == ("up", far.pid), timeout=30,
                          what="the far agent to register from its namespace")
                 # Each job waits for the test's go-ahead, so none can finish before the cut.
                 jobs = c.submit([JobSpec(command=f"echo $CORRAL_JOB_ID >> {started};"
                                                  f" while [ ! -e {go} ]; do sleep 0.05; done; echo ran")
                                  for _ in range(2)])
-                wait_for(lambda: len(lines(started)) == 2, timeout=30, what="both jobs to start on the far agent")
+                wait_until(lambda: len(lines(started)) == 2, timeout=30, what="both jobs to start on the far agent")
                 assert {c.job(j)["agent"] for j in jobs} == {"far"}
                 cluster.start_agent("near", slots=2)
 
                 ns.link(up=False)
-                wait_for(lambda: agent_states(c)["far"][0] == "lost", timeout=30,
+                wait_until(lambda: agent_states(c)["far"][0] == "lost", timeout=30,
                          what="the far agent's lease to run out")
                 go.touch()  # the far runs finish too, but their results cannot reach the master
                 assert c.wait(jobs, timeout=60) == {j: "done" for j in jobs}
@@ -346,10 +346,10 @@ def test_partitioned_host_loses_its_lease_and_rejoins(tmp_path: Path) -> None:
                 assert far.poll() is None  # cut off, not dead
 
                 ns.link(up=True)
-                wait_for(lambda: agent_states(c)["far"] == ("up", far.pid), timeout=120,
+                wait_until(lambda: agent_states(c)["far"] == ("up", far.pid), timeout=120,
                          what="the far agent to rejoin by itself")
                 db = cluster.home / "corral.db"
-                wait_for(lambda: all(("far", "done", 0) in {r[1:] for r in attempt_rows(db, j)} for j in jobs),
+                wait_until(lambda: all(("far", "done", 0) in {r[1:] for r in attempt_rows(db, j)} for j in jobs),
                          timeout=60, what="the far agent's late results, kept as history")
                 [again] = c.submit([JobSpec(command="echo back", tags=("far",))])
                 assert c.wait([again], timeout=60) == {again: "done"}

@@ -10,7 +10,7 @@ import pytest
 
 from corral.agent.errors import BadJobSpec
 from corral.agent.protocol import OUTPUT_TAIL_BYTES, JobSpec
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 
 
 def alive(pid: int) -> bool:
@@ -27,7 +27,7 @@ def alive(pid: int) -> bool:
 
 
 def read_pid(path: Path) -> int:
-    return int(wait_for(lambda: path.exists() and path.read_text().strip(), what=f"pid in {path}"))
+    return int(wait_until(lambda: path.exists() and path.read_text().strip(), what=f"pid in {path}"))
 
 
 def test_priority_then_fifo(cluster: Cluster) -> None:
@@ -63,7 +63,7 @@ def test_shell_timeout_kills_the_whole_group(cluster: Cluster, tmp_path: Path) -
         assert c.wait([job], timeout=20) == {job: "timeout"}
         record = c.job(job)
     assert "timed out after 1s" in record["error"]
-    wait_for(lambda: not alive(background), timeout=5, what="the background sleep to die")
+    wait_until(lambda: not alive(background), timeout=5, what="the background sleep to die")
 
 
 def test_callable_timeout(cluster: Cluster) -> None:
@@ -82,7 +82,7 @@ def test_a_daemon_left_behind_is_cleaned_up(cluster: Cluster, tmp_path: Path) ->
     with cluster.client() as c:
         [job] = c.submit([JobSpec(command=f"(sleep 60 >/dev/null 2>&1 &) ; sleep 60 & echo $! > {pidfile}; echo started")])
         assert c.wait([job], timeout=20) == {job: "done"}
-    wait_for(lambda: not alive(read_pid(pidfile)), timeout=5, what="the job's leftover child to be killed")
+    wait_until(lambda: not alive(read_pid(pidfile)), timeout=5, what="the job's leftover child to be killed")
 
 
 def test_retries_until_success_or_exhausted(cluster: Cluster, tmp_path: Path) -> None:
@@ -121,7 +121,7 @@ def test_cancel_running_callable_and_queued_job(cluster: Cluster) -> None:
     with cluster.client() as c:
         running = c.submit_call("tests.jobs:nap", (60,))
         queued = c.submit_call("tests.jobs:inc", (1,), tags=("nowhere",))
-        wait_for(lambda: c.job(running)["state"] == "running", what="the callable to start")
+        wait_until(lambda: c.job(running)["state"] == "running", what="the callable to start")
         time.sleep(0.2)  # let the worker enter the function
         assert c.cancel([queued]) == {queued: "cancelled"}
         c.cancel([running])
@@ -170,7 +170,7 @@ def test_a_callable_with_bad_env_then_others_leave_the_worker_env_as_it_was(clus
         timed_out = c.submit_call("tests.jobs:meddle_env_and_nap", (60,), env={"GOOD": "1"}, timeout=1.0)
         assert c.wait([timed_out], timeout=30) == {timed_out: "timeout"}
         cancelled = c.submit_call("tests.jobs:meddle_env_and_nap", (60,), env={"GOOD": "2"})
-        wait_for(lambda: c.job(cancelled)["state"] == "running", timeout=30, what="the callable to start")
+        wait_until(lambda: c.job(cancelled)["state"] == "running", timeout=30, what="the callable to start")
         time.sleep(0.5)  # inside the function, past its changes
         c.cancel([cancelled])
         assert c.wait([cancelled], timeout=30) == {cancelled: "cancelled"}
@@ -226,7 +226,7 @@ def test_sigterm_drains_running_jobs_then_exits_zero(cluster: Cluster) -> None:
     proc = cluster.start_agent("a", slots=2)
     with cluster.client() as c:
         jobs = c.submit([JobSpec(command="sleep 1; echo finished") for _ in range(2)])
-        wait_for(lambda: all(c.job(j)["state"] == "running" for j in jobs), what="both jobs to start")
+        wait_until(lambda: all(c.job(j)["state"] == "running" for j in jobs), what="both jobs to start")
         time.sleep(0.3)
         proc.terminate()
         assert proc.wait(timeout=20) == 0
@@ -246,7 +246,7 @@ def test_second_sigterm_kills_running_jobs(cluster: Cluster, tmp_path: Path) -> 
         assert proc.poll() is None  # first SIGTERM: still draining
         proc.terminate()
         assert proc.wait(timeout=20) == 1
-        wait_for(lambda: not alive(pid), timeout=5, what="the job's process group to be killed")
+        wait_until(lambda: not alive(pid), timeout=5, what="the job's process group to be killed")
         # Not recorded as an outcome: handed back to the queue, to run again elsewhere. The attempt
         # it killed stays in the history (issue 9), as interrupted, counting nothing.
         assert c.job(job)["state"] == "queued"
@@ -267,7 +267,7 @@ def test_master_restart_keeps_jobs_and_agent_reconnects(cluster: Cluster, slots:
     with cluster.client() as c:
         assert c.job(queued[0])["state"] == "queued"
         assert c.job(done[0])["state"] == "done"
-        wait_for(lambda: any(a["name"] == "a" and a["state"] == "up" for a in c.agents()), timeout=30,
+        wait_until(lambda: any(a["name"] == "a" and a["state"] == "up" for a in c.agents()), timeout=30,
                  what="the agent to reconnect by itself")
         again = c.submit([JobSpec(command="echo after restart")])
         assert c.wait(again, timeout=20) == {again[0]: "done"}

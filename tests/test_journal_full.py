@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from corral.agent.protocol import JobSpec
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 from tests.faultkit import alive, journal_outcomes, kill_pids, processes_of
 
 BIG = 64 * 1024  # what one job prints on each stream: the tail an attempt keeps, so its result is large
@@ -74,10 +74,10 @@ def test_full_disk_under_the_master_heals_by_itself(tmp_path: Path, small_fs: Pa
             job = (f'echo "$CORRAL_JOB_ID $CORRAL_ATTEMPT" >> {runs}; sleep 4; head -c {BIG} /dev/zero | tr "\\0" o;'
                    f' head -c {BIG} /dev/zero | tr "\\0" e >&2; echo $CORRAL_JOB_ID >> {ended}')
             first = c.submit([JobSpec(command=job) for _ in range(4)])
-            wait_for(lambda: runs.exists() and len(runs.read_text().splitlines()) == 4, timeout=60,
+            wait_until(lambda: runs.exists() and len(runs.read_text().splitlines()) == 4, timeout=60,
                      what="the four jobs to start")
             # ... and the master to have journaled their starts (a taken job is assigned until then).
-            wait_for(lambda: all(c.job(j)["state"] == "running" for j in first), timeout=60,
+            wait_until(lambda: all(c.job(j)["state"] == "running" for j in first), timeout=60,
                      what="the master to know the four jobs running")
             wal = Path(f"{db}-wal")
             # SQLite reuses its WAL file's own pages: each result alone must be larger, or it might go in.
@@ -97,9 +97,9 @@ def test_full_disk_under_the_master_heals_by_itself(tmp_path: Path, small_fs: Pa
             assert journal["ok"] is False and "database or disk is full" in journal["error"], journal
 
             # The jobs end; their results cannot be journaled: the agent keeps them and asks again.
-            wait_for(lambda: "could not journal our" in cluster.agent_log("a"), timeout=60,
+            wait_until(lambda: "could not journal our" in cluster.agent_log("a"), timeout=60,
                      what="the agent to be refused its results")
-            wait_for(lambda: ended.exists() and len(ended.read_text().split()) == 4, timeout=60,
+            wait_until(lambda: ended.exists() and len(ended.read_text().split()) == 4, timeout=60,
                      what="all four jobs to end on the agent")
             time.sleep(4)  # longer than the lease, every report refused meanwhile
             assert all(c.job(j)["state"] == "running" for j in first)  # memory as the journal: not ended
@@ -109,7 +109,7 @@ def test_full_disk_under_the_master_heals_by_itself(tmp_path: Path, small_fs: Pa
             # Room again: the results go in, the journal heals, and a submission goes through.
             (small_fs / "filler").unlink()
             assert c.wait(first, timeout=60) == {j: "done" for j in first}
-            wait_for(lambda: c.status()["journal"]["ok"], timeout=30, what="the journal to be reported healthy")
+            wait_until(lambda: c.status()["journal"]["ok"], timeout=30, what="the journal to be reported healthy")
             later = c.submit([JobSpec(command=f'echo "$CORRAL_JOB_ID $CORRAL_ATTEMPT" >> {runs}') for _ in range(20)])
             assert later[0] == first[-1] + 1  # the refused submission used no ids
             assert c.wait(later, timeout=60) == {j: "done" for j in later}
@@ -196,7 +196,7 @@ def test_pool_waits_out_a_full_disk_and_queues_each_task_once(tmp_path: Path, sm
         mapper = threading.Thread(target=run_map, daemon=True)
         mapper.start()
         log = cluster.logs / "master.log"
-        wait_for(lambda: "journal write failed: database or disk is full" in log.read_text(), timeout=60,
+        wait_until(lambda: "journal write failed: database or disk is full" in log.read_text(), timeout=60,
                  what="the map's submission to be refused")
         time.sleep(3)  # refused and sent again a few times
         with cluster.client() as c:

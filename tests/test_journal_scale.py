@@ -10,7 +10,7 @@ from typing import Callable
 
 import pytest
 
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 
 BIG = 200_000
 SAMPLES = 25
@@ -100,7 +100,7 @@ def test_retention_by_count_prunes_the_oldest_while_dispatch_goes_on(cluster: Cl
         # Jobs keep flowing while the backlog is pruned (2,000 per transaction, a few per second).
         during = list(client.map("tests.jobs:inc", range(500)))
         assert during == list(range(1, 501))
-        wait_for(lambda: client.status()["counts"]["done"] == 1000, timeout=60, what="retention to keep 1000")
+        wait_until(lambda: client.status()["counts"]["done"] == 1000, timeout=60, what="retention to keep 1000")
         newest = client.jobs(limit=1)[0]["id"]
         with pytest.raises(Exception, match="no job 1"):
             client.job(1)
@@ -127,7 +127,7 @@ def test_retention_by_age_keeps_what_is_younger(cluster: Cluster) -> None:
     with cluster.client() as client:
         young = client.submit([{"command": "true"} for _ in range(50)])
         client.wait(young, timeout=60)
-        wait_for(lambda: client.status()["counts"]["done"] == 50, timeout=30, what="the old jobs pruned")
+        wait_until(lambda: client.status()["counts"]["done"] == 50, timeout=30, what="the old jobs pruned")
         assert [job["id"] for job in client.jobs(limit=100)] == sorted(young, reverse=True)
     bad = cluster.corral("master", "--keep-finished", "-1")
     assert bad.returncode == 2 and "positive number of days" in bad.stderr

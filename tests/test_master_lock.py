@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from corral.agent.protocol import JobSpec
-from tests.cluster import REPO, wait_for
+from tests.cluster import REPO, wait_until
 from tests.faultkit import running_cluster
 
 
@@ -69,7 +69,7 @@ def test_second_master_on_the_same_home_is_refused(tmp_path: Path) -> None:
         assert second.wait(timeout=30) == 0
         assert not (home / "master.json").exists()
         third = cluster.start_master()
-        wait_for(lambda: json.loads((home / "master.json").read_text())["pid"] == third.pid, what="the third master")
+        wait_until(lambda: json.loads((home / "master.json").read_text())["pid"] == third.pid, what="the third master")
 
 
 def test_a_lock_file_planted_by_another_user_is_refused(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from corral import Pool
 from corral.console.errors import JobFailed
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 from tests.shipkit import pool_cluster, tasks  # noqa: F401 (fixtures)
 
 TIMEOUT1 = 0.5
@@ -226,7 +226,7 @@ def test_terminate_cancels_the_pools_queued_and_running_jobs(pool_cluster: Clust
     p = Pool(3, home=pool_cluster.home)
     result = p.starmap_async(tasks.sqr, [(x, 60.0) for x in range(50)], chunksize=1)
     with pool_cluster.client() as c:
-        wait_for(lambda: sum(j["state"] == "running" for j in c.jobs(limit=200) if j["name"].startswith(p.name + " ")) == 3,
+        wait_until(lambda: sum(j["state"] == "running" for j in c.jobs(limit=200) if j["name"].startswith(p.name + " ")) == 3,
                  what="three of the pool's jobs to run (processes=3)")
         began = time.monotonic()
         p.terminate()
@@ -236,7 +236,7 @@ def test_terminate_cancels_the_pools_queued_and_running_jobs(pool_cluster: Clust
             result.get(timeout=1)
         # On the cluster: the three running were killed, and the rest never started.
         ours = lambda: [j for j in c.jobs(limit=200) if j["name"].startswith(p.name + " ")]  # noqa: E731
-        wait_for(lambda: all(j["state"] == "cancelled" for j in ours()), timeout=10, what="every job of the pool cancelled")
+        wait_until(lambda: all(j["state"] == "cancelled" for j in ours()), timeout=10, what="every job of the pool cancelled")
         assert len(ours()) <= 50
 
 
@@ -345,7 +345,7 @@ def test_a_batch_is_named_and_cancelled_as_a_group(pool_cluster: Cluster, tasks:
     with Pool(home=pool_cluster.home) as p:
         result = p.starmap_async(tasks.sqr, [(x, 30.0) for x in range(20)], chunksize=1)
         with pool_cluster.client() as c:
-            names = wait_for(lambda: sorted((j["name"] for j in c.jobs(limit=100) if j["name"].startswith(p.name + " ")),
+            names = wait_until(lambda: sorted((j["name"] for j in c.jobs(limit=100) if j["name"].startswith(p.name + " ")),
                                             key=lambda n: int(n.split("[")[1].split("/")[0])), what="the batch's jobs")
             assert names == [f"{p.name} [{i}/20]" for i in range(1, 21)]
             done = pool_cluster.corral("cancel", "--batch", p.name)

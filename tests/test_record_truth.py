@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from corral.agent.protocol import OUTPUT_TAIL_BYTES, JobSpec
-from tests.cluster import REPO, Cluster, wait_for
+from tests.cluster import REPO, Cluster, wait_until
 from tests.faultkit import attempt_rows, journal_outcomes, running_cluster
 
 
@@ -20,7 +20,7 @@ def stop_hard(cluster: Cluster, name: str) -> int:
     back to back may merge into one.)"""
     proc = cluster.agents[name]
     proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "draining:" in cluster.agent_log(name), timeout=60, what=f"agent {name} to drain")
+    wait_until(lambda: "draining:" in cluster.agent_log(name), timeout=60, what=f"agent {name} to drain")
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=60)
 
@@ -33,12 +33,12 @@ def test_a_forced_stop_leaves_the_killed_attempt_in_the_history(tmp_path: Path) 
             # The first attempt would sleep a minute; a second one ends at once.
             (job,) = c.submit([JobSpec(command=f"echo $CORRAL_JOB_ID $CORRAL_ATTEMPT >> {runs};"
                                                " [ $CORRAL_ATTEMPT -gt 1 ] || sleep 60", tags=("only",))])
-            wait_for(lambda: runs.exists() and runs.read_text().split() == [str(job), "1"], timeout=60,
+            wait_until(lambda: runs.exists() and runs.read_text().split() == [str(job), "1"], timeout=60,
                      what="attempt 1 to start")
             # The first SIGTERM drains (the running job is let finish), a second kills it and the agent
             # leaves. Signals sent back to back merge into one, so send until it is gone.
             assert stop_hard(cluster, "stopped") == 1
-            wait_for(lambda: c.job(job)["state"] == "queued", timeout=30, what="the job queued again")
+            wait_until(lambda: c.job(job)["state"] == "queued", timeout=30, what="the job queued again")
             (attempt,) = c.job(job)["attempt_list"]
             assert (attempt["attempt"], attempt["agent"], attempt["state"]) == (1, "stopped", "interrupted")
             assert attempt["error"] == "stopped by a second signal" and attempt["counted"] == 0

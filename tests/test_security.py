@@ -23,7 +23,7 @@ from corral.agent.errors import BadJobSpec, CorralError
 from corral.agent.protocol import OUTPUT_TAIL_BYTES, SCHEDULER_TYPEID, AgentInfo, JobSpec
 from corral.agent.runner import connect as agent_connect
 from corral.console.master.server import HANDSHAKE_SECONDS
-from tests.cluster import REPO, Cluster, wait_for
+from tests.cluster import REPO, Cluster, wait_until
 from tests.faultkit import descendants, journal_outcomes, rss_peak_kb, running_cluster
 
 
@@ -222,7 +222,7 @@ def test_garbage_and_stalled_handshakes_do_not_stop_anyone(cluster: Cluster) -> 
         for sock in stalled:
             _, closed = read_until_closed(sock, HANDSHAKE_SECONDS + 15)
             assert closed, "a stalled handshake still holds its connection (and a master thread)"
-        wait_for(lambda: len(os.listdir(f"/proc/{master}/task")) <= threads_before + 2, timeout=20,
+        wait_until(lambda: len(os.listdir(f"/proc/{master}/task")) <= threads_before + 2, timeout=20,
                  what="the master's threads for stalled peers to end")
     finally:
         for sock in stalled:
@@ -243,7 +243,7 @@ def test_wrong_authkey_is_refused_with_one_line_on_each_side(cluster: Cluster, t
     result = subprocess.run([sys.executable, "-m", "corral", "status"], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     one_line(result, "refused our authkey")
-    said = wait_for(lambda: log.read_text()[len(before):].strip(), timeout=10, what="the master's line")
+    said = wait_until(lambda: log.read_text()[len(before):].strip(), timeout=10, what="the master's line")
     assert len(said.splitlines()) == 1 and "authkey" in said, said
     assert "0" * 64 not in said and authkey_of(cluster).decode() not in said
     assert cluster.corral("status").returncode == 0
@@ -277,7 +277,7 @@ def test_authkey_never_in_ps_logs_or_status(tmp_path: Path) -> None:
         cli_agent = subprocess.Popen([sys.executable, "-m", "corral", "agent", "-v", "--name", "cli", "--slots", "1"],
                                      env=cluster.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         with cluster.client() as c:
-            wait_for(lambda: {"a", "cli"} <= {a["name"] for a in c.agents()}, timeout=30, what="both agents")
+            wait_until(lambda: {"a", "cli"} <= {a["name"] for a in c.agents()}, timeout=30, what="both agents")
             jobs = c.submit([JobSpec(command="echo $CORRAL_JOB_ID") for _ in range(4)])
             assert set(c.wait(jobs, timeout=30).values()) == {"done"}
         seen = {"ps -eo args": subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout}
@@ -360,7 +360,7 @@ def test_job_printing_hundreds_of_megabytes_is_capped_in_bounded_memory(cluster:
                 peak[pid] = max(peak.get(pid, 0), rss_peak_kb(pid))
             return len(c.wait([loud, chatty], timeout=0.2)) == 2
 
-        wait_for(sample, timeout=120, interval=0.2, what="both loud jobs to finish")
+        wait_until(sample, timeout=120, interval=0.2, what="both loud jobs to finish")
         states = c.wait([loud, chatty], timeout=1)
         shell, call = c.job(loud)["attempt_list"][0], c.job(chatty)["attempt_list"][0]
         assert c.values([chatty]) == [300]

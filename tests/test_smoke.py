@@ -25,13 +25,13 @@ def test_agents_without_names_on_one_host_get_distinct_names(cluster: Cluster) -
     import subprocess
     import sys
 
-    from tests.cluster import REPO, wait_for
+    from tests.cluster import REPO, wait_until
 
     procs = [subprocess.Popen([sys.executable, "-m", "corral.agent", "--slots", "1"], env=cluster.env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
     cluster.agents.update({f"unnamed{i}": p for i, p in enumerate(procs)})
     with cluster.client() as c:
-        names = wait_for(lambda: sorted(a["name"] for a in c.agents() if a["state"] == "up")
+        names = wait_until(lambda: sorted(a["name"] for a in c.agents() if a["state"] == "up")
                          if len(c.agents()) == 2 else None, what="two agents")
         host = names[0]
         assert names == sorted([host, f"{host}-2"])

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.cluster import REPO, wait_for
+from tests.cluster import REPO, wait_until
 from tests.faultkit import running_cluster
 
 KEY = "ab" * 32 + "\n"
@@ -145,7 +145,7 @@ def test_state_files_have_their_final_mode_from_birth_whatever_the_umask(tmp_pat
     master = subprocess.Popen(["sh", "-c", f"umask 000; exec {sys.executable} -m corral master"], env=env, cwd=REPO,
                               stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: (home / "master.json").exists() or master.poll() is not None, timeout=60, what="master.json")
+        wait_until(lambda: (home / "master.json").exists() or master.poll() is not None, timeout=60, what="master.json")
         assert master.poll() is None, (tmp_path / "master.log").read_text()
         assert stat.S_IMODE(home.stat().st_mode) == 0o700
         for name in ("authkey", "master.json"):
@@ -173,7 +173,7 @@ def test_a_planted_spool_is_set_aside_never_run(tmp_path: Path) -> None:
         spool.mkdir(mode=0o700, exist_ok=True)
         (spool / "a.pickle").write_bytes(pickle.dumps([RunsCode(f"touch {marker}")]))
         cluster.start_agent("a", slots=1)
-        wait_for(lambda: list(spool.glob("a.pickle.unreadable-*")), timeout=30, what="the spool set aside")
+        wait_until(lambda: list(spool.glob("a.pickle.unreadable-*")), timeout=30, what="the spool set aside")
         assert not marker.exists()
         assert "a spool names no classes" in cluster.agent_log("a")
         with cluster.client() as c:

@@ -20,7 +20,7 @@ from corral.console.tui.app import CorralApp
 from corral.console.tui.screens.detail import JobDetailScreen
 from corral.console.tui.screens.main import MainScreen
 from corral.console.tui.widgets.stats import StatsHeader
-from tests.cluster import REPO, Cluster, wait_for
+from tests.cluster import REPO, Cluster, wait_until
 from tests.faultkit import running_cluster
 from tests.hostile_output import TITLE
 from tests.test_tmux import _corral, _wait_screen
@@ -160,7 +160,7 @@ def test_the_masters_log_lines_escape_what_agents_chose(tmp_path: Path) -> None:
         fake = agent_connect(cluster.address(), authkey)
         fake.register(AgentInfo(name=name, host="h\x1b[2J", pid=1, slots=1).to_wire(), [])
         log = cluster.logs / "master.log"
-        line = wait_for(lambda: next((x for x in log.read_text().splitlines() if x.startswith("agent evil")), None),
+        line = wait_until(lambda: next((x for x in log.read_text().splitlines() if x.startswith("agent evil")), None),
                         timeout=30, what="the master's line about the agent")
         text = log.read_text()
         assert "\x1b" not in text and "\x07" not in text

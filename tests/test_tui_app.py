@@ -10,12 +10,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from textual.pilot import Pilot
-from textual.widgets import Input
-
+from corral.console.local import attach_or_start, stop_embedded
 from corral.console.state import StateDir
 from corral.console.tui.app import CorralApp
-from corral.console.local import attach_or_start, stop_embedded
 from corral.console.tui.screens.confirm import ConfirmScreen
 from corral.console.tui.screens.detail import JobDetailScreen
 from corral.console.tui.screens.help import HelpScreen
@@ -24,22 +21,19 @@ from corral.console.tui.screens.quit import QuitScreen
 from corral.console.tui.screens.submit import SubmitScreen
 from corral.console.tui.widgets.stats import StatsHeader
 from corral.console.tui.widgets.table import WindowTable
+from textual.pilot import Pilot
+from textual.widgets import Input
+
 from tests.cluster import Cluster
+from tests.waiting import wait_until_async
 
 SIZE = (120, 36)
 TIMEOUT = 30.0  # generous: the machine is shared and slow
 
 
 async def until(pilot: Pilot, predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    """Let the app run until predicate() is truthy; its value, or AssertionError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await pilot.pause(0.05)
+    """Let the app run until predicate() is truthy (tests/waiting.py's wait, on the pilot's loop)."""
+    return await wait_until_async(pilot.pause, predicate, what, timeout)
 
 
 def notes(app: CorralApp) -> list[str]:

@@ -12,31 +12,26 @@ import time
 from typing import Any, Callable, Iterator
 
 import pytest
-from textual import events
-from textual.pilot import Pilot
-from textual.widgets import Input
-
 from corral.console.client import Client
 from corral.console.tui.app import CorralApp
 from corral.console.tui.screens.confirm import ConfirmScreen
 from corral.console.tui.screens.detail import JobDetailScreen
 from corral.console.tui.screens.main import MainScreen
 from corral.console.tui.widgets.table import WindowTable
+from textual import events
+from textual.pilot import Pilot
+from textual.widgets import Input
+
 from tests.cluster import REPO, Cluster
+from tests.waiting import wait_until_async
 
 SIZE = (120, 36)
 TIMEOUT = 60.0  # generous: the machine is shared and slow
 
 
 async def until(pilot: Pilot, predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await pilot.pause(0.05)
+    """Let the app run until predicate() is truthy (tests/waiting.py's wait, on the pilot's loop)."""
+    return await wait_until_async(pilot.pause, predicate, what, timeout)
 
 
 def notes(app: CorralApp) -> list[str]:

@@ -17,7 +17,7 @@ from corral.console.tui.screens.hostkey import HostKeyScreen
 from corral.console.tui.screens.main import MainScreen
 from corral.console.tui.screens.progress import DeployProgressScreen
 from scripts.sshlab import SshLab
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 from tests.test_deploy import add_hosts, agent, alive, deploy, remote_pid
 from tests.test_tui_app import errors, until
 
@@ -181,7 +181,7 @@ async def test_k_stops_the_selected_agent_after_a_confirm_and_requeues_its_job(s
     command = f"if [ -f {marker} ]; then echo second run; else touch {marker}; echo $$ > {job_pid}; exec sleep 120; fi"
     with ssh_cluster.client() as c:
         (job,) = c.submit([{"command": command, "tags": ["red"]}])
-    wait_for(lambda: job_pid.exists() and job_pid.read_text().strip(), timeout=30, what="the job to start")
+    wait_until(lambda: job_pid.exists() and job_pid.read_text().strip(), timeout=30, what="the job to start")
     app = CorralApp(home=ssh_cluster.home)
     async with app.run_test(size=SIZE) as pilot:
         await select_worker(pilot, app, "h1")
@@ -211,7 +211,7 @@ async def test_D_drains_the_selected_agent_its_running_job_finishes(ssh_cluster:
         first, second = c.submit([
             {"command": f"touch {started}; while [ ! -f {release} ]; do sleep 0.05; done; echo finished", "tags": ["red"]},
             {"command": "echo second", "tags": ["red"]}])
-    wait_for(lambda: started.exists(), timeout=30, what="the first job to start")
+    wait_until(lambda: started.exists(), timeout=30, what="the first job to start")
     app = CorralApp(home=ssh_cluster.home)
     async with app.run_test(size=SIZE) as pilot:
         await select_worker(pilot, app, "h1")

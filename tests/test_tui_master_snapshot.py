@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from corral.agent.errors import CorralError
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_until
 
 D = {"dispatched": {"offset": 0, "limit": 10}, "finished": {"offset": 0, "limit": 10}}
 
@@ -37,7 +37,7 @@ def test_dispatched_is_running_first_then_queue_order_and_windowed(cluster: Clus
     with cluster.client() as c:
         c.submit([{"command": "sleep 30", "priority": -5}, {"command": "sleep 30", "priority": -5}])
         # The agent drains the 300 quick ones, then holds the two sleeps: they come first, queued or not.
-        snap = wait_for(lambda: (s := c.snapshot(0, D)) and s["counts"]["running"] == 2 and s["counts"]["queued"] == 0 and s,
+        snap = wait_until(lambda: (s := c.snapshot(0, D)) and s["counts"]["running"] == 2 and s["counts"]["queued"] == 0 and s,
                         timeout=60, what="the two sleeps to run")
         assert [r[2] for r in snap["dispatched"]["rows"]] == ["running", "running"]
 

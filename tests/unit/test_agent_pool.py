@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
-
 from corral.agent.pool import JobPool
 from corral.agent.protocol import JobResult, Task
+
+from tests.waiting import wait_until
 
 JOBS = "tests.unit.agent_jobs"
 
@@ -51,11 +52,7 @@ def shell(job_id: int, command: str) -> Task:
 
 
 def wait_for_file(path: Path, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and path.read_text()):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
-    return path.read_text()
+    return str(wait_until(lambda: path.exists() and path.read_text(), timeout, 0.01, f"{path} to appear"))
 
 
 @pytest.fixture
