@@ -200,6 +200,9 @@ def kill_group(pgid: int) -> None:
         pass
 
 
+# One piece (~60 lines): environment, containment box, spawn, wait with the timeout, and the kill and
+# clean-up that must run on every path out, in one try/finally; split, the finally would lose sight of what
+# the try started.
 def _run_shell(task: Task, started: float) -> JobResult:
     env = dict(os.environ)
     env.update(task.env)
@@ -347,6 +350,8 @@ def _resolve(name: str) -> Callable[..., Any]:
     return found
 
 
+# One piece (~70 lines) for the same reason as _run_shell: code path and env applied, the call, and the
+# restore of the worker's state (env, sys.path, containment) in the finally that covers every outcome.
 def _run_callable(task: Task, started: float) -> JobResult:
     global _current_job
     name = task.func or ""

@@ -101,6 +101,8 @@ def _fill(record: Any, items: list[int]) -> None:
             record[2] = depth
 
 
+# One piece (~165 lines): an opcode loop, as pickle's own _Unpickler.load is; a function per opcode would
+# add a call per opcode to what is already the boundary's whole cost (bench/pickle_boundary.py).
 def scan(data: bytes) -> None:
     """Walk the pickle's opcodes as the unpickler would, building nothing: Refused if the result would
     break a limit, or would need anything but plain data (a class, a function, out-of-band buffers)."""

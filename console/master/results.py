@@ -51,6 +51,8 @@ class Results(Core):
         for event in writes.events:
             log.info(*event)
 
+    # One piece (~70 lines): the cases of one result (refused, a repeat, history only, counted, retried)
+    # are exclusive and ordered; one function reads as the decision table it is.
     def _judge_result(self, agent: AgentRecord, r: JobResult, writes: _Writes) -> None:
         """One result: counted (the job's current attempt, or a late success), history only, or a repeat;
         refused unless this session holds that attempt (the master gave it to this agent, and it is not

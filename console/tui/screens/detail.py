@@ -31,6 +31,8 @@ def _value_text(value: bytes | None) -> str:
     return "None" if value is None else values.shown(value)
 
 
+# One piece (~90 lines): the detail top to bottom, fields then attempts, appending to one Text through two
+# local helpers; it reads in the order the operator sees it.
 def render_record(record: dict[str, Any], now: float) -> Text:
     """The whole detail as one Text: the job's fields, then each attempt and its output (never parsed as markup)."""
     out = Text()
