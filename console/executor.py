@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -68,7 +67,6 @@ class Executor(Submitter, concurrent.futures.Executor):
             raise ValueError("max_workers must be greater than 0")
         super().__init__(max_workers, Path(home) if home is not None else None, tags, ship, timeout, name, values)
         self._shutdown = False
-        self._futures_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<corral.Executor {self.name}>"

@@ -243,7 +243,6 @@ class Inventory:
     def __init__(self, home: Path, config_path: Path | None = None) -> None:
         self.home = Path(home)
         self.hosts_path = self.home / HOSTS_NAME
-        self.known_hosts_path = self.home / KNOWN_HOSTS_NAME
         self.config_path = config_path or ssh_config_path()
         # ssh reads the user's and the system's config unless told one file (-F): so does corral
         self.explicit_config = self.config_path if config_path or os.environ.get("CORRAL_SSH_CONFIG") else None

@@ -29,7 +29,7 @@ KEEP_OPERATIONS = 50
 OpWork = Callable[[Operation, str, Report], tuple[dict[str, Any], str]]
 
 # The methods clients may call through the manager; every argument and result is plain data.
-EXPOSED = ("deploy", "stop", "remove", "progress", "answer_host_key", "links", "hosts", "operations")
+EXPOSED = ("deploy", "stop", "remove", "progress", "answer_host_key", "links", "hosts")
 
 DEPLOY_DEFAULTS: dict[str, Any] = {
     "slots": None,  # int: overrides the host's slots
@@ -445,14 +445,4 @@ class DeployService:
             wire["deployed"] = deployed.get(host.alias)  # with "stopped" (a time) once its agent was stopped
             wire["link"] = states.get(host.alias, "")
             out.append(wire)
-        return out
-
-    def operations(self) -> list[dict[str, Any]]:
-        """The recent operations, newest last: id, kind, hosts, done, ok and failed hosts."""
-        with self.lock:
-            ops = list(self._ops.values())
-        out = []
-        for op in ops:
-            snap = op.snapshot(op.seq)
-            out.append({k: snap[k] for k in ("id", "kind", "hosts_order", "started", "ended", "done", "ok", "failed")})
         return out
