@@ -9,7 +9,7 @@ import pickle
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import pytest
 from corral.console.client import Client
@@ -19,23 +19,10 @@ from corral.console.tui.screens.detail import JobDetailScreen
 from corral.console.tui.screens.main import MainScreen
 from corral.console.tui.widgets.table import WindowTable
 from textual import events
-from textual.pilot import Pilot
 from textual.widgets import Input
 
 from tests.cluster import REPO, Cluster
-from tests.waiting import wait_until_async
-
-SIZE = (120, 36)
-TIMEOUT = 60.0  # generous: the machine is shared and slow
-
-
-async def until(pilot: Pilot, predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    """Let the app run until predicate() is truthy (tests/waiting.py's wait, on the pilot's loop)."""
-    return await wait_until_async(pilot.pause, predicate, what, timeout)
-
-
-def notes(app: CorralApp) -> list[str]:
-    return [n.message for n in app._notifications]
+from tests.test_tui_app import SIZE, notes, until
 
 
 def burst(app: CorralApp, *keys: tuple[str, str | None]) -> None:
