@@ -11,7 +11,7 @@ import pytest
 from corral.agent.execute import env_fault
 from corral.agent.pool import JobPool
 from corral.agent.protocol import Task
-from tests.unit.test_agent_pool import JOBS, Reported
+from tests.test_agent_pool import JOBS, Reported
 
 WATCHED = ("GOOD", "SET_BY_JOB", "HOME", "PATH", "BAD")
 
