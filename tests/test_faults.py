@@ -256,18 +256,27 @@ def test_half_written_journal_opens_cleanly_and_stays_consistent(tmp_path: Path)
             first = c.submit([JobSpec(command="echo early") for _ in range(20)])
             c.wait(first, timeout=30)
         stop = threading.Event()
+        submitted: list[list[int]] = []
+        writer_error: list[BaseException] = []
 
         def submit_until_stopped() -> None:
             try:
                 with cluster.client() as c:
-                    while not stop.is_set():
-                        c.submit([JobSpec(command="sleep 0.2; echo late", name="x" * 200) for _ in range(5)])
-            except Exception:  # noqa: BLE001 - the master dies under us: that is the point
-                return
+                    # Enough to fill the WAL; few enough that all of them run in seconds afterwards.
+                    while not stop.is_set() and len(submitted) < 20:
+                        submitted.append(c.submit([JobSpec(command="sleep 0.2; echo late", name="x" * 200)
+                                                   for _ in range(5)]))
+            except Exception as exc:  # noqa: BLE001 - the master dies under us: that is the point
+                writer_error.append(exc)
 
         writer = threading.Thread(target=submit_until_stopped, daemon=True)
         writer.start()
-        wait_until(lambda: len(_wal_commits(db)[1]) >= 20, timeout=30, what="transactions in the WAL")
+        # The early jobs' own commits may already fill the WAL (no checkpoint yet): wait also for late
+        # submissions the master confirmed, more than the two transactions the cut below tears, so
+        # that some of them must survive it.
+        wait_until(lambda: writer_error or (len(submitted) >= 5 and len(_wal_commits(db)[1]) >= 20),
+                   timeout=30, what="confirmed late submissions and transactions in the WAL")
+        assert not writer_error, f"the writer failed before the kill: {writer_error[0]!r}"
         cluster.master.send_signal(signal.SIGKILL)
         cluster.master.wait(timeout=10)
         stop.set()
