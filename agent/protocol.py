@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 # Bump when a wire record changes shape or meaning; master and agent compare it at register().
@@ -86,22 +86,25 @@ class JobSpec:
     code: Optional[str] = None
 
     def to_wire(self) -> Dict[str, Any]:
-        wire = {
-            "command": self.command,
-            "func": self.func,
-            "payload": self.payload,
-            "name": self.name,
-            "env": dict(self.env),
-            "cwd": self.cwd,
-            "priority": self.priority,
-            "timeout": self.timeout,
-            "retries": self.retries,
-            "tags": list(self.tags),
-        }
-        if self.code is not None:  # only then: an 11th key doubles the size of every spec dict the master reads
-            wire["code"] = self.code
+        """The plain dict that goes over the wire: only the fields not at their default (the master reads
+        a missing one as its default), since every key is opcodes that the master's bounded decoder
+        walks, per job of every submission (bench/pickle_boundary.py). A value of the wrong type is
+        sent as it is, for the master to refuse."""
+        wire: Dict[str, Any] = {}
+        for name in _SPEC_FIELDS:
+            value = getattr(self, name)
+            if value.__class__ is not _SPEC_DEFAULTS[name].__class__ or value != _SPEC_DEFAULTS[name]:
+                wire[name] = value
+        if "env" in wire and isinstance(self.env, dict):
+            wire["env"] = dict(self.env)
+        if "tags" in wire and isinstance(self.tags, (tuple, list)):
+            wire["tags"] = list(self.tags)
         return wire
 
+
+
+_SPEC_FIELDS = tuple(f.name for f in fields(JobSpec))
+_SPEC_DEFAULTS: Dict[str, Any] = {name: getattr(JobSpec(), name) for name in _SPEC_FIELDS}
 
 class Attempt(NamedTuple):
     """One run of one job: what an agent holds, runs, reports and kills, and what the master hands out

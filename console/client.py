@@ -206,7 +206,7 @@ class Client:
             payloads = [pickle.dumps(((x,), {})) for x in iterable]
         if not payloads:
             return []
-        template["name"] = template["name"] or batch_name("map", self.state.home)
+        template["name"] = template.get("name") or batch_name("map", self.state.home)
         deadline = None if timeout is None else time.monotonic() + timeout
         ids: list[int] = []
         outcomes: dict[int, Outcome] = {}

@@ -106,11 +106,12 @@ def test_as_completed_yields_in_completion_order_and_times_out(executor: Executo
 
 
 def test_wait(executor: Executor, tasks: types.ModuleType) -> None:  # noqa: F811
-    quick, slow = executor.submit(tasks.mul, 21, 2), executor.submit(time.sleep, 1.5)
+    # Seconds apart, not fractions: on a loaded 2-CPU machine a quick job can take a second to come back.
+    quick, slow = executor.submit(tasks.mul, 21, 2), executor.submit(time.sleep, 4)
     done, not_done = futures.wait([quick, slow], return_when=futures.FIRST_COMPLETED)
     assert done == {quick} and not_done == {slow}
     broken = executor.submit(divmod, 1, 0)
-    slower = executor.submit(time.sleep, 3)
+    slower = executor.submit(time.sleep, 5)
     done, not_done = futures.wait([broken, slower], return_when=futures.FIRST_EXCEPTION)
     assert broken in done and slower in not_done
     done, not_done = futures.wait([quick, slow, broken], return_when=futures.ALL_COMPLETED)

@@ -146,18 +146,26 @@ def scan(data: bytes) -> None:
                     i += 1
                 elif op == 0x8C:  # SHORT_BINUNICODE
                     length = data[i + 1]
-                    push(one + length)
+                    value = one + length
+                    push(value)
                     created += 1
                     i += 2 + length
+                    if data[i] == 0x94:  # MEMOIZE: what the pickler writes after every string
+                        memo.append(value)
+                        i += 1
                 elif fixed[op] >= 0:  # None, True, False, (), a number
                     push(one)
                     created += 1
                     i += 1 + fixed[op]
                 elif op == 0x7D or op == 0x5D or op == 0x8F:  # EMPTY_DICT, EMPTY_LIST, EMPTY_SET
                     open_at.append(len(stack))
-                    push([1, 0, 1, None])
+                    value = [1, 0, 1, None]
+                    push(value)
                     created += 1
                     i += 1
+                    if data[i] == 0x94:
+                        memo.append(value)
+                        i += 1
                 elif op == 0x28:  # MARK
                     if len(marks) >= MAX_DEPTH:
                         raise _refuse(f"the message nests containers more than {MAX_DEPTH} deep")
@@ -190,8 +198,12 @@ def scan(data: bytes) -> None:
                     i += 1 + width + length
                     if i > end:
                         raise _refuse("a value longer than the message")
-                    push(one + length)
+                    value = one + length
+                    push(value)
                     created += 1
+                    if data[i] == 0x94:
+                        memo.append(value)
+                        i += 1
                 elif op == 0x74 and marks and not (open_at and open_at[-1] >= marks[-1]):
                     # TUPLE of finished values (a result row of every report): packed here, no record.
                     at = marks.pop()
@@ -202,11 +214,14 @@ def scan(data: bytes) -> None:
                         value = ((max(items) >> _D) + 1) << _D | (((total >> _E) & _EMASK) + 1) << _E | (total & _BMASK)
                         if value >> _D > MAX_DEPTH or (value >> _E) & _EMASK > MAX_VALUES or value & _BMASK > MAX_DATA_BYTES:
                             _close([((value >> _E) & _EMASK), value & _BMASK, value >> _D, None])  # refuses, naming the limit
-                        push(value)
                     else:
-                        push(one)
+                        value = one
+                    push(value)
                     created += 1
                     i += 1
+                    if data[i] == 0x94:
+                        memo.append(value)
+                        i += 1
                 elif op == 0x85 or op == 0x86 or op == 0x87 or op == 0x74 or op == 0x91 or op == 0x6C or op == 0x64:
                     # TUPLE1/2/3 take the top values, TUPLE, FROZENSET, LIST, DICT those above the mark
                     at = len(stack) - (op - 0x84) if 0x85 <= op <= 0x87 else marks.pop()
