@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 # Bump when a wire record changes shape or meaning; master and agent compare it at register().
 # 2: shipped code (JobSpec.code, Task.code, CODE_TYPEID), chunked calls (CHUNK_CALL), a failed callable's value.
@@ -14,7 +15,11 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 #   stream produced in all (JobResult.stdout_total/stderr_total).
 # 3 (issue 9): attempts are the unit: register() and report() say which (job id, attempt) pairs the agent
 #   holds, a report says how many tasks the agent has received this session, cancels name the attempt.
-PROTOCOL_VERSION = 3
+# 4 (issue 10): a report's results, starts and held attempts travel packed (pack_results, pack_starts,
+#   pack_attempts), and a Client's submit() its specs (pack_specs): the master's bounded decoder walks
+#   a few opcodes per record, not ~18. Plain lists are still read (a protocol-3 agent is still served).
+PROTOCOL_VERSION = 4
+PROTOCOLS_SERVED = frozenset({3, 4})
 
 # The one name registered on the master's BaseManager; its methods are the API.
 SCHEDULER_TYPEID = "get_scheduler"
@@ -62,10 +67,6 @@ FINAL_STATES = frozenset(
     {JobState.DONE, JobState.FAILED, JobState.TIMEOUT, JobState.CANCELLED, JobState.LOST}
 )
 
-# A result's state, never a job's: the agent hands back an attempt it never started (draining, or
-# more work than it can start soon), and the master queues the job again.
-RELEASED = "released"
-
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -105,6 +106,81 @@ class JobSpec:
 
 _SPEC_FIELDS = tuple(f.name for f in fields(JobSpec))
 _SPEC_DEFAULTS: Dict[str, Any] = {name: getattr(JobSpec(), name) for name in _SPEC_FIELDS}
+
+# ---- a submission's specs, packed (what Client.submit sends; the master reads plain dicts too) --------
+# Each spec: SPEC_HEAD (its numbers, which optional fields follow, how many env pairs and tags), then in
+# one flat list: its command or func, the optional fields flagged, each env key and value, each tag.
+SPEC_HEAD = struct.Struct("<qdqBII")  # priority, timeout, retries, flags, env pairs, tags
+SPEC_FUNC, SPEC_PAYLOAD, SPEC_NAME, SPEC_CWD, SPEC_TIMEOUT, SPEC_CODE = 1, 2, 4, 8, 16, 32
+_SPEC_OPTIONAL = ((SPEC_PAYLOAD, "payload"), (SPEC_NAME, "name"), (SPEC_CWD, "cwd"), (SPEC_CODE, "code"))
+_SPEC_ABSENT = {"payload": None, "name": "", "cwd": None, "code": None}  # what a field left out means
+
+
+def pack_specs(specs: Iterable[Any]) -> Tuple[bytes, List[Any]]:
+    """Checked specs (JobSpec's fields, checked by the master's rules first: the numbers must fit) as the
+    plain pair submit() takes: SPEC_HEAD per spec, concatenated, and their fields in one list."""
+    heads = bytearray()
+    out: List[Any] = []
+    for spec in specs:
+        flags = (SPEC_FUNC if spec.command is None else 0) | (SPEC_TIMEOUT if spec.timeout is not None else 0)
+        out.append(spec.command if spec.command is not None else spec.func)
+        for flag, name in _SPEC_OPTIONAL:
+            value = getattr(spec, name)
+            if value is not _SPEC_ABSENT[name] and value != _SPEC_ABSENT[name]:
+                flags |= flag
+                out.append(value)
+        for key, value in spec.env.items():
+            out += (key, value)
+        out += spec.tags
+        heads += SPEC_HEAD.pack(spec.priority, spec.timeout or 0.0, spec.retries, flags, len(spec.env), len(spec.tags))
+    return bytes(heads), out
+
+
+def unpack_specs(packed: Any) -> List[Dict[str, Any]]:
+    """The plain spec dicts a packed submission holds, for the master's rules to check as any others;
+    ValueError (one line) if it is not one pack_specs() could have made."""
+    if type(packed) is not tuple or len(packed) != 2 or type(packed[0]) is not bytes or type(packed[1]) is not list:
+        raise ValueError("packed specs must be (heads as bytes, fields as a list)")
+    heads, fields_in = packed
+    if len(heads) % SPEC_HEAD.size:
+        raise ValueError(f"{len(heads)} bytes of heads is not a whole number of specs")
+    specs: List[Dict[str, Any]] = []
+    at, end = 0, len(fields_in)
+    for priority, timeout, retries, flags, pairs, tags in SPEC_HEAD.iter_unpack(heads):
+        if flags > 63 or at >= end:
+            raise ValueError(f"spec {len(specs) + 1}: a bad head, or no fields for it")
+        spec: Dict[str, Any] = {"func" if flags & SPEC_FUNC else "command": fields_in[at],
+                                "priority": priority, "retries": retries}
+        at += 1
+        if flags & SPEC_TIMEOUT:
+            spec["timeout"] = timeout
+        for flag, name in _SPEC_OPTIONAL:
+            if flags & flag:
+                if at >= end:
+                    raise ValueError(f"spec {len(specs) + 1}: its head counts fields the submission does not hold")
+                spec[name] = fields_in[at]
+                at += 1
+        if pairs or tags:
+            if at + 2 * pairs + tags > end:
+                raise ValueError(f"spec {len(specs) + 1}: its head counts fields the submission does not hold")
+            if pairs:
+                items = fields_in[at:at + 2 * pairs]
+                try:
+                    env = dict(zip(items[::2], items[1::2]))
+                except TypeError:  # a key that cannot be one (a list): the rules would refuse it anyway
+                    raise ValueError(f"spec {len(specs) + 1}: an env key that is not text") from None
+                if len(env) != pairs:
+                    raise ValueError(f"spec {len(specs) + 1}: an env key given twice")
+                spec["env"] = env
+                at += 2 * pairs
+            if tags:
+                spec["tags"] = fields_in[at:at + tags]
+                at += tags
+        specs.append(spec)
+    if at != end:
+        raise ValueError(f"{end - at} fields no spec head counts")
+    return specs
+
 
 class Attempt(NamedTuple):
     """One run of one job: what an agent holds, runs, reports and kills, and what the master hands out
@@ -150,6 +226,46 @@ class JobResult(NamedTuple):
     # How many bytes each stream produced in all: more than len(stdout) means stdout is a tail.
     stdout_total: int = 0
     stderr_total: int = 0
+
+
+# ---- a report's records, packed (protocol 4) -------------------------------------------------------
+# The master decodes every message with a bounded scan written in Python, at a cost per pickle opcode
+# (console/master/decode.py): a result as a plain tuple is ~18 opcodes, so a report carries its results
+# as one bytes of fixed-size heads (struct, read back in C) and one flat list of the fields that vary
+# in size, each result's head saying how many of them are its own (its trailing empty ones left out).
+RESULT_STATE_CODES = ("done", "failed", "timeout", "cancelled", RELEASED)  # a head's state: an index here
+# job id, attempt, exit code, started, ended, stdout total, stderr total, state index, has an exit code,
+# how many of the variable fields follow.
+RESULT_HEAD = struct.Struct("<qqqddqqBBB")
+# The fields that vary in size, in order, with the value each takes when left out.
+RESULT_VARIABLE = ("value", "stdout", "stderr", "error", "traceback", "note")
+RESULT_VARIABLE_DEFAULTS = (None, b"", b"", "", "", "")
+ATTEMPT_PAIR = struct.Struct("<qq")  # job id, attempt
+START_TRIPLE = struct.Struct("<qqd")  # job id, attempt, when it started
+
+
+def pack_results(results: Iterable[JobResult]) -> Tuple[bytes, List[Any]]:
+    """A report's results on the wire (protocol 4), a plain pair (a class would not cross): RESULT_HEAD
+    per result, concatenated, and their variable fields, in one list."""
+    heads = bytearray()
+    fields_out: List[Any] = []
+    state_index = {state: i for i, state in enumerate(RESULT_STATE_CODES)}
+    for r in results:
+        variable = [r.value, r.stdout, r.stderr, r.error, r.traceback, r.note]
+        while variable and variable[-1] == RESULT_VARIABLE_DEFAULTS[len(variable) - 1]:
+            variable.pop()
+        heads += RESULT_HEAD.pack(r.job_id, r.attempt, r.exit_code or 0, r.started, r.ended, r.stdout_total,
+                                  r.stderr_total, state_index[r.state], r.exit_code is not None, len(variable))
+        fields_out += variable
+    return bytes(heads), fields_out
+
+
+def pack_attempts(pairs: Iterable[Tuple[int, int]]) -> bytes:
+    return b"".join(ATTEMPT_PAIR.pack(job_id, attempt) for job_id, attempt in pairs)
+
+
+def pack_starts(starts: Iterable[Tuple[int, int, float]]) -> bytes:
+    return b"".join(START_TRIPLE.pack(job_id, attempt, when) for job_id, attempt, when in starts)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from . import codecache, contain
 from .connection import Backoff, call, drop, open_proxy
 from .errors import CorralError, JournalFailed, NameTaken
 from .pool import Holding, JobPool, released
-from .protocol import RELEASED, SCHEDULER_TYPEID, AgentInfo, JobResult, Task
+from .protocol import (RELEASED, SCHEDULER_TYPEID, AgentInfo, JobResult, Task, pack_attempts, pack_results,
+                       pack_starts)
 from .spool import Outbox, Spool
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class Agent:
         try:
             while True:
                 try:
-                    reply = call(scheduler, "register", CALL_MARGIN_SECONDS, self.info.to_wire(), sorted(self._ours()))
+                    reply = call(scheduler, "register", CALL_MARGIN_SECONDS, self.info.to_wire(), pack_attempts(sorted(self._ours())))
                     break
                 except NameTaken:
                     if not self.name_is_default:
@@ -348,11 +349,11 @@ class Agent:
             holding = Holding([], 0, {}, [])
         else:
             holding = pool.holding(draining=self.draining.is_set())
-        running = sorted(set(holding.running) | self.outbox.keys())
-        rows = [tuple(result) for result in batch]
+        running = pack_attempts(sorted(set(holding.running) | self.outbox.keys()))
+        results = pack_results(batch) if batch else []
         # `began`: which held attempts have started (the others are only assigned), when there are any.
-        extra = (holding.began,) if holding.began else ()
-        tasks, cancel = call(scheduler, "report", report_seconds(batch), self.session, rows, running,
+        extra = (pack_starts(holding.began),) if holding.began else ()
+        tasks, cancel = call(scheduler, "report", report_seconds(batch), self.session, results, running,
                              holding.wanted, holding.live or None, received, *extra)
         if tasks or cancel:
             if self._wait_for_pool() is not None:  # none come before the pool exists (we wanted none); all the same
@@ -395,9 +396,9 @@ class Agent:
                              for result in pending]
         if not results or not self.session:
             return
-        rows = [tuple(result) for result in results]
         try:
-            call(connect(self.address, self.authkey), "report", report_seconds(results), self.session, rows, [], 0)
+            call(connect(self.address, self.authkey), "report", report_seconds(results), self.session,
+                 pack_results(results), b"", 0)
         except (OSError, EOFError, CorralError) as exc:
             log.warning("could not hand back %d jobs (%s); the master re-queues them after the lease", len(results), exc)
         else:

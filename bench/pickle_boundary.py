@@ -23,31 +23,48 @@ from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
-from corral.agent.protocol import JobSpec
+from corral.agent.protocol import (JobResult, JobSpec, pack_attempts, pack_results, pack_specs, pack_starts,
+                                   unpack_specs)
 from corral.console.master.decode import plain_loads
+from corral.console.master.reports import check_results
+from corral.console.master.validate import check
 
 IDENT = "7f3a2c41d2b0"  # an object id, as the server hands them out
 SESSION = "9c1e0f7a6b5d4c3b2a1908f7e6d5c4b3"
 
 
-def report(rows: int, shell: bool) -> Tuple[Any, int]:
-    """An agent's report(): `rows` results (callables with a pickled value, or shell jobs with a
-    line of output), the ids it still runs, and its credit."""
+def _results(rows: int, shell: bool) -> List[JobResult]:
     now = time.time()
-    results = []
-    for i in range(rows):
-        if shell:
-            results.append((1000 + i, 1, "done", 0, None, f"built target {i}\n", "", "", "", now, now + 0.05))
-        else:
-            results.append((1000 + i, 1, "done", 0, pickle.dumps(i + 1), "", "", "", "", now, now + 0.0001))
-    return (IDENT, "report", (SESSION, results, list(range(5000, 5008)), 100), {}), rows
+    if shell:
+        return [JobResult(1000 + i, 1, "done", 0, None, f"built target {i}\n".encode(), started=now, ended=now + 0.05,
+                          stdout_total=len(f"built target {i}\n")) for i in range(rows)]
+    return [JobResult(1000 + i, 1, "done", None, pickle.dumps(i + 1), started=now, ended=now + 0.0001)
+            for i in range(rows)]
 
 
-def submit(jobs: int) -> Tuple[Any, int]:
-    """A Client's submit(): shell jobs as JobSpec.to_wire() makes them, with a name, env and a tag."""
+def report(rows: int, shell: bool, packed: bool = True) -> Tuple[Any, int]:
+    """An agent's report(), as agent/runner.py makes it: `rows` results (callables with a pickled value,
+    or shell jobs with a line of output), the 8 attempts it still holds, which of them have started,
+    its credit. `packed=False`: as protocol 3 sent it (a tuple per result, lists of pairs and triples)."""
+    now = time.time()
+    results = _results(rows, shell)
+    held = [(5000 + i, 1) for i in range(8)]
+    began = [(job_id, attempt, now) for job_id, attempt in held]
+    if packed:
+        args = (SESSION, pack_results(results), pack_attempts(held), 100, None, 4000, pack_starts(began))
+    else:
+        args = (SESSION, [tuple(r) for r in results], held, 100, None, 4000, began)
+    return (IDENT, "report", args, {}), rows
+
+
+def submit(jobs: int, packed: bool = True) -> Tuple[Any, int]:
+    """A Client's submit(): shell jobs with a name, env and a tag, packed as Client.submit packs them
+    (pack_specs of the checked specs); `packed=False`: as plain dicts (JobSpec.to_wire(), what any other
+    sender may still send)."""
     specs = [JobSpec(command=f"make -C /src/part{i} test", name=f"part{i}", env={"CI": "1"}, tags=("linux",),
-                     timeout=600.0).to_wire() for i in range(jobs)]
-    return (IDENT, "submit", (specs,), {}), jobs
+                     timeout=600.0) for i in range(jobs)]
+    wire = pack_specs([check(spec) for spec in specs]) if packed else [spec.to_wire() for spec in specs]
+    return (IDENT, "submit", (wire,), {}), jobs
 
 
 def submit_map(jobs: int) -> Tuple[Any, int]:
@@ -66,8 +83,10 @@ MESSAGES: List[Tuple[str, Callable[[], Tuple[Any, int]]]] = [
     ("report, 1 callable result", lambda: report(1, shell=False)),
     ("report, 100 callable results", lambda: report(100, shell=False)),
     ("report, 100 shell results", lambda: report(100, shell=True)),
+    ("(protocol 3) 100 callable results", lambda: report(100, shell=False, packed=False)),
     ("submit, 1 shell job", lambda: submit(1)),
     ("submit, 1,000 shell jobs", lambda: submit(1000)),
+    ("(plain dicts) 1,000 shell jobs", lambda: submit(1000, packed=False)),
     ("submit_map, 1,000 payloads", lambda: submit_map(1000)),
     ("take (no jobs)", take),
 ]
@@ -103,6 +122,24 @@ def measure() -> List[Dict[str, Any]]:
     return out
 
 
+def reading() -> List[Dict[str, Any]]:
+    """What the master then does with the decoded records, packed or plain: check_results over a report's
+    100 results, and unpack + check() over a submission's 1,000 specs (packing must not move the cost)."""
+    out = []
+    results = _results(100, shell=False)
+    rows, packed = [tuple(r) for r in results], pack_results(results)
+    specs = submit(1000, packed=False)[0][2][0]
+    packed_specs = submit(1000)[0][2][0]
+    for name, jobs, plain_way, packed_way in (
+            ("check_results, 100 results", 100, lambda: check_results(rows), lambda: check_results(packed)),
+            ("check() of 1,000 specs", 1000, lambda: [check(spec) for spec in specs],
+             lambda: [check(spec) for spec in unpack_specs(packed_specs)])):
+        assert plain_way() == packed_way()
+        plain, guarded = best_pair(plain_way, packed_way)
+        out.append({"step": name, "plain_us_per_job": plain * 1e6 / jobs, "packed_us_per_job": guarded * 1e6 / jobs})
+    return out
+
+
 def table(rows: List[Dict[str, Any]]) -> str:
     head = f"{'message':<30} {'bytes':>8} {'pickle.loads':>13} {'PlainData':>11} {'ratio':>6} {'extra/job':>10}"
     lines = [head, "-" * len(head)]
@@ -120,8 +157,12 @@ def main(argv: List[str] | None = None) -> int:
     print(f"Python {sys.version.split()[0]}; best of 15, interleaved; extra = plain_loads (scan + PlainDataUnpickler)"
           " minus pickle.loads")
     print(table(rows))
+    steps = reading()
+    print("\nthe master reading the decoded records     plain/job   packed/job")
+    for step in steps:
+        print(f"{step['step']:<40} {step['plain_us_per_job']:>8.3f} µs {step['packed_us_per_job']:>8.3f} µs")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"decode": rows, "reading": steps}, indent=2))
     return 0
 
 

@@ -12,14 +12,14 @@ from typing import Any, Callable, Iterable, Sequence, cast
 
 from corral.agent.connection import Backoff, call, drop, open_proxy
 from corral.agent.errors import CorralError
-from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID, JobSpec, JobState
+from corral.agent.protocol import CODE_TYPEID, SCHEDULER_TYPEID, JobSpec, JobState, pack_specs
 
 from . import ship as shipping
 from .batches import batch_name, in_batch
 from .callables import Call, describe
 from .deploy import DEPLOY_TYPEID
 from .errors import AuthFailed, JobFailed, MapTimeout, MasterUnreachable
-from .master.validate import check, poll_rule
+from .master.validate import Checked, check, poll_rule
 from . import values as values_
 from .state import StateDir
 
@@ -46,10 +46,6 @@ def _last_words(text: str, limit: int = 200) -> str:
     said = [line.strip() for line in text[-10_000:].splitlines() if line.strip(" -\t")]
     last = said[-1] if said else "(no message)"
     return last if len(last) <= limit else last[: limit - 1] + "…"
-
-
-def _spec_wire(spec: JobSpec | Record) -> Record:
-    return spec.to_wire() if isinstance(spec, JobSpec) else spec
 
 
 class Client:
@@ -164,18 +160,19 @@ class Client:
         one far over a limit would not even reach the master whole (it drops a message over
         MAX_MESSAGE_BYTES)."""
         ids: list[int] = []
-        batch: list[Record] = []
+        batch: list[Checked] = []
         size = 0
         for spec in specs:
             checked = check(spec, f"job {len(ids) + len(batch) + 1}")
-            batch.append(_spec_wire(spec))
+            batch.append(checked)
             # Keep each message well under the master's cap on what it reads (MAX_MESSAGE_BYTES).
             size += len(checked.payload or b"") + len(checked.command or "") + 256
             if len(batch) >= SUBMIT_BATCH or size >= SUBMIT_BYTES:
-                ids += self._call("submit", batch, seconds=SUBMIT_SECONDS)
+                ids += self._call("submit", pack_specs(batch), seconds=SUBMIT_SECONDS)
                 batch, size = [], 0
         if batch or not ids:
-            ids += self._call("submit", batch, seconds=SUBMIT_SECONDS)
+            # Packed (agent.protocol.pack_specs): a few opcodes per job for the master's bounded decoder.
+            ids += self._call("submit", pack_specs(batch) if batch else [], seconds=SUBMIT_SECONDS)
         return ids
 
     def submit_command(self, command: str, **options: Any) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from corral.agent.errors import CorralError
-from corral.agent.protocol import OUTPUT_TAIL_BYTES, JobResult
+from corral.agent.protocol import (ATTEMPT_PAIR, OUTPUT_TAIL_BYTES, RESULT_HEAD, RESULT_STATE_CODES,
+                                   RESULT_VARIABLE_DEFAULTS, START_TRIPLE, JobResult)
 
 from .records import RESULT_STATES
 from .validate import shown
@@ -38,9 +39,11 @@ def _sketch(row: Any) -> str:
 def check_results(results: Any) -> list[JobResult]:
     """Refuse a malformed report whole (an agent holding the authkey may still be buggy), and one the
     journal could not store: nothing of it may change the master's state unless all of it is written.
-    Written for the hot path (every result of every job passes here): plain type() tests, no generators."""
+    `results` is packed (protocol 4: agent.protocol.pack_results) or a list of JobResult tuples (3)."""
+    if type(results) is tuple:
+        return _check_packed_results(results)
     if type(results) is not list:
-        raise CorralError("malformed report: results must be a list")
+        raise CorralError("malformed report: results must be packed (heads, fields) or a list")
     lowest, highest = _INT64.start, _INT64.stop
     named: list[JobResult] = []
     for row in results:
@@ -65,9 +68,50 @@ def check_results(results: Any) -> list[JobResult]:
     return named
 
 
+_BYTES_FIELDS = (bytes, type(None))  # value, then stdout and stderr (bytes only: checked apart)
+
+
+def _check_packed_results(packed: tuple[Any, ...]) -> list[JobResult]:
+    """Protocol 4's results: RESULT_HEAD per result (read by struct, in C: its numbers need no test of
+    type or range), and the variable fields each head counts, in order. Written for the hot path (every
+    result of every job passes here): plain type() tests, no generators."""
+    if len(packed) != 2 or type(packed[0]) is not bytes or type(packed[1]) is not list:
+        raise CorralError("malformed report: packed results must be (heads as bytes, fields as a list)")
+    heads, fields = packed
+    if len(heads) % RESULT_HEAD.size:
+        raise CorralError(f"malformed report: {len(heads)} bytes of heads is not a whole number of results")
+    states, defaults, tail = RESULT_STATE_CODES, RESULT_VARIABLE_DEFAULTS, OUTPUT_TAIL_BYTES
+    named: list[JobResult] = []
+    at = 0
+    for (job_id, attempt, exit_code, started, ended, out_total, err_total, state, has_code,
+         count) in RESULT_HEAD.iter_unpack(heads):
+        if state >= len(states) or has_code > 1 or count > 6 or out_total < 0 or err_total < 0:
+            raise CorralError(f"malformed report: bad result head for job {job_id}")
+        mine = fields[at:at + count]
+        if len(mine) != count:
+            raise CorralError(f"malformed report: job {job_id}'s head counts fields the report does not hold")
+        at += count
+        value, out, err, error, tb, note = mine + list(defaults[count:]) if count < 6 else mine
+        if (type(value) not in _BYTES_FIELDS or type(out) is not bytes or type(err) is not bytes
+                or len(out) > tail or len(err) > tail or type(error) is not str or type(tb) is not str
+                or type(note) is not str
+                or not ((error.isascii() and tb.isascii() and note.isascii())
+                        or (_storable(error) and _storable(tb) and _storable(note)))):
+            raise CorralError(f"malformed report: bad result fields for job {job_id} {_sketch(mine)}")
+        named.append(_new_tuple(JobResult, (job_id, attempt, states[state], exit_code if has_code else None, value,
+                                            out, err, error, tb, started, ended, note, out_total, err_total)))
+    if at != len(fields):
+        raise CorralError(f"malformed report: {len(fields) - at} fields no result head counts")
+    return named
+
+
 def check_attempts(pairs: Any, what: str = "report") -> set[tuple[int, int]]:
     """The (job id, attempt) pairs an agent says it holds (register() and report()), checked whole: a
     list of two-int lists or tuples; anything else refuses the call, one line."""
+    if type(pairs) is bytes:  # packed (protocol 4: agent.protocol.pack_attempts): int64 pairs by construction
+        if len(pairs) % ATTEMPT_PAIR.size:
+            raise CorralError(f"malformed {what}: {len(pairs)} bytes of attempts is not a whole number of pairs")
+        return set(ATTEMPT_PAIR.iter_unpack(pairs))
     if type(pairs) not in (list, tuple):
         raise CorralError(f"malformed {what}: the attempts held must be a list of (job id, attempt) pairs")
     lowest, highest = _INT64.start, _INT64.stop
@@ -98,6 +142,10 @@ class Start(NamedTuple):
 def check_starts(began: Any) -> list[Start]:
     """The starts a report names ((job id, attempt, when), see agent.pool.Holding), checked whole: a
     malformed list refuses the report, as a malformed result does."""
+    if type(began) is bytes:  # packed (protocol 4: agent.protocol.pack_starts)
+        if len(began) % START_TRIPLE.size or len(began) > MAX_STARTS * START_TRIPLE.size:
+            raise CorralError("malformed report: began must be whole (job id, attempt, when) triples")
+        began = list(START_TRIPLE.iter_unpack(began))
     if type(began) is not list or len(began) > MAX_STARTS:
         raise CorralError("malformed report: began must be a list of (job id, attempt, when)")
     lowest, highest = _INT64.start, _INT64.stop

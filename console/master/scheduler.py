@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from corral.agent.errors import BadJobSpec, UnknownJob
-from corral.agent.protocol import MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
+from corral.agent.protocol import MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, unpack_specs
 
 from .core import batch_names, log
 from .records import CANCELLED, HELD, QUEUED, AgentRecord, Job
@@ -45,7 +45,13 @@ class Scheduler(Sessions):
         return {"protocol": PROTOCOL_VERSION, "started": self.started, "journal": str(self.journal.path)}
 
     def submit(self, specs: Any) -> list[int]:
-        """Queue jobs; they are in the journal before this returns. All or nothing."""
+        """Queue jobs; they are in the journal before this returns. All or nothing. `specs` is a list of
+        plain spec dicts, or packed (agent.protocol.pack_specs: what the Client sends)."""
+        if type(specs) is tuple:
+            try:
+                specs = unpack_specs(specs)
+            except ValueError as exc:
+                raise BadJobSpec(f"submit(): {exc}") from None
         if not isinstance(specs, list) or not specs:
             raise BadJobSpec("submit() takes a non-empty list of job specs")
         if len(specs) > MAX_JOBS:

@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from corral.agent.errors import CorralError, JournalFailed, NameTaken, ProtocolMismatch
-from corral.agent.protocol import OUTPUT_TAIL_BYTES, PROTOCOL_VERSION
+from corral.agent.protocol import OUTPUT_TAIL_BYTES, PROTOCOL_VERSION, PROTOCOLS_SERVED
 
 from .core import HOUSEKEEPING_SECONDS, LATE_FRACTION, SHARE_REFRESH_SECONDS, times_text, log
 from .records import ASSIGNED, INTERRUPTED, LOST, ON_AGENT, RUNNING, AgentRecord, AgentState, Job, TaskTuple
@@ -27,8 +27,9 @@ class Sessions(Results):
         other attempt the master thought it ran goes back to the queue."""
         if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not info["name"]:
             raise CorralError("register() needs the agent's info with a name")
-        if info.get("protocol") != PROTOCOL_VERSION:
-            raise ProtocolMismatch(f"agent speaks protocol {shown(info.get('protocol'))}, master {PROTOCOL_VERSION}",
+        if info.get("protocol") not in PROTOCOLS_SERVED:
+            raise ProtocolMismatch(f"agent speaks protocol {shown(info.get('protocol'))}, master {PROTOCOL_VERSION}"
+                                   f" (it serves {', '.join(map(str, sorted(PROTOCOLS_SERVED)))})",
                                    "deploy the agent that matches this master")
         claimed = check_attempts(running, "register()")
         now = time.time()
