@@ -136,14 +136,17 @@ def pack_specs(specs: Iterable[Any]) -> Tuple[bytes, List[Any]]:
     return bytes(heads), out
 
 
-def unpack_specs(packed: Any) -> List[Dict[str, Any]]:
+def unpack_specs(packed: Any, limit: int) -> List[Dict[str, Any]]:
     """The plain spec dicts a packed submission holds, for the master's rules to check as any others;
-    ValueError (one line) if it is not one pack_specs() could have made."""
+    ValueError (one line) if it is not one pack_specs() could have made, or holds more than `limit`
+    specs (said before any is built)."""
     if type(packed) is not tuple or len(packed) != 2 or type(packed[0]) is not bytes or type(packed[1]) is not list:
         raise ValueError("packed specs must be (heads as bytes, fields as a list)")
     heads, fields_in = packed
     if len(heads) % SPEC_HEAD.size:
         raise ValueError(f"{len(heads)} bytes of heads is not a whole number of specs")
+    if len(heads) // SPEC_HEAD.size > limit:
+        raise ValueError(f"{len(heads) // SPEC_HEAD.size} jobs in one call; the limit is {limit}")
     specs: List[Dict[str, Any]] = []
     at, end = 0, len(fields_in)
     for priority, timeout, retries, flags, pairs, tags in SPEC_HEAD.iter_unpack(heads):
@@ -241,6 +244,12 @@ RESULT_HEAD = struct.Struct("<qqqddqqBBB")
 RESULT_VARIABLE = ("value", "stdout", "stderr", "error", "traceback", "note")
 RESULT_VARIABLE_DEFAULTS = (None, b"", b"", "", "", "")
 ATTEMPT_PAIR = struct.Struct("<qq")  # job id, attempt
+# What one report may carry, packed or not (the master refuses more; an agent with more pending sends
+# them in turns): results, and attempts it says it holds (register() too). A packed record is a few
+# bytes on the wire and a few hundred in memory once read: the caps bound what one message can cost.
+REPORT_RESULTS = 10_000
+MAX_REPORT_RESULTS = 100_000
+MAX_HELD = 1_000_000
 START_TRIPLE = struct.Struct("<qqd")  # job id, attempt, when it started
 
 

@@ -18,8 +18,8 @@ from . import codecache, contain
 from .connection import Backoff, call, drop, open_proxy
 from .errors import CorralError, JournalFailed, NameTaken
 from .pool import Holding, JobPool, released
-from .protocol import (RELEASED, SCHEDULER_TYPEID, AgentInfo, JobResult, Task, pack_attempts, pack_results,
-                       pack_starts)
+from .protocol import (RELEASED, REPORT_RESULTS, SCHEDULER_TYPEID, AgentInfo, JobResult, Task, pack_attempts,
+                       pack_results, pack_starts)
 from .spool import Outbox, Spool
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,8 @@ class Agent:
         if self._wait_for_pool() is None:
             return
         while not (self.stopping.is_set() or self.disconnected.is_set()):
-            batch = self.outbox.wait(HEARTBEAT_SECONDS)
+            # At most REPORT_RESULTS per call (the master refuses more); the rest go in the next ones.
+            batch = self.outbox.wait(HEARTBEAT_SECONDS)[:REPORT_RESULTS]
             if batch:
                 try:
                     self._send_report(scheduler, batch)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from corral.agent.errors import CorralError
-from corral.agent.protocol import (ATTEMPT_PAIR, OUTPUT_TAIL_BYTES, RESULT_HEAD, RESULT_STATE_CODES,
-                                   RESULT_VARIABLE_DEFAULTS, START_TRIPLE, JobResult)
+from corral.agent.protocol import (ATTEMPT_PAIR, MAX_HELD, MAX_REPORT_RESULTS, OUTPUT_TAIL_BYTES, RESULT_HEAD,
+                                   RESULT_STATE_CODES, RESULT_VARIABLE_DEFAULTS, START_TRIPLE, JobResult)
 
 from .records import RESULT_STATES
 from .validate import shown
@@ -44,6 +44,8 @@ def check_results(results: Any) -> list[JobResult]:
         return _check_packed_results(results)
     if type(results) is not list:
         raise CorralError("malformed report: results must be packed (heads, fields) or a list")
+    if len(results) > MAX_REPORT_RESULTS:
+        raise CorralError(f"malformed report: {len(results):,} results in one report; the limit is {MAX_REPORT_RESULTS:,}")
     lowest, highest = _INT64.start, _INT64.stop
     named: list[JobResult] = []
     for row in results:
@@ -80,6 +82,9 @@ def _check_packed_results(packed: tuple[Any, ...]) -> list[JobResult]:
     heads, fields = packed
     if len(heads) % RESULT_HEAD.size:
         raise CorralError(f"malformed report: {len(heads)} bytes of heads is not a whole number of results")
+    if len(heads) // RESULT_HEAD.size > MAX_REPORT_RESULTS:
+        raise CorralError(f"malformed report: {len(heads) // RESULT_HEAD.size:,} results in one report;"
+                          f" the limit is {MAX_REPORT_RESULTS:,}")
     states, defaults, tail = RESULT_STATE_CODES, RESULT_VARIABLE_DEFAULTS, OUTPUT_TAIL_BYTES
     named: list[JobResult] = []
     at = 0
@@ -111,9 +116,13 @@ def check_attempts(pairs: Any, what: str = "report") -> set[tuple[int, int]]:
     if type(pairs) is bytes:  # packed (protocol 4: agent.protocol.pack_attempts): int64 pairs by construction
         if len(pairs) % ATTEMPT_PAIR.size:
             raise CorralError(f"malformed {what}: {len(pairs)} bytes of attempts is not a whole number of pairs")
+        if len(pairs) // ATTEMPT_PAIR.size > MAX_HELD:
+            raise CorralError(f"malformed {what}: more than {MAX_HELD:,} attempts held")
         return set(ATTEMPT_PAIR.iter_unpack(pairs))
     if type(pairs) not in (list, tuple):
         raise CorralError(f"malformed {what}: the attempts held must be a list of (job id, attempt) pairs")
+    if len(pairs) > MAX_HELD:
+        raise CorralError(f"malformed {what}: more than {MAX_HELD:,} attempts held")
     lowest, highest = _INT64.start, _INT64.stop
     held: set[tuple[int, int]] = set()
     for pair in pairs:

@@ -49,7 +49,7 @@ class Scheduler(Sessions):
         plain spec dicts, or packed (agent.protocol.pack_specs: what the Client sends)."""
         if type(specs) is tuple:
             try:
-                specs = unpack_specs(specs)
+                specs = unpack_specs(specs, MAX_JOBS)
             except ValueError as exc:
                 raise BadJobSpec(f"submit(): {exc}") from None
         if not isinstance(specs, list) or not specs:

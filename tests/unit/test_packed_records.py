@@ -117,8 +117,8 @@ SPECS = [
 
 def test_a_submission_packed_reads_back_as_the_specs_it_holds() -> None:
     packed = pack_specs([check(spec) for spec in SPECS])
-    assert [check(spec) for spec in unpack_specs(packed)] == [check(spec) for spec in SPECS]
-    assert unpack_specs(pack_specs([])) == []
+    assert [check(spec) for spec in unpack_specs(packed, 10)] == [check(spec) for spec in SPECS]
+    assert unpack_specs(pack_specs([]), 10) == []
 
 
 def spec_head(flags: int = 0, pairs: int = 0, tags: int = 0) -> bytes:
@@ -137,10 +137,11 @@ def spec_head(flags: int = 0, pairs: int = 0, tags: int = 0) -> bytes:
     ((spec_head(), ["true", "extra"]), "1 fields no spec head counts"),
     ((spec_head(pairs=2), ["true", "K", "1", "K", "2"]), "an env key given twice"),
     ((spec_head(pairs=1), ["true", ["a list"], "1"]), "an env key that is not text"),
+    ((spec_head() * 11, ["true"] * 11), "11 jobs in one call; the limit is 10"),
 ])
 def test_a_malformed_packed_submission_is_refused_in_one_line(packed: object, words: str) -> None:
     with pytest.raises(ValueError) as caught:
-        unpack_specs(packed)
+        unpack_specs(packed, 10)
     assert words in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -169,3 +170,16 @@ def test_a_packed_submission_costs_the_decoder_a_few_opcodes_per_job() -> None:
     plain = ("7f3a", "submit", ([JobSpec(*c).to_wire() for c in checked],), {})
     opcodes = [sum(1 for _ in pickletools.genops(bytes(ForkingPickler.dumps(m)))) for m in (packed, plain)]
     assert opcodes[0] < 9 * len(checked) and opcodes[1] > 20 * len(checked), opcodes
+
+
+def test_one_report_carries_at_most_its_limits_whoever_packs_it() -> None:
+    from corral.agent.protocol import MAX_HELD, MAX_REPORT_RESULTS
+
+    many = [JobResult(i, 1, "done") for i in range(MAX_REPORT_RESULTS + 1)]
+    for form in (pack_results(many), [tuple(r) for r in many]):
+        with pytest.raises(CorralError, match="^malformed report: 100,001 results in one report; the limit is 100,000$"):
+            check_results(form)
+    with pytest.raises(CorralError, match="more than 1,000,000 attempts held"):
+        check_attempts(bytes(16 * (MAX_HELD + 1)))
+    with pytest.raises(CorralError, match="more than 1,000,000 attempts held"):
+        check_attempts([(1, 1)] * (MAX_HELD + 1))
