@@ -103,7 +103,6 @@ class JobSpec:
         return wire
 
 
-
 _SPEC_FIELDS = tuple(f.name for f in fields(JobSpec))
 _SPEC_DEFAULTS: Dict[str, Any] = {name: getattr(JobSpec(), name) for name in _SPEC_FIELDS}
 
@@ -126,7 +125,7 @@ def pack_specs(specs: Iterable[Any]) -> Tuple[bytes, List[Any]]:
         out.append(spec.command if spec.command is not None else spec.func)
         for flag, name in _SPEC_OPTIONAL:
             value = getattr(spec, name)
-            if value is not _SPEC_ABSENT[name] and value != _SPEC_ABSENT[name]:
+            if value != _SPEC_ABSENT[name]:
                 flags |= flag
                 out.append(value)
         for key, value in spec.env.items():
@@ -240,9 +239,10 @@ RESULT_STATE_CODES = ("done", "failed", "timeout", "cancelled", RELEASED)  # a h
 # job id, attempt, exit code, started, ended, stdout total, stderr total, state index, has an exit code,
 # how many of the variable fields follow.
 RESULT_HEAD = struct.Struct("<qqqddqqBBB")
-# The fields that vary in size, in order, with the value each takes when left out.
-RESULT_VARIABLE = ("value", "stdout", "stderr", "error", "traceback", "note")
+# The fields that vary in size (value, stdout, stderr, error, traceback, note), in order: the value
+# each takes when left out.
 RESULT_VARIABLE_DEFAULTS = (None, b"", b"", "", "", "")
+_STATE_INDEX = {state: i for i, state in enumerate(RESULT_STATE_CODES)}
 ATTEMPT_PAIR = struct.Struct("<qq")  # job id, attempt
 # What one report may carry, packed or not (the master refuses more; an agent with more pending sends
 # them in turns): results, and attempts it says it holds (register() too). A packed record is a few
@@ -258,7 +258,7 @@ def pack_results(results: Iterable[JobResult]) -> Tuple[bytes, List[Any]]:
     per result, concatenated, and their variable fields, in one list."""
     heads = bytearray()
     fields_out: List[Any] = []
-    state_index = {state: i for i, state in enumerate(RESULT_STATE_CODES)}
+    state_index = _STATE_INDEX
     for r in results:
         variable = [r.value, r.stdout, r.stderr, r.error, r.traceback, r.note]
         while variable and variable[-1] == RESULT_VARIABLE_DEFAULTS[len(variable) - 1]:

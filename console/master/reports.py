@@ -55,22 +55,26 @@ def check_results(results: Any) -> list[JobResult]:
         # field checked as a local, the cheapest read there is; everything after reads it by name.
         job_id, attempt, state, exit_code, value, out, err, error, tb, started, ended, note, out_total, err_total = row
         if (type(job_id) is not int or type(attempt) is not int or type(state) is not str
-                or state not in RESULT_STATES or type(exit_code) not in _OPT_INT or type(value) not in _OPT_BYTES
-                or type(out) is not bytes or type(err) is not bytes or type(error) is not str or type(tb) is not str
-                or len(out) > OUTPUT_TAIL_BYTES or len(err) > OUTPUT_TAIL_BYTES
-                or type(started) not in _NUMBER or type(ended) not in _NUMBER or type(note) is not str
+                or state not in RESULT_STATES or type(exit_code) not in _OPT_INT
+                or type(started) not in _NUMBER or type(ended) not in _NUMBER
                 or type(out_total) is not int or type(err_total) is not int
                 or not 0 <= out_total < highest or not 0 <= err_total < highest
                 or not lowest <= job_id < highest or not lowest <= attempt < highest
                 or (exit_code is not None and not lowest <= exit_code < highest)
-                or not ((error.isascii() and tb.isascii()) or (_storable(error) and _storable(tb)))
-                or not (note.isascii() or _storable(note))):
+                or not _variable_fields_ok(value, out, err, error, tb, note)):
             raise CorralError(f"malformed report: bad result row {_sketch(row)}")
         named.append(_new_tuple(JobResult, row))  # JobResult._make(row), without its length check
     return named
 
 
-_BYTES_FIELDS = (bytes, type(None))  # value, then stdout and stderr (bytes only: checked apart)
+def _variable_fields_ok(value: Any, out: Any, err: Any, error: Any, tb: Any, note: Any) -> bool:
+    """The one rule for a result's fields that vary in size, plain or packed: a value is bytes or None,
+    output bytes within the tail, error, traceback and note text the journal can store."""
+    return not (type(value) not in _OPT_BYTES or type(out) is not bytes or type(err) is not bytes
+                or len(out) > OUTPUT_TAIL_BYTES or len(err) > OUTPUT_TAIL_BYTES
+                or type(error) is not str or type(tb) is not str or type(note) is not str
+                or not ((error.isascii() and tb.isascii() and note.isascii())
+                        or (_storable(error) and _storable(tb) and _storable(note))))
 
 
 def _check_packed_results(packed: tuple[Any, ...]) -> list[JobResult]:
@@ -85,23 +89,19 @@ def _check_packed_results(packed: tuple[Any, ...]) -> list[JobResult]:
     if len(heads) // RESULT_HEAD.size > MAX_REPORT_RESULTS:
         raise CorralError(f"malformed report: {len(heads) // RESULT_HEAD.size:,} results in one report;"
                           f" the limit is {MAX_REPORT_RESULTS:,}")
-    states, defaults, tail = RESULT_STATE_CODES, RESULT_VARIABLE_DEFAULTS, OUTPUT_TAIL_BYTES
+    states, defaults, most = RESULT_STATE_CODES, RESULT_VARIABLE_DEFAULTS, len(RESULT_VARIABLE_DEFAULTS)
     named: list[JobResult] = []
     at = 0
     for (job_id, attempt, exit_code, started, ended, out_total, err_total, state, has_code,
          count) in RESULT_HEAD.iter_unpack(heads):
-        if state >= len(states) or has_code > 1 or count > 6 or out_total < 0 or err_total < 0:
+        if state >= len(states) or has_code > 1 or count > most or out_total < 0 or err_total < 0:
             raise CorralError(f"malformed report: bad result head for job {job_id}")
         mine = fields[at:at + count]
         if len(mine) != count:
             raise CorralError(f"malformed report: job {job_id}'s head counts fields the report does not hold")
         at += count
-        value, out, err, error, tb, note = mine + list(defaults[count:]) if count < 6 else mine
-        if (type(value) not in _BYTES_FIELDS or type(out) is not bytes or type(err) is not bytes
-                or len(out) > tail or len(err) > tail or type(error) is not str or type(tb) is not str
-                or type(note) is not str
-                or not ((error.isascii() and tb.isascii() and note.isascii())
-                        or (_storable(error) and _storable(tb) and _storable(note)))):
+        value, out, err, error, tb, note = mine + list(defaults[count:]) if count < most else mine
+        if not _variable_fields_ok(value, out, err, error, tb, note):
             raise CorralError(f"malformed report: bad result fields for job {job_id} {_sketch(mine)}")
         named.append(_new_tuple(JobResult, (job_id, attempt, states[state], exit_code if has_code else None, value,
                                             out, err, error, tb, started, ended, note, out_total, err_total)))
