@@ -258,7 +258,9 @@ def test_the_agent_checks_the_hash_of_what_it_fetches(pool_cluster: Cluster, sol
 
 def test_concurrent_jobs_needing_a_new_bundle_fetch_it_once_per_host(pool_cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
     name = unique("once")
-    write_module(tmp_path, name, "import time\n\ndef slow(x):\n    time.sleep(0.05)\n    return x\n")
+    # 0.2 s each, not less: quick jobs let the first agents to take work finish all 40 before the
+    # last one takes any (CI saw a1 run none once), and this test is about both agents of a host.
+    write_module(tmp_path, name, "import time\n\ndef slow(x):\n    time.sleep(0.2)\n    return x\n")
     module = import_from(tmp_path, name)
     try:
         with Pool(home=pool_cluster.home) as p:
