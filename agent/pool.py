@@ -22,6 +22,7 @@ HARD_KILL_GRACE_SECONDS = 5.0  # a callable ignoring its timeout signal this lon
 CANCEL_RING = 256  # attempts the workers can be told to cancel at once (a ring: the oldest are overwritten)
 SWEEP_SECONDS = 0.5  # how often dead workers and overdue callables are looked for
 EVENT_POLL_SECONDS = 0.2
+TERMINATE_SECONDS = 5.0  # how long Pool.terminate() may take before its workers are killed outright
 
 # JobState values as plain strings: results are compared per job, on the hot path.
 _DONE, _FAILED = JobState.DONE.value, JobState.FAILED.value
@@ -368,8 +369,22 @@ class JobPool:
         # close + terminate, not join() alone: a worker killed mid-chunk leaves an orphaned pool task
         # behind that join() would wait on forever (`Pool.__exit__` terminates too).
         self.pool.close()
-        self.pool.terminate()
-        self.pool.join()
+        # Pool.terminate() itself can wait for ever: a worker it terminates while that worker holds the
+        # result queue's lock (sending the result of a job just killed above) never releases it, and the
+        # pool's task handler then blocks on that lock, which terminate() joins (seen in a forced stop:
+        # faulthandler's stacks in tests/test_jobs.py). So it runs where it can be given up on; then the
+        # workers are killed outright and the stuck pool threads (daemons) are left to the exit.
+        stopper = threading.Thread(target=self.pool.terminate, name="pool-terminate", daemon=True)
+        stopper.start()
+        stopper.join(TERMINATE_SECONDS)
+        if stopper.is_alive():
+            log.warning("the job pool did not stop within %.0fs (a worker died holding its result queue's"
+                        " lock): killing its workers", TERMINATE_SECONDS)
+            for process in list(getattr(self.pool, "_pool", [])):  # the Pool's worker processes
+                if process.pid:
+                    _signal(process.pid, signal.SIGKILL)
+        else:
+            self.pool.join()
         contain.release(self.containment)  # the workers are gone: anything a job left goes now
         self.watcher.join(timeout=2 * EVENT_POLL_SECONDS + 1)
         self.events.close()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from corral.console.client import Client
@@ -66,6 +67,18 @@ class Cluster:
 
     def agent_log(self, name: str) -> str:
         return (self.logs / f"agent-{name}.log").read_text(errors="replace")
+
+    def agent_exit(self, name: str, timeout: float) -> int:
+        """The agent's exit status once it exits; if it is still there after `timeout`, AssertionError with
+        its log and every thread's stack (SIGUSR2: agent/runner.py) to say where it is stuck."""
+        proc = self.agents[name]
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR2)
+            time.sleep(1)
+            raise AssertionError(f"agent {name} still runs after {timeout:g}s; its log and stacks:\n"
+                                 + self.agent_log(name)[-20000:]) from None
 
     def stop(self) -> None:
         procs = list(self.agents.values()) + ([self.master] if self.master else [])

@@ -245,7 +245,7 @@ def test_second_sigterm_kills_running_jobs(cluster: Cluster, tmp_path: Path) -> 
         time.sleep(0.5)
         assert proc.poll() is None  # first SIGTERM: still draining
         proc.terminate()
-        assert proc.wait(timeout=20) == 1
+        assert cluster.agent_exit("a", timeout=20) == 1
         wait_until(lambda: not alive(pid), timeout=5, what="the job's process group to be killed")
         # Not recorded as an outcome: handed back to the queue, to run again elsewhere. The attempt
         # it killed stays in the history (issue 9), as interrupted, counting nothing.
