@@ -258,22 +258,31 @@ def test_the_agent_checks_the_hash_of_what_it_fetches(pool_cluster: Cluster, sol
 
 def test_concurrent_jobs_needing_a_new_bundle_fetch_it_once_per_host(pool_cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
     name = unique("once")
-    # 0.2 s each, not less: quick jobs let the first agents to take work finish all 40 before the
-    # last one takes any (CI saw a1 run none once), and this test is about both agents of a host.
-    write_module(tmp_path, name, "import time\n\ndef slow(x):\n    time.sleep(0.2)\n    return x\n")
+    # Two agents of their own (one slot each, reached by a tag only they have), so that both are sure to
+    # take some of the jobs at once whatever the module's shared agents did before: this test is about
+    # two agents of one host wanting the same new bundle together, not about how a burst is spread.
+    pair = unique("pair")
+    for agent in ("b1", "b2"):
+        pool_cluster.start_agent(agent, slots=1, tags=pair)
+    write_module(tmp_path, name, "import time\n\ndef slow(x):\n    time.sleep(0.3)\n    return x\n")
     module = import_from(tmp_path, name)
     try:
-        with Pool(home=pool_cluster.home) as p:
+        with Pool(home=pool_cluster.home, tags=[pair]) as p:
             digest = p._template(module.slow).wire["code"]
-            assert p.map(module.slow, range(40), chunksize=1) == list(range(40))
+            assert p.map(module.slow, range(8), chunksize=1) == list(range(8))
             with pool_cluster.client() as c:
-                agents = {j["agent"] for j in c.jobs(limit=40) if j["name"].startswith(p.name + " ")}
-        assert {"a1", "a2"} <= agents  # both agents of this host ran some
-        fetched = [m for a in ("a1", "a2", "solo") for m in FETCHED.findall(pool_cluster.agent_log(a))]
+                ran = [j["agent"] for j in c.jobs(limit=8) if j["name"].startswith(p.name + " ")]
+        logs = {a: pool_cluster.agent_log(a) for a in ("a1", "a2", "solo", "b1", "b2") if a in pool_cluster.agents}
+        assert sorted(set(ran)) == ["b1", "b2"], f"jobs ran on {ran}; agent logs:\n" + "\n".join(
+            f"--- {a}\n{text[-3000:]}" for a, text in logs.items() if a in ("b1", "b2"))
+        fetched = [m for text in logs.values() for m in FETCHED.findall(text)]
         assert fetched.count(digest[:12]) == 1  # one fetch on this host (the agents share its cache)
         assert (pool_cluster.home / "code-cache" / digest / f"{name}.py").is_file()
     finally:
         forget(name)
+        for agent in ("b1", "b2"):
+            pool_cluster.agents[agent].terminate()
+            assert pool_cluster.agent_exit(agent, 30) == 0
 
 
 def test_a_job_whose_bundle_is_gone_fails_with_the_reason(pool_cluster: Cluster, solo: str) -> None:  # noqa: F811
