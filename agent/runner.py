@@ -357,13 +357,18 @@ class Agent:
         tasks, cancel = call(scheduler, "report", report_seconds(batch), self.session, results, running,
                              holding.wanted, holding.live or None, received, *extra)
         if tasks or cancel:
-            if self._wait_for_pool() is not None:  # none come before the pool exists (we wanted none); all the same
-                self._received(tasks, cancel)
+            self._wait_for_pool()  # none come before the pool exists (we wanted none); all the same
+            self._received(tasks, cancel)  # no pool (a forced stop took it): the tasks go straight back
 
     def _received(self, rows: List[Tuple[Any, ...]], cancel: List[Any]) -> None:
         """What a take() or report() brought back, settled into the pool (or the outbox), then counted."""
         pool = self.pool
-        assert pool is not None
+        if pool is None:
+            # A long poll answered after a forced stop took the pool down (the session's loops outlive it by
+            # up to SESSION_JOIN_SECONDS): these tasks never reach a worker; say so now, not after a lease.
+            if rows:
+                self._send_back([released(Task._make(row), "the agent stopped before it could run it") for row in rows])
+            return
         _received(pool, self.code, rows, cancel)
         if rows:
             with self.received_lock:
@@ -395,15 +400,26 @@ class Agent:
         results = results + [result._replace(state=RELEASED, error=why) if (result.job_id, result.attempt) in killed
                              else result
                              for result in pending]
-        if not results or not self.session:
-            return
+        if results and self._send_back(results):
+            self.outbox.acknowledge(len(pending))
+
+    def _send_back(self, results: List[JobResult]) -> bool:
+        """Report these results on a connection of our own, at most REPORT_RESULTS per call (the master takes
+        no more), wanting nothing; False (said in the log) if the master could not be told."""
+        if not self.session:
+            return False
         try:
-            call(connect(self.address, self.authkey), "report", report_seconds(results), self.session,
-                 pack_results(results), b"", 0)
+            scheduler = connect(self.address, self.authkey)
+            try:
+                for first in range(0, len(results), REPORT_RESULTS):
+                    batch = results[first:first + REPORT_RESULTS]
+                    call(scheduler, "report", report_seconds(batch), self.session, pack_results(batch), b"", 0)
+            finally:
+                drop(scheduler)
         except (OSError, EOFError, CorralError) as exc:
             log.warning("could not hand back %d jobs (%s); the master re-queues them after the lease", len(results), exc)
-        else:
-            self.outbox.acknowledge(len(pending))
+            return False
+        return True
 
 
 def _received(pool: JobPool, code: codecache.CodeCache, rows: List[Tuple[Any, ...]], cancel: List[Any]) -> None:

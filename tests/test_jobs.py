@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from corral.agent.connection import call, drop
 from corral.agent.errors import BadJobSpec
-from corral.agent.protocol import OUTPUT_TAIL_BYTES, JobSpec
+from corral.agent.protocol import OUTPUT_TAIL_BYTES, AgentInfo, JobSpec
+from corral.agent.runner import Agent, connect
+from corral.agent.statedir import read_authkey
 from tests.cluster import Cluster, wait_until
 
 
@@ -251,6 +254,29 @@ def test_second_sigterm_kills_running_jobs(cluster: Cluster, tmp_path: Path) -> 
         # it killed stays in the history (issue 9), as interrupted, counting nothing.
         assert c.job(job)["state"] == "queued"
         assert [(a["state"], a["counted"]) for a in c.job(job)["attempt_list"]] == [("interrupted", 0)]
+
+
+def test_tasks_a_long_poll_brings_after_a_forced_stop_go_straight_back(cluster: Cluster) -> None:
+    """A forced stop takes the pool down while the session's take may still be parked on the master (its
+    loops outlive the pool by up to SESSION_JOIN_SECONDS): what that take then brings must go back to the
+    queue at once, not sit "assigned" to a dead agent for a lease (nor crash the loop). The agent here is
+    the real Agent object, in this process, on a real master; its pool is gone, as after a forced stop."""
+    address = cluster.address()
+    authkey = read_authkey(cluster.home / "authkey")
+    agent = Agent(address, authkey, AgentInfo(name="late", host="localhost", pid=os.getpid(), slots=1, tags=("late",)))
+    agent._register()
+    with cluster.client() as c:
+        [job] = c.submit([JobSpec(command="true", tags=["late"])])
+        scheduler = connect(address, authkey)
+        rows, cancel = call(scheduler, "take", 30, agent.session, 1, 5.0)
+        drop(scheduler)
+        assert [row[0] for row in rows] == [job] and c.job(job)["state"] == "assigned"
+        assert agent.pool is None
+        agent._received(rows, cancel)
+        assert c.job(job)["state"] == "queued"  # at once: the report went before _received returned
+        assert c.job(job)["attempt_list"] == []  # never started: no attempt in its history, nothing counted
+        cluster.start_agent("b", slots=1, tags="late")  # and it runs, once, elsewhere
+        assert c.wait([job], 30) == {job: "done"} and c.job(job)["agent"] == "b"
 
 
 @pytest.mark.parametrize("slots", [1])
