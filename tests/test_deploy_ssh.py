@@ -147,6 +147,18 @@ def test_identities_only_offers_just_the_configured_key_to_a_host_with_max_auth_
     assert line.startswith(f"corral deploy: h1: auth: {getpass.getuser()}@127.0.0.2:{host.port} refused our keys ("), line
     assert " from the agent): " in line and "absent" not in line.split(" — ")[0].split("refused")[1], line
 
+    # The option itself: the configured key is a file the agent does not hold. Without IdentitiesOnly the
+    # agent's four wrong keys go before it and use up MaxAuthTries 3 (ssh fails so, and so must corral);
+    # with it only that file is offered, and both get in.
+    own = tmp_path / "own"
+    host.authorize(keygen(own))
+    write_config(lab, config_host(lab, host, f"IdentityFile {own}"))
+    assert not ssh_passes(lab, "h1", agent.env)
+    assert deploy(ssh_cluster, "h1", "--reconnect", env=agent.env).returncode == 1
+    write_config(lab, config_host(lab, host, f"IdentityFile {own}", "IdentitiesOnly yes"))
+    assert ssh_passes(lab, "h1", agent.env)
+    assert_deployed(deploy(ssh_cluster, "h1", "--reconnect", env=agent.env))
+
 
 def test_identity_agent_names_the_agent_to_use(ssh_cluster: Cluster, lab: SshLab, agent: Agent) -> None:
     host = lab.add_host("h1", "127.0.0.2")
