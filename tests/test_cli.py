@@ -85,7 +85,9 @@ def test_jobs_show_status_agents_json(cluster: Cluster) -> None:
     assert [a["name"] for a in status["agents"]] == ["a"]
     agents = json.loads(cluster.corral("agents", "--json").stdout)
     assert agents[0]["tags"] == ["x"] and agents[0]["state"] == "up"
-    assert "a" in cluster.corral("agents").stdout
+    assert agents[0]["times_lost"] == 0
+    header, row = cluster.corral("agents").stdout.splitlines()[:2]
+    assert header.split()[:7] == ["NAME", "HOST", "STATE", "BUSY", "DONE", "FAILED", "LOST"] and row.split()[6] == "0"
 
 
 def test_cancel_and_requeue_from_cli(cluster: Cluster) -> None:

@@ -191,10 +191,11 @@ def status_text(status: Record) -> str:
 
 def agents_table(agents: Sequence[Record]) -> str:
     rows = [[a["name"], a["host"], a["state"], f"{a['busy']}/{a['slots']}", str(a["done"]), str(a["failed"]),
+             str(a.get("times_lost", 0)),  # leases it let run out: a flaky link or host shows here
              f"{a['heartbeat_age']:.1f}s", ",".join(a["tags"]) or "-", a["started_by"],
              # the kind only (cgroup, subreaper, group); --json has the reason a weaker one is used
              str(a.get("containment") or "unknown").split(" ", 1)[0]] for a in agents]
-    return table(rows, ["NAME", "HOST", "STATE", "BUSY", "DONE", "FAILED", "SEEN", "TAGS", "STARTED BY", "CONTAINMENT"])
+    return table(rows, ["NAME", "HOST", "STATE", "BUSY", "DONE", "FAILED", "LOST", "SEEN", "TAGS", "STARTED BY", "CONTAINMENT"])
 
 
 def hosts_table(hosts: Sequence[Host], deployed: dict[str, Record]) -> str:

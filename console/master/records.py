@@ -89,7 +89,7 @@ class AgentRecord:
     """An agent as the master sees it."""
 
     __slots__ = ("name", "session", "info", "tags", "slots", "running", "began", "stale", "dispatched", "cancel",
-                 "done", "failed", "last_seen", "_heard", "on_heard", "registered", "state", "credit")
+                 "done", "failed", "times_lost", "last_seen", "_heard", "on_heard", "registered", "state", "credit")
 
     @property
     def heard(self) -> float:
@@ -118,6 +118,7 @@ class AgentRecord:
         self.cancel: set[tuple[int, int]] = set()  # (job id, attempt) pairs to kill
         self.done = 0
         self.failed = 0
+        self.times_lost = 0  # how often its lease ran out (kept across its registrations, as done and failed)
         self.last_seen = now  # wall clock, for people (`corral agents`)
         # Called with this record each time `heard` is set (the scheduler's lease index), once admitted.
         self.on_heard: Callable[[AgentRecord], None] | None = None
@@ -144,6 +145,7 @@ class AgentRecord:
             "assigned": len(self.running) - self.busy(),
             "done": self.done,
             "failed": self.failed,
+            "times_lost": self.times_lost,
             "tags": sorted(self.tags),
             "python": self.info.get("python", ""),
             "started_by": self.info.get("started_by", "manual"),

@@ -60,7 +60,7 @@ class Sessions(Results):
             if old is not None:
                 self.sessions.pop(old.session, None)  # superseded: a take parked for it returns nothing
                 self.work.notify_all()
-                agent.done, agent.failed = old.done, old.failed
+                agent.done, agent.failed, agent.times_lost = old.done, old.failed, old.times_lost
                 agent.stale = old.stale & claimed  # still held there: may yet hand in a late success
             self.agents[name] = agent
             agent.on_heard = self._watch_lease
@@ -330,6 +330,7 @@ class Sessions(Results):
                 self._requeue_lost(agent, keep=set(), reason=f"agent {agent.name} lost: silent for {silent:.1f}s")
                 heapq.heappop(leases)
                 agent.state = AgentState.LOST
+                agent.times_lost += 1
                 log.info("agent %s lost: silent for %.1fs", agent.name, silent)
             if self.orphans_since and now - self.orphans_since > self.lease_seconds:
                 held: dict[str, dict[int, int]] = {}

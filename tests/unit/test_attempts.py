@@ -188,10 +188,17 @@ def test_a_master_paused_past_the_lease_blames_no_agent(s: Scheduler, clock: Clo
         tick(s, clock, 8)
         s.report(alpha, [], [(job_id, 1)], 0, None, 1)
     assert s.agents["alpha"].state is AgentState.UP
+    assert s.agent_list()[0]["times_lost"] == 0  # what a watcher polling `corral agents` could miss, counted
     # An agent that really is silent still loses its lease, the master ticking on time.
     for _ in range(12):
         tick(s, clock)
     assert s.agents["alpha"].state is AgentState.LOST and s.jobs[job_id].state == "queued"
+    # Heard again, it is up (no sign left in its state), and the count says it was lost once; it keeps
+    # that count when it registers again, as it keeps its done and failed.
+    s.report(alpha, [], [], 0, None, 1)
+    assert s.agents["alpha"].state is AgentState.UP and s.agent_list()[0]["times_lost"] == 1
+    register(s, "alpha")
+    assert s.agent_list()[0]["times_lost"] == 1
 
 
 def test_a_step_of_the_wall_clock_changes_nothing(s: Scheduler, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
