@@ -26,10 +26,18 @@ def test_master_stopped_past_the_deadlines_agents_and_a_waiting_client_recover(c
         ids = c.submit([JobSpec(command="sleep 0.4") for _ in range(60)])
     waited: dict[int, str] = {}
     failure: list[BaseException] = []
+    reconnects: list[float] = []  # when the waiting client gave up on a call and connected again
 
     def waiter() -> None:
         try:
             with cluster.client() as c:
+                reconnect = c._reconnect
+
+                def counted() -> None:
+                    reconnects.append(time.monotonic())
+                    reconnect()
+
+                c._reconnect = counted  # type: ignore[method-assign]
                 waited.update(c.wait(ids, timeout=300))
         except BaseException as exc:  # noqa: BLE001 - handed to the test's thread, which asserts on it
             failure.append(exc)
@@ -58,6 +66,9 @@ def test_master_stopped_past_the_deadlines_agents_and_a_waiting_client_recover(c
     assert not thread.is_alive(), "the waiting client never came back"
     assert not failure, f"the waiting client failed: {failure[0]!r}"
     assert sorted(waited) == sorted(ids) and set(waited.values()) == {"done"}, waited
+    # It did not just sit in a read until SIGCONT: its call passed its deadline while the master was
+    # stopped, and it connected again by itself (the tries in the stall fail; one after it succeeds).
+    assert any(stopped < when < stopped + STALL_SECONDS for when in reconnects), (reconnects, stopped)
     for name in AGENTS:
         log = cluster.agent_log(name)
         # Each agent gave up on a call past its deadline (not on a connection the kernel closed), and
