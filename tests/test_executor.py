@@ -157,6 +157,18 @@ def test_shutdown_refuses_new_work_and_waits(pool_cluster: Cluster, tasks: types
         ex.submit(pow, 2, 5)
 
 
+def test_shutdown_without_wait_returns_at_once_and_the_futures_still_complete(pool_cluster: Cluster) -> None:  # noqa: F811
+    ex = Executor(home=pool_cluster.home)
+    fs = [ex.submit(time.sleep, 1.0) for _ in range(4)]
+    began = time.monotonic()
+    ex.shutdown(wait=False)  # as concurrent.futures: no more work, nothing cancelled, no waiting
+    assert time.monotonic() - began < 0.5 and not any(f.done() for f in fs)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(pow, 2, 5)
+    done, not_done = futures.wait(fs, timeout=30)
+    assert not not_done and all(f.result() is None for f in done)
+
+
 def test_shutdown_cancel_futures(pool_cluster: Cluster) -> None:  # noqa: F811
     ex = Executor(max_workers=4, home=pool_cluster.home)
     fs = [ex.submit(time.sleep, 1.0) for _ in range(50)]

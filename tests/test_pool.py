@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 import types
+import uuid
+from pathlib import Path
 from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]
 
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from corral import Pool
 from corral.console.errors import JobFailed
 from tests.cluster import Cluster, wait_until
-from tests.shipkit import pool_cluster, tasks  # noqa: F401 (fixtures)
+from tests.shipkit import forget, import_from, pool_cluster, tasks, write_module  # noqa: F401 (fixtures)
 
 TIMEOUT1 = 0.5
 
@@ -281,6 +283,45 @@ def test_context_manager_terminates_and_a_closed_pool_refuses_work(pool_cluster:
         with pytest.raises(ValueError, match="Pool not running"):
             refused()
     q.join()
+
+
+def test_leaving_the_with_block_cancels_what_the_pool_still_has_on_the_cluster(pool_cluster: Cluster, tasks: types.ModuleType) -> None:  # noqa: F811
+    with pool_cluster.client() as c:
+        with Pool(home=pool_cluster.home) as p:  # processes=None: no cap of its own, the cluster's slots
+            p.starmap_async(tasks.sqr, [(x, 60.0) for x in range(12)], chunksize=1)
+            ours = lambda: [j for j in c.jobs(limit=200) if j["name"].startswith(p.name + " ")]  # noqa: E731
+            # All 12 on the cluster at once (no cap), four of them taken by the two agents' four slots.
+            wait_until(lambda: len(ours()) == 12 and sum(j["state"] in ("running", "assigned") for j in ours()) >= 4,
+                       what="the pool's 12 jobs submitted and the agents' slots filled")
+        # __exit__ is terminate(), as multiprocessing's: the running ones killed, the queued never run.
+        wait_until(lambda: all(j["state"] == "cancelled" for j in ours()), timeout=10, what="every job of the pool cancelled")
+
+
+def test_a_pools_timeout_applies_to_each_of_its_jobs(pool_cluster: Cluster, tasks: types.ModuleType) -> None:  # noqa: F811
+    with Pool(home=pool_cluster.home, timeout=1) as p:
+        began = time.monotonic()
+        with pytest.raises(JobFailed, match="timed out|timeout"):
+            p.apply(tasks.sqr, (3, 30.0))
+        assert time.monotonic() - began < 20  # the job's 1 s, plus the kill and the report; not its 30 s
+        assert p.apply(tasks.sqr, (3,)) == 9  # a quick one is not affected
+
+
+def test_ship_sends_a_module_the_function_only_imports_when_it_runs(pool_cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
+    extra = f"extra_{uuid.uuid4().hex[:8]}"
+    user = f"user_{uuid.uuid4().hex[:8]}"
+    write_module(tmp_path / "lib", extra, "def tag():\n    return 'from the shipped extra'\n")
+    write_module(tmp_path / "app", user, f"def f():\n    import {extra}\n    return {extra}.tag()\n")
+    extra_module = import_from(tmp_path / "lib", extra)
+    module = import_from(tmp_path / "app", user)
+    try:
+        # Found by no import at the top of the function's module: without ship=, the agent cannot have it.
+        with Pool(home=pool_cluster.home) as p:
+            with pytest.raises(ModuleNotFoundError, match=extra):
+                p.apply(module.f)
+        with Pool(home=pool_cluster.home, ship=[extra_module]) as p:
+            assert p.apply(module.f) == "from the shipped extra"
+    finally:
+        forget(extra, user)
 
 
 def test_traceback_of_the_remote_task_is_the_cause(pool_cluster: Cluster, tasks: types.ModuleType) -> None:  # noqa: F811
