@@ -209,6 +209,30 @@ def test_a_two_hop_proxy_jump_chain(ssh_cluster: Cluster, lab: SshLab) -> None:
     assert accepted(j1) > before[0] and accepted(j2) > before[1], "both jump hosts carried the connection"
 
 
+def test_each_hops_host_key_is_checked_like_the_targets(ssh_cluster: Cluster, lab: SshLab) -> None:
+    j1, j2 = lab.add_host("j1", "127.0.0.2"), lab.add_host("j2", "127.0.0.3", trust=False)
+    inner = lab.add_host("inner", "127.0.0.4")
+    write_config(lab, config_host(lab, j1, f"IdentityFile {lab.key}"), config_host(lab, j2, f"IdentityFile {lab.key}"),
+                 config_host(lab, inner, f"IdentityFile {lab.key}", "ProxyJump j1,j2"))
+    register(ssh_cluster, inner)
+    assert not ssh_passes(lab, "inner")  # ssh will not go through a jump host whose key it does not know
+    before = accepted(inner)
+    done = deploy(ssh_cluster, "inner")
+    assert done.returncode == 1
+    (line,) = errors_of(done)
+    # Named by the hop whose key it is, at the host-key step, as for a target.
+    assert line.startswith(f"corral deploy: j2: hostkey: unknown host key for [127.0.0.3]:{j2.port}: "), line
+    assert accepted(inner) == before and not list(inner.remote_dir.glob("*"))
+    # A jump host whose key changed is refused likewise, --accept-new or not (as ssh: a changed key is never accepted).
+    lab.known_hosts.write_text(lab.known_hosts.read_text() + f"[127.0.0.3]:{j2.port} {' '.join(j1.host_pub.split()[:2])}\n")
+    for extra in ([], ["--accept-new"]):
+        done = deploy(ssh_cluster, "inner", *extra)
+        assert done.returncode == 1
+        (line,) = errors_of(done)
+        assert line.startswith(f"corral deploy: j2: hostkey: the host key of [127.0.0.3]:{j2.port} has CHANGED: "), line
+    assert accepted(inner) == before
+
+
 def test_proxy_command_carries_the_connection(ssh_cluster: Cluster, lab: SshLab) -> None:
     jump, inner = lab.add_host("jump", "127.0.0.2"), lab.add_host("inner", "127.0.0.3")
     write_config(lab, config_host(lab, jump, f"IdentityFile {lab.key}"),
