@@ -14,6 +14,7 @@ from corral.agent.protocol import OUTPUT_TAIL_BYTES, AgentInfo, JobSpec
 from corral.agent.runner import Agent, connect
 from corral.agent.statedir import read_authkey
 from tests.cluster import Cluster, wait_until
+from tests.faultkit import journal_outcomes
 
 
 def alive(pid: int) -> bool:
@@ -184,6 +185,9 @@ def test_a_callable_with_bad_env_then_others_leave_the_worker_env_as_it_was(clus
         [after] = c.values([last])
         assert {c.job(j)["agent"] for j in (first, timed_out, cancelled, failed, last)} == {"a"}
     assert after == before
+    # From the journal file: each job one final outcome (the refused one was never a job), one counted attempt.
+    assert journal_outcomes(cluster.home / "corral.db", [first, timed_out, cancelled, failed, last], states=None) == {
+        first: "done", timed_out: "timeout", cancelled: "cancelled", failed: "failed", last: "done"}
 
 
 def test_unimportable_callable_fails_and_agent_lives_on(cluster: Cluster) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from corral.agent.protocol import JobSpec
 from tests.cluster import REPO, wait_until
-from tests.faultkit import running_cluster
+from tests.faultkit import journal_outcomes, record_run, running_cluster, times_run
 
 
 def second_master(home: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -51,9 +51,11 @@ def test_second_master_on_the_same_home_is_refused(tmp_path: Path) -> None:
 
         # The first serves on, as if nothing had happened.
         cluster.start_agent("a", slots=1)
+        runs = tmp_path / "runs"
         with cluster.client() as c:
-            [job] = c.submit([JobSpec(command="echo still here")])
-            assert c.wait([job], timeout=60) == {job: "done"}
+            jobs = c.submit([JobSpec(command=record_run(runs) + "echo still here") for _ in range(5)])
+            assert c.wait(jobs, timeout=60) == {j: "done" for j in jobs}
+        job = jobs[0]
 
         # kill -9 leaves a stale master.json and lock file; the kernel has dropped the lock: a new master starts.
         first.send_signal(signal.SIGKILL)
@@ -70,6 +72,9 @@ def test_second_master_on_the_same_home_is_refused(tmp_path: Path) -> None:
         assert not (home / "master.json").exists()
         third = cluster.start_master()
         wait_until(lambda: json.loads((home / "master.json").read_text())["pid"] == third.pid, what="the third master")
+    # Through three masters, the refused ones among them: each job one outcome in the journal, run once.
+    journal_outcomes(home / "corral.db", jobs)
+    assert times_run(runs) == {j: 1 for j in jobs}
 
 
 def test_a_lock_file_planted_by_another_user_is_refused(tmp_path: Path) -> None:
