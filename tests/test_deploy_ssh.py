@@ -274,26 +274,61 @@ def test_a_revoked_key_is_refused_though_another_line_lists_it(ssh_cluster: Clus
     assert not list(host.remote_dir.glob("*")), "nothing was done on the host"
 
 
-def test_a_cert_authority_line_is_a_clear_line_as_corral_checks_no_host_certificates(
+def test_a_host_certificate_is_checked_against_the_cert_authority_line(
         ssh_cluster: Cluster, lab: SshLab, tmp_path: Path) -> None:
-    ca = tmp_path / "host_ca"
+    ca, other_ca = tmp_path / "host_ca", tmp_path / "other_ca"
     keygen(ca, "host-ca")
+    keygen(other_ca, "other-ca")
     host = lab.add_host("h1c", "127.0.0.2", trust=False)
-    subprocess.run([SSH_KEYGEN, "-q", "-s", str(ca), "-I", "h1c", "-h", "-n", "127.0.0.2",
-                    str(host.root / "hostkey.pub")], check=True)
-    host.stop()  # again, with the certificate signed by the authority
-    host.options = f"HostCertificate {host.root / 'hostkey-cert.pub'}\n"
-    host.start()
+    cert = host.root / "hostkey-cert.pub"
+
+    def certify(signer: Path, *how: str) -> None:
+        """The host's key certified by `signer` (sshd restarted to present it)."""
+        cert.unlink(missing_ok=True)
+        subprocess.run([SSH_KEYGEN, "-q", "-s", str(signer), "-I", "h1c", "-h", *how, str(host.root / "hostkey.pub")],
+                       check=True)
+        host.stop()
+        host.options = f"HostCertificate {cert}\n"
+        host.start()
+
     ca_key = " ".join(ca.with_name("host_ca.pub").read_text().split()[:2])
     lab.known_hosts.write_text(f"@cert-authority 127.0.0.2,[127.0.0.2]:* {ca_key}\n")
     write_config(lab, config_host(lab, host, f"IdentityFile {lab.key}"))
     register(ssh_cluster, host)
+
+    certify(ca, "-n", "127.0.0.2")
     assert ssh_passes(lab, "h1c"), "ssh checks the host's certificate against the authority"
-    done = deploy(ssh_cluster, "h1c")
-    assert done.returncode == 1
+    assert_deployed(deploy(ssh_cluster, "h1c"))
+    assert not (ssh_cluster.home / "known_hosts").exists() or "127.0.0.2" not in (ssh_cluster.home / "known_hosts").read_text()
+
+    # Where ssh refuses the certificate, corral refuses it too, in one line saying why (and --accept-new
+    # changes nothing for a certificate its trusted authority signed).
+    for how, why in ((["-n", "web1.example"], "a certificate for web1.example, not for 127.0.0.2"),
+                     (["-n", "127.0.0.2", "-V", "20200101:20200102"], "a certificate that expired 2020-01-02"),
+                     (["-n", "127.0.0.2", "-V", "+3650d:+3651d"], "a certificate not valid before ")):
+        certify(ca, *how)
+        assert not ssh_passes(lab, "h1c")
+        done = deploy(ssh_cluster, "h1c", "--reconnect", "--accept-new")
+        assert done.returncode == 1, done.stdout
+        (line,) = errors_of(done)
+        assert line.startswith(f"corral deploy: h1c: hostkey: [127.0.0.2]:{host.port} offered {why}"), line
+        assert f"authority of {lab.known_hosts}:1); refused" in line, line
+
+    # A certificate from an authority no line trusts is judged by its plain key, as ssh does: unknown here.
+    certify(other_ca, "-n", "127.0.0.2")
+    assert not ssh_passes(lab, "h1c")
+    done = deploy(ssh_cluster, "h1c", "--reconnect")
     (line,) = errors_of(done)
-    assert line.startswith(f"corral deploy: h1c: hostkey: unknown host key for [127.0.0.2]:{host.port}: ssh-ed25519 SHA256:")
-    assert f"({lab.known_hosts}:1 trusts a certificate authority for it, but corral cannot check host certificates)" in line
+    assert line.startswith(f"corral deploy: h1c: hostkey: unknown host key for [127.0.0.2]:{host.port}: ssh-ed25519"), line
+
+    # The authority itself revoked: refused, whoever it signed.
+    certify(ca, "-n", "127.0.0.2")
+    lab.known_hosts.write_text(lab.known_hosts.read_text() + f"@revoked * {ca_key}\n")
+    assert not ssh_passes(lab, "h1c")
+    done = deploy(ssh_cluster, "h1c", "--reconnect", "--accept-new")
+    (line,) = errors_of(done)
+    assert "its certificate's authority is REVOKED in " in line and line.endswith(
+        "refused — the host needs a new key or certificate; ask its owner"), line
 
 
 # ---- no SFTP; a host fixed after a failed deploy ---------------------------------------------------

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, NoReturn
 import paramiko
 
 from ..errors import DeployError, HostKeyChanged, HostKeyUnknown
+from . import hostcerts
 from .inventory import Host, user_known_hosts
 from .sshconfig import match_pattern
 
@@ -92,7 +93,7 @@ class Verdict:
 
     state: str  # "known", "revoked", "changed", "unknown"
     line: KnownLine | None = None  # the line that decided (known, revoked, changed)
-    authority: KnownLine | None = None  # a @cert-authority line for this host (corral cannot check certificates)
+    authority: KnownLine | None = None  # a @cert-authority line for this host (the host offered no certificate)
 
 
 class KnownHosts:
@@ -144,9 +145,20 @@ class KnownHosts:
         line = next((line for line in self.lines(host) if not line.marker and line.names(name)), None)
         return line.path if line is not None else str(self.corral_file)
 
+    def trusts_authority(self, host: Host) -> bool:
+        """Whether a @cert-authority line vouches for this host: then its certificate is asked for first."""
+        name = host_id(host)
+        return any(line.marker == "@cert-authority" and line.names(name) for line in self.lines(host))
+
     def verify(self, host: Host, key: paramiko.PKey) -> str:
         """Accept the offered key (returns the file that vouches for it) or raise: HostKeyUnknown for the
-        operator to decide, HostKeyChanged or a revoked key's DeployError, refused for good."""
+        operator to decide, HostKeyChanged or a revoked key's DeployError, refused for good. A certificate
+        is checked against the @cert-authority lines; one no line's authority signed is judged by its
+        plain key, as ssh does."""
+        if hostcerts.is_certificate(key):
+            vouching = self._verify_certificate(host, key)
+            if vouching:
+                return vouching
         verdict = self.verdict(host, key.get_name(), key.get_base64())
         name = host_id(host)
         if verdict.state == "known" and verdict.line is not None:
@@ -166,6 +178,39 @@ class KnownHosts:
                 "otherwise someone may be intercepting the connection")
         policy = UnknownKeyPolicy(host, verdict.authority)
         policy.missing_host_key(None, name, key)  # paramiko's RejectPolicy: nothing unknown is accepted
+
+    def _verify_certificate(self, host: Host, key: paramiko.PKey) -> str:
+        """The file whose @cert-authority line signed this host's certificate; "" if none of them did (the
+        plain key is judged then); a DeployError if it is revoked, or signed by a trusted authority but not
+        good for this host (ssh refuses those too)."""
+        name = host_id(host)
+        mine = [line for line in self.lines(host) if line.names(name)]
+        assert key.public_blob is not None  # is_certificate(key)
+        try:
+            cert = hostcerts.parse(key.public_blob.key_blob)
+        except hostcerts.BadCertificate as exc:
+            raise DeployError.at(host.alias, "hostkey", f"{name} offered {exc}; refused",
+                                 "ask the host's owner about its certificate") from None
+        authority_base64 = base64.b64encode(cert.signature_key).decode()
+        for line in mine:
+            if line.marker == "@revoked" and line.key_base64 in (key.get_base64(), authority_base64):
+                what = "its certificate's authority" if line.key_base64 == authority_base64 else "its key"
+                raise DeployError.at(host.alias, "hostkey", f"the host key of {name} ({key.get_name()} {key.fingerprint}): "
+                                     f"{what} is REVOKED in {line.path}:{line.number}; refused",
+                                     "the host needs a new key or certificate; ask its owner")
+        names = (host.host_key_alias,) if host.host_key_alias else (host.hostname,)
+        for line in mine:
+            if line.marker != "@cert-authority" or line.key_base64 != authority_base64:
+                continue
+            authority = paramiko.PKey.from_type_string(line.key_type, base64.b64decode(line.key_base64))
+            try:
+                hostcerts.check(cert, authority, names)
+            except hostcerts.BadCertificate as exc:
+                raise DeployError.at(host.alias, "hostkey", f"{name} offered {exc} ({key.get_name()} {key.fingerprint},"
+                                     f" authority of {line.path}:{line.number}); refused",
+                                     "the host's owner must renew or fix its certificate") from None
+            return line.path
+        return ""
 
     def add(self, name: str, key_type: str, key_base64: str) -> None:
         """Append an accepted key to corral's known_hosts (never to the user's)."""
@@ -194,7 +239,7 @@ class UnknownKeyPolicy(paramiko.RejectPolicy):
         message = f"unknown host key for {name}: {key.get_name()} {key.fingerprint}"
         if self.authority is not None:
             message += (f" ({self.authority.path}:{self.authority.number} trusts a certificate authority for it, "
-                        "but corral cannot check host certificates)")
+                        "but the host offered no certificate it signed)")
         raise HostKeyUnknown.at(self.host.alias, "hostkey", message,
                                 "check the fingerprint with the host's owner, then deploy with --accept-new "
                                 "(or accept it in the console)",

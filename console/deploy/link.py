@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 import paramiko
 
 from ..errors import DeployError
+from . import hostcerts
 from .hostkeys import KnownHosts
 from .inventory import Host
 
@@ -80,6 +81,9 @@ def connect_transport(host: Host, known: KnownHosts, sock: Any, timeout: float =
     transport.banner_timeout = timeout
     transport.handshake_timeout = timeout
     transport.auth_timeout = timeout
+    if known.trusts_authority(host):  # ask for its certificate first, as ssh does where it knows an authority
+        options = transport.get_security_options()
+        options.key_types = hostcerts.CERT_KEY_TYPES + tuple(options.key_types)
     try:
         try:
             transport.start_client(timeout=timeout)
