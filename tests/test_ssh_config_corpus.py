@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(SSH is None, reason="ssh (openssh-client) is mis
 
 # Every alias of the corpus that corral must resolve as ssh does (literal names and pattern-matched ones).
 ALIASES = ["web1", "web2", "api.prod", "db.prod", "jumped", "chain", "uri", "nojump", "cmd", "keys", "only",
-           "kh", "alias", "exec-host", "matched", "nobody-box", "inc1", "inc2", "commented", "eq", "first"]
+           "kh", "alias", "exec-host", "matched", "nobody-box", "inc1", "inc2", "commented", "eq", "first",
+           "mh", "mh-other"]
 
 
 def corpus(root: Path) -> Path:
@@ -116,6 +117,14 @@ Host first
 Host first
   User seconduser
   Port 2444
+
+Host mh-other
+  HostName 10.0.10.2
+Host mh mh-other
+  HostName 10.0.10.1
+Match host 10.0.10.*,!10.0.10.2
+  Port 2555
+  User hostmatched
 
 Match all
   IdentityFile {root}/keys/common
