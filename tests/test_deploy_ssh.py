@@ -320,6 +320,12 @@ def test_a_host_certificate_is_checked_against_the_cert_authority_line(
     done = deploy(ssh_cluster, "h1c", "--reconnect")
     (line,) = errors_of(done)
     assert line.startswith(f"corral deploy: h1c: hostkey: unknown host key for [127.0.0.2]:{host.port}: ssh-ed25519"), line
+    # ... and once its plain key is listed, it is known by that line, for ssh and corral alike.
+    before = lab.known_hosts.read_text()
+    lab.known_hosts.write_text(before + f"[127.0.0.2]:{host.port} {' '.join(host.host_pub.split()[:2])}\n")
+    assert ssh_passes(lab, "h1c")
+    assert_deployed(deploy(ssh_cluster, "h1c", "--reconnect"))
+    lab.known_hosts.write_text(before)
 
     # The authority itself revoked: refused, whoever it signed.
     certify(ca, "-n", "127.0.0.2")
