@@ -202,9 +202,12 @@ class KnownHosts:
         for line in mine:
             if line.marker != "@cert-authority" or line.key_base64 != authority_base64:
                 continue
-            authority = paramiko.PKey.from_type_string(line.key_type, base64.b64decode(line.key_base64))
             try:
+                authority = paramiko.PKey.from_type_string(line.key_type, base64.b64decode(line.key_base64))
                 hostcerts.check(cert, authority, names)
+            except (paramiko.UnknownKeyType, paramiko.SSHException, binascii.Error, ValueError) as exc:
+                raise DeployError.at(host.alias, "hostkey", f"cannot read the authority's key at {line.path}:"
+                                     f"{line.number} ({type(exc).__name__}: {exc})"[:300], "fix or remove that line") from None
             except hostcerts.BadCertificate as exc:
                 raise DeployError.at(host.alias, "hostkey", f"{name} offered {exc} ({key.get_name()} {key.fingerprint},"
                                      f" authority of {line.path}:{line.number}); refused",

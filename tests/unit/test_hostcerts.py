@@ -20,9 +20,9 @@ def keypair(path: Path) -> paramiko.PKey:
     return paramiko.PKey.from_type_string(key_type, base64.b64decode(b64))
 
 
-def certificate(tmp_path: Path, signer: Path, *how: str) -> bytes:
-    """A certificate of a fresh host key, signed by `signer`, as the blob a host sends."""
-    host = tmp_path / f"host{len(list(tmp_path.iterdir()))}"
+def certificate(tmp_path: Path, signer: Path, *how: str, name: str = "") -> bytes:
+    """A certificate of a fresh host key (tmp_path/name), signed by `signer`, as the blob a host sends."""
+    host = tmp_path / (name or f"host{len(list(tmp_path.iterdir()))}")
     keypair(host)
     subprocess.run([KEYGEN, "-q", "-s", str(signer), "-I", "test", *how, str(host) + ".pub"], check=True,
                    capture_output=True)
@@ -75,3 +75,27 @@ def test_what_is_not_a_certificate_does_not_parse(tmp_path: Path, ca: tuple[Path
         hostcerts.parse(blob[:120])  # no principals, no signature
     with pytest.raises(hostcerts.BadCertificate, match="bytes after its signature"):
         hostcerts.parse(blob + b"\0")
+
+
+def test_known_hosts_judges_a_hosts_certificate_in_one_line(tmp_path: Path, ca: tuple[Path, paramiko.PKey]) -> None:
+    """KnownHosts.verify on the key a host would offer: its certificate loaded on its plain key."""
+    from corral.console.deploy.hostkeys import KnownHosts
+    from corral.console.deploy.inventory import Host
+    from corral.console.errors import DeployError
+
+    signer, authority = ca
+    certificate(tmp_path, signer, "-h", "-n", "web1", name="web1")
+    host_key = paramiko.Ed25519Key(filename=str(tmp_path / "web1"))
+    host_key.load_certificate(str(tmp_path / "web1-cert.pub"))
+    known = tmp_path / "known_hosts"
+    files = KnownHosts(tmp_path / "corral_known_hosts", [known])
+    host = Host(alias="w", hostname="web1")
+    ca_line = f"{authority.get_name()} {authority.get_base64()}"
+    known.write_text(f"@cert-authority web* {ca_line}\n")
+    assert files.trusts_authority(host) and files.verify(host, host_key) == str(known)
+    with pytest.raises(DeployError, match="a certificate for web1, not for web9"):
+        files.verify(Host(alias="w9", hostname="web9"), host_key)
+    # The authority's line naming its key by another type: one line, not a traceback.
+    known.write_text(f"@cert-authority web* ssh-rsa {authority.get_base64()}\n")
+    with pytest.raises(DeployError, match=f"cannot read the authority's key at {known}:1"):
+        files.verify(host, host_key)
