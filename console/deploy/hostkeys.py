@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NoReturn
 
 import paramiko
+from paramiko.pkey import UnknownKeyType
 
 from ..errors import DeployError, HostKeyChanged, HostKeyUnknown
 from . import hostcerts
@@ -205,7 +206,7 @@ class KnownHosts:
             try:
                 authority = paramiko.PKey.from_type_string(line.key_type, base64.b64decode(line.key_base64))
                 hostcerts.check(cert, authority, names)
-            except (paramiko.UnknownKeyType, paramiko.SSHException, binascii.Error, ValueError) as exc:
+            except (UnknownKeyType, paramiko.SSHException, binascii.Error, ValueError) as exc:
                 raise DeployError.at(host.alias, "hostkey", f"cannot read the authority's key at {line.path}:"
                                      f"{line.number} ({type(exc).__name__}: {exc})"[:300], "fix or remove that line") from None
             except hostcerts.BadCertificate as exc:
