@@ -15,7 +15,7 @@ import pytest
 from corral.agent import contain
 from corral.agent.protocol import JobSpec
 from tests.cluster import Cluster, wait_until
-from tests.faultkit import alive, processes_of
+from tests.faultkit import alive, journal_outcomes, processes_of, record_run, times_run
 
 ESCAPES = ("setsid", "set-m", "timeout", "daemon", "timeout-child")
 
@@ -76,9 +76,11 @@ def test_every_escaped_process_ends_with_its_job(cluster: Cluster, tmp_path: Pat
         [record] = [a for a in c.agents() if a["name"] == "box"]
         assert record["containment"] == (kind if kind == contain.CGROUP else "subreaper (asked for)")
         normal, timed, cancelled = (tmp_path / name for name in ("normal", "timeout", "cancel"))
-        [done_job] = c.submit([JobSpec(command=escaping_job(normal, "exit 0"), name="normal")])
-        [timeout_job] = c.submit([JobSpec(command=escaping_job(timed, "sleep 300"), timeout=15, name="timeout")])
-        [cancel_job] = c.submit([JobSpec(command=escaping_job(cancelled, "sleep 300"), name="cancel")])
+        runs = tmp_path / "runs"
+        [done_job] = c.submit([JobSpec(command=record_run(runs) + escaping_job(normal, "exit 0"), name="normal")])
+        [timeout_job] = c.submit([JobSpec(command=record_run(runs) + escaping_job(timed, "sleep 300"), timeout=15,
+                                          name="timeout")])
+        [cancel_job] = c.submit([JobSpec(command=record_run(runs) + escaping_job(cancelled, "sleep 300"), name="cancel")])
 
         assert c.wait([done_job], timeout=60) == {done_job: "done"}
         left = escaped(normal)
@@ -105,6 +107,10 @@ def test_every_escaped_process_ends_with_its_job(cluster: Cluster, tmp_path: Pat
     assert shown.returncode == 0 and "    note: 5 processes left running at its end were killed: " in shown.stdout
     detail = json.loads(cluster.corral("show", str(done_job), "--json").stdout)["attempts_detail"]
     assert [a["note"].split(":")[0] for a in detail] == ["5 processes left running at its end were killed"]
+    # From the journal file: each job one final outcome, one counted attempt; and each really ran once.
+    assert journal_outcomes(cluster.home / "corral.db", [done_job, timeout_job, cancel_job], states=None) == {
+        done_job: "done", timeout_job: "timeout", cancel_job: "cancelled"}
+    assert times_run(runs) == {done_job: 1, timeout_job: 1, cancel_job: 1}
 
 
 def assert_noted(attempts: list[dict], left: dict[str, int]) -> None:
