@@ -224,6 +224,9 @@ def journal_error(path: Path, exc: Exception) -> CorralError:
     )
 
 
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is cut back to once a checkpoint has emptied it
+
+
 class Journal:
     """All writes go through one connection, one transaction per call; reads use their own connection."""
 
@@ -236,6 +239,9 @@ class Journal:
             # Checkpoints (which fsync) run from the master's housekeeping loop, not inside a
             # scheduler call, so a submit never waits behind one.
             self.db.execute("PRAGMA wal_autocheckpoint=0")
+            # A burst between two checkpoints grows the WAL file; without a limit it keeps that size for
+            # ever (reused, never shrunk): a disk a burst once filled would stay full. Reset, it is cut back.
+            self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self.db.executescript(SCHEMA)
             self._add_columns()
             self.db.executescript(INDEXES)
