@@ -83,6 +83,8 @@ def connect_transport(host: Host, known: KnownHosts, sock: Any, timeout: float =
     transport.auth_timeout = timeout
     if known.trusts_authority(host):  # ask for its certificate first, as ssh does where it knows an authority
         options = transport.get_security_options()
+        # paramiko offers each name given here, then a "-cert-v01" variant of each (of these too: names
+        # no server knows, which it skips): the certificates come first either way.
         options.key_types = hostcerts.CERT_KEY_TYPES + tuple(options.key_types)
     try:
         try:

@@ -10,13 +10,12 @@ import paramiko
 import pytest
 
 from corral.console.deploy import hostcerts
-
-KEYGEN = "ssh-keygen"
+from scripts.sshlab import SSH_KEYGEN, keygen
 
 
 def keypair(path: Path) -> paramiko.PKey:
-    subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True, capture_output=True)
-    key_type, b64 = path.with_name(path.name + ".pub").read_text().split()[:2]
+    """A new ed25519 key pair at path (the lab's keygen), its public half as paramiko reads it."""
+    key_type, b64 = keygen(path).split()[:2]
     return paramiko.PKey.from_type_string(key_type, base64.b64decode(b64))
 
 
@@ -24,7 +23,7 @@ def certificate(tmp_path: Path, signer: Path, *how: str, name: str = "") -> byte
     """A certificate of a fresh host key (tmp_path/name), signed by `signer`, as the blob a host sends."""
     host = tmp_path / (name or f"host{len(list(tmp_path.iterdir()))}")
     keypair(host)
-    subprocess.run([KEYGEN, "-q", "-s", str(signer), "-I", "test", *how, str(host) + ".pub"], check=True,
+    subprocess.run([SSH_KEYGEN, "-q", "-s", str(signer), "-I", "test", *how, str(host) + ".pub"], check=True,
                    capture_output=True)
     return base64.b64decode(Path(str(host) + "-cert.pub").read_text().split()[1])
 
